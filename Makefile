@@ -1,0 +1,31 @@
+# `make demo` and `make test` set everything up on first use (.venv with the pinned-by-range dependencies).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast test-slow bench bench-quick clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) orchestration/sweep.py ablation=group_size
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py --out benchmarks
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/run.py --quick --out outputs/bench
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,157 @@
+"""The paper's ablations as data: each is an axis over dotted config keys, the metric it reports and the stages
+it changes. The sweep driver expands them without knowing anything about LPT.
+
+Adding an ablation = one `register(Ablation(...))` here + one `conf/ablation/<name>.yaml` naming it.
+"""
+from __future__ import annotations
+
+import difflib
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from lpt_core.config import ConfigError
+
+STAGES = ("pretrain", "phase1", "phase2", "joint")
+RUN_UNTIL = "run_until"  # reserved point key: the last stage a row runs (Tab. 8 rows that stop after phase 1)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One row of an ablation table: a label and the config overrides (dotted keys) that make it."""
+
+    label: str
+    overrides: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """A continuous (or integer) Optuna axis."""
+
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+
+@dataclass(frozen=True)
+class Ablation:
+    name: str
+    description: str
+    axis: str  # the column name of the report table
+    points: tuple[Point, ...] = ()
+    space: dict[str, Distribution] = field(default_factory=dict)  # non-empty = searchable with Optuna
+    stages: tuple[str, ...] = ("phase2",)  # which stages the axis changes (upstream stages are shared)
+    metric: str = "acc"
+    demo_points: tuple[Point, ...] | None = None  # replaces `points` on the demo experiment (e.g. micro sizes)
+    paper: dict[str, float] = field(default_factory=dict)  # the paper's overall accuracy per row, for reports
+
+    def points_for(self, experiment: str) -> tuple[Point, ...]:
+        return self.demo_points if experiment == "demo" and self.demo_points is not None else self.points
+
+
+def sweep(key: str, values: list[Any], label: str | None = None) -> list[Point]:
+    """Points that set `key` to each value: sweep('prompt.pool_size', [5, 10])."""
+    return [Point(f"{value}" if label is None else label.format(value), {key: value}) for value in values]
+
+
+def zipit(*sweeps: list[Point]) -> list[Point]:
+    """Axes that move together: point i of every sweep merged."""
+    if len({len(s) for s in sweeps}) != 1:
+        raise ValueError("zipit needs sweeps of equal length")
+    return [Point(parts[0].label, {k: v for p in parts for k, v in p.overrides.items()}) for parts in zip(*sweeps)]
+
+
+def product(*sweeps: list[Point]) -> list[Point]:
+    return [Point("/".join(p.label for p in parts), {k: v for p in parts for k, v in p.overrides.items()})
+            for parts in itertools.product(*sweeps)]
+
+
+ABLATIONS: dict[str, Ablation] = {}
+
+
+def register(ablation: Ablation) -> Ablation:
+    if ablation.name in ABLATIONS:
+        raise ValueError(f"ablation {ablation.name!r} registered twice")
+    unknown = set(ablation.stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"ablation {ablation.name!r}: unknown stages {sorted(unknown)}")
+    ABLATIONS[ablation.name] = ablation
+    return ablation
+
+
+def get_ablation(name: str) -> Ablation:
+    if name not in ABLATIONS:
+        close = difflib.get_close_matches(name, ABLATIONS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"ablation={name!r}: unknown ablation{hint} Registered: {', '.join(sorted(ABLATIONS))}")
+    return ABLATIONS[name]
+
+
+register(Ablation(
+    "group_size", "Group size m of the prompt pool (paper: best at m = 20, robust from 5 to 40)", "m",
+    points=tuple(sweep("prompt.pool_size", [5, 10, 20, 40])), paper={"20": 50.07},
+))
+register(Ablation(
+    "topk", "Number k of matched group prompts (Fig. 4 supports k = 2)", "k",
+    points=tuple(sweep("prompt.top_k", [1, 2, 3, 4])), paper={"2": 50.07},
+))
+register(Ablation(
+    "ensemble", "How the k matched prompts are combined: mean (authors' code) or concatenation", "ensemble",
+    points=tuple(sweep("prompt.ensemble", ["mean", "concat"])),
+))
+register(Ablation(
+    "query_function", "Query for prompt matching: phase-1 model (default) vs the plain pretrained ViT (Tab. 10)",
+    "query", points=tuple(sweep("prompt.query", ["phase1", "pretrained"])), paper={"phase1": 50.07},
+))
+register(Ablation(
+    "decoupled_vs_joint", "Decoupled two-phase training vs all prompts trained together (Tab. 9)", "training",
+    points=tuple(sweep("training", ["decoupled", "joint"])), stages=("phase1", "phase2", "joint"),
+    paper={"decoupled": 50.07, "joint": 47.48},
+))
+register(Ablation(
+    "prompt_length", "Prompt length P of the shared and group prompts", "P",
+    points=tuple(sweep("prompt.length", [1, 5, 10, 20])), stages=("phase1", "phase2"),
+))
+register(Ablation(
+    "sampling", "Batch sampling in both phases: dual vs class-balanced only vs instance-balanced only", "sampling",
+    points=tuple(zipit(sweep("phase1.sampling", ["dual", "class_balanced", "instance"]),
+                       sweep("phase2.sampling", ["dual", "class_balanced", "instance"]))),
+    stages=("phase1", "phase2"),
+))
+register(Ablation(
+    "model_size", "Backbone size (Tab. 7): ViT-T / S / B on the paper's data, micro widths on the demo", "model",
+    points=(
+        Point("vit_t", {"backbone.name": "vit_tiny_patch16_224.augreg_in21k"}),
+        Point("vit_s", {"backbone.name": "vit_small_patch16_224.augreg_in21k"}),
+        Point("vit_b", {"backbone.name": "vit_base_patch16_224.augreg_in21k"}),
+    ),
+    demo_points=(
+        Point("micro_s", {"backbone.model_kwargs.embed_dim": 64, "backbone.model_kwargs.num_heads": 2}),
+        Point("micro_m", {"backbone.model_kwargs.embed_dim": 96, "backbone.model_kwargs.num_heads": 3}),
+        Point("micro_l", {"backbone.model_kwargs.embed_dim": 192, "backbone.model_kwargs.num_heads": 6}),
+    ),
+    stages=("pretrain", "phase1", "phase2"), paper={"vit_t": 37.40, "vit_s": 44.66, "vit_b": 50.07},
+))
+register(Ablation(
+    "per_phase", "Contribution of each part (Tab. 8 rows, plus Tab. 1's VPT without class-balanced sampling)", "row",
+    points=(
+        Point("linear_probe", {"prompt.shared": False, "phase1.loss.name": "ce", RUN_UNTIL: "phase1"}),
+        Point("vpt_ce_instance", {"phase1.loss.name": "ce", "phase1.sampling": "instance", RUN_UNTIL: "phase1"}),
+        Point("phase1_ce", {"phase1.loss.name": "ce", RUN_UNTIL: "phase1"}),
+        Point("phase1_agcl", {RUN_UNTIL: "phase1"}),
+        Point("full_lpt", {}),
+    ),
+    stages=("phase1", "phase2"), paper={"vpt_ce_instance": 37.52, "phase1_agcl": 49.41, "full_lpt": 50.07},
+))
+register(Ablation(
+    "loss", "A-GCL focusing and the instance-branch weight: lambda+, lambda- and eta (Optuna, or a small grid)",
+    "lambda+/lambda-/eta",
+    points=tuple(product(sweep("phase2.loss.lambda_pos_ib", [0.0, 0.5]), sweep("phase2.loss.lambda_neg_ib", [4.0, 8.0]),
+                         sweep("phase2.loss.eta", [0.5]))),
+    space={
+        "phase2.loss.lambda_pos_ib": Distribution(0.0, 2.0),
+        "phase2.loss.lambda_neg_ib": Distribution(1.0, 12.0),
+        "phase2.loss.eta": Distribution(0.05, 1.0),
+    },
+))

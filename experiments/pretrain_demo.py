@@ -1,0 +1,190 @@
+"""Pretrains the demo's micro ViT on the demo's balanced source domain, so that the demo's frozen backbone is real.
+
+`ensure_demo_backbone` returns `<cache_dir>/demo_backbone/<hash>/micro_vit.safetensors`, training it first when no
+earlier call did; the hash names the architecture, the source split and this config, and a file lock keeps
+parallel trials from training the same backbone twice. The file holds the ViT without its source classifier and
+loads through the normal path: `create_backbone(BackboneConfig(name, model_kwargs=..., weights_file=path))`.
+
+    python -m experiments.pretrain_demo [--cache-dir outputs/cache] [--epochs N]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from lpt_core.config import BackboneConfig, DataConfig
+from lpt_core.data.synthetic import demo_source_split, source_digest
+
+WEIGHTS_NAME = "micro_vit.safetensors"
+DEMO_BACKBONE = BackboneConfig(
+    name="vit_tiny_patch16_224", pretrained=False,
+    model_kwargs={"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3})
+
+
+@dataclass
+class DemoPretrainConfig:
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 2e-3  # AdamW peak learning rate
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine to 0, per step
+    label_smoothing: float = 0.1
+    crop_min_scale: float = 0.5  # random resized crop (area fraction) of each source image
+    flip: bool = True  # source labels (shape, hue) are mirror invariant
+    seed: int = 0
+
+
+def backbone_hash(backbone: BackboneConfig, data: DataConfig, pretrain: DemoPretrainConfig) -> str:
+    key = {"name": backbone.name, "model_kwargs": backbone.model_kwargs, "source": source_digest(data),
+           "pretrain": dataclasses.asdict(pretrain)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ensure_demo_backbone(backbone: BackboneConfig, data: DataConfig, pretrain: DemoPretrainConfig,
+                         cache_dir: str | Path, log: Callable[[str], None] = print) -> Path:
+    """Path of the pretrained micro ViT's weights, training and caching them unless a previous call did."""
+    folder = Path(cache_dir) / "demo_backbone" / backbone_hash(backbone, data, pretrain)
+    weights = folder / WEIGHTS_NAME
+    if weights.is_file():
+        return weights
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the weights
+        if not weights.is_file():
+            _pretrain_and_save(backbone, data, pretrain, folder, log)
+    return weights
+
+
+def _pretrain_and_save(backbone: BackboneConfig, data: DataConfig, pretrain: DemoPretrainConfig, folder: Path,
+                       log: Callable[[str], None]) -> None:
+    start = time.time()
+    images, labels, num_classes = demo_source_split(data, "train")
+    test_images, test_labels, _ = demo_source_split(data, "test")
+    log(f"pretraining {backbone.name} {backbone.model_kwargs} on {len(labels)} source images, {num_classes} classes")
+    model = pretrain_micro_vit(backbone, images, labels, num_classes, pretrain, log)
+    accuracy = evaluate(model, test_images, test_labels)
+    wall = time.time() - start
+    log(f"source test accuracy {accuracy:.3f} (chance {1 / num_classes:.3f}), {wall:.0f} s")
+    record = {"backbone": dataclasses.asdict(backbone), "data_options": data.options,
+              "pretrain": dataclasses.asdict(pretrain), "source_classes": num_classes,
+              "source_train_images": len(labels), "source_test_accuracy": accuracy, "wall_time_s": wall}
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    _write_atomic(folder / "pretrain.json", lambda path: path.write_text(json.dumps(record, indent=2)))
+    _write_atomic(folder / WEIGHTS_NAME, lambda path: save_file(state, str(path)))
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _to_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] normalised with mean = std = 0.5 (the AugReg ViTs' statistics)."""
+    return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _augment(x: torch.Tensor, cfg: DemoPretrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """Random resized crop (area in [crop_min_scale, 1], aspect in [3/4, 4/3]) and mirror, as one affine warp."""
+    n = x.shape[0]
+    area = torch.empty(n).uniform_(cfg.crop_min_scale, 1.0, generator=generator)
+    aspect = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator).exp()
+    sx, sy = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
+    tx = (1 - sx) * torch.empty(n).uniform_(-1, 1, generator=generator)
+    ty = (1 - sy) * torch.empty(n).uniform_(-1, 1, generator=generator)
+    mirror = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if cfg.flip else torch.ones(n)
+    theta = torch.zeros(n, 2, 3)  # [N, 2, 3]: output grid -> input coordinates
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx * mirror, tx, sy, ty
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def pretrain_micro_vit(backbone: BackboneConfig, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                       cfg: DemoPretrainConfig, log: Callable[[str], None] = print) -> torch.nn.Module:
+    """Trains timm's ViT from scratch with a source classifier: AdamW, warm-up + cosine, label smoothing."""
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model = timm.create_model(backbone.name, pretrained=False, num_classes=num_classes, **backbone.model_kwargs)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "token" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n
+                                                               and "token" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    x_all = _to_input(images)
+    steps_per_epoch = math.ceil(len(labels) / cfg.batch_size)
+    total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+    step, start = 0, time.time()
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = torch.randperm(len(labels), generator=generator)
+        seen = correct = loss_sum = 0.0
+        for batch in order.split(cfg.batch_size):
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(step, total, warmup, cfg.lr)
+            x, y = _augment(x_all[batch], cfg, generator), labels[batch]
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+        log(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss_sum / seen:.3f}  train acc {correct / seen:.3f}  "
+            f"{time.time() - start:.0f} s")
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
+    model.eval()
+    correct = sum((model(_to_input(images[i:i + batch_size])).argmax(1) == labels[i:i + batch_size]).sum().item()
+                  for i in range(0, len(labels), batch_size))
+    return correct / max(1, len(labels))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache-dir", default="outputs/cache")
+    parser.add_argument("--epochs", type=int, default=DemoPretrainConfig.epochs)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data = DataConfig(name="demo", cache_dir=args.cache_dir)
+    weights = ensure_demo_backbone(DEMO_BACKBONE, data, DemoPretrainConfig(epochs=args.epochs), args.cache_dir)
+    record = json.loads((weights.parent / "pretrain.json").read_text())
+    print(f"source test accuracy {record['source_test_accuracy']:.3f} "
+          f"({record['source_classes']} classes, trained in {record['wall_time_s']:.0f} s)")
+    print(f"weights: {weights}")
+    return weights
+
+
+if __name__ == "__main__":
+    main()

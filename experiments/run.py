@@ -1,0 +1,58 @@
+"""One LPT stage in a plain process, no Ray, no MLflow: `python experiments/run.py experiment=demo phase=1`.
+
+    python experiments/run.py phase=1                                   # phase 1 on the demo
+    python experiments/run.py phase=2 init_from=<phase-1 checkpoint>   # phase 2 on top of it
+    python experiments/run.py training=joint                            # joint training, one stage
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from experiments.settings import CONF_DIR, build_lpt, register_configs, resolve_backbone, split
+from lpt_core.config import ConfigError
+from lpt_core.train import run_phase
+
+PHASE_NAMES = {1: "phase1", 2: "phase2", "1": "phase1", "2": "phase2", "phase1": "phase1", "phase2": "phase2"}
+
+
+def stage_name(phase, training: str) -> str:
+    if training == "joint":
+        return "joint"
+    if phase not in PHASE_NAMES:
+        raise ConfigError(f"phase={phase!r}: expected 1 or 2 (or training=joint)")
+    return PHASE_NAMES[phase]
+
+
+def run(cfg: DictConfig) -> dict:
+    spec = split(cfg)
+    lpt = resolve_backbone(build_lpt(spec.lpt), spec.pretrain)
+    stage = stage_name(spec.rest["phase"], lpt.training)
+    if stage == "phase2" and not spec.rest["init_from"]:
+        raise ConfigError("phase=2 needs init_from=<phase-1 checkpoint folder> (printed at the end of phase 1)")
+    workdir = Path(spec.rest["workdir"] or f"outputs/runs/{spec.name}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = run_phase(lpt, stage, workdir, init_from=spec.rest["init_from"])
+    result.per_class.to_pandas().to_csv(workdir / "per_class.csv", index=False)
+    summary = {"stage": stage, "checkpoint": str(result.checkpoint_dir), **result.metrics}
+    (workdir / "result.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    register_configs()
+    main()

@@ -1,0 +1,63 @@
+"""The frozen timm Vision Transformer under the prompts.
+
+Weights are described by data, as timm does: a hub tag (`vit_base_patch16_224.augreg_in21k`) or a local file
+passed to timm's own loader through `pretrained_cfg_overlay`, so the demo's self-pretrained micro ViT and the
+real AugReg checkpoints take the same path.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+from pathlib import Path
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from lpt_core.config import BackboneConfig, ConfigError
+
+LOCAL_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+
+
+def _pretrained_kwargs(cfg: BackboneConfig) -> dict:
+    if cfg.weights_file is None:
+        return {"pretrained": cfg.pretrained}
+    path = Path(cfg.weights_file).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"backbone.weights_file={cfg.weights_file!r}: no such file")
+    if not path.name.endswith(LOCAL_WEIGHT_SUFFIXES):
+        raise ConfigError(f"backbone.weights_file={cfg.weights_file!r}: expected one of {LOCAL_WEIGHT_SUFFIXES}")
+    # .npz holds the original JAX/big_vision layout, which timm converts in its custom loader
+    overlay = {"file": str(path), "custom_load": path.suffix == ".npz"}
+    return {"pretrained": True, "pretrained_cfg_overlay": overlay}
+
+
+def create_backbone(cfg: BackboneConfig) -> VisionTransformer:
+    """Creates the ViT without its classifier, frozen and in eval mode (dropout/drop-path off for good)."""
+    base_name = cfg.name.split(".")[0]
+    if not timm.is_model(base_name):
+        close = difflib.get_close_matches(base_name, timm.list_models("vit_*"), n=3)
+        raise ConfigError(f"backbone.name={cfg.name!r}: unknown timm model; closest: {close}")
+    model = timm.create_model(cfg.name, num_classes=0, **_pretrained_kwargs(cfg), **cfg.model_kwargs)
+    if not isinstance(model, VisionTransformer) or model.cls_token is None:
+        raise ConfigError(f"backbone.name={cfg.name!r}: LPT needs a timm VisionTransformer with a class token")
+    if model.num_prefix_tokens != 1 or model.global_pool != "token":
+        raise ConfigError(f"backbone.name={cfg.name!r}: register tokens / non-token pooling are not supported")
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def normalization(model: VisionTransformer) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Input mean/std from the weights' pretrained config (0.5 / 0.5 for the AugReg in21k models)."""
+    pcfg = model.pretrained_cfg or {}
+    return tuple(pcfg.get("mean", (0.5, 0.5, 0.5))), tuple(pcfg.get("std", (0.5, 0.5, 0.5)))
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over the backbone tensors: identifies the exact weights a checkpoint was trained on."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,25 @@
+"""Image transforms of the recipe (lpt-method.md): RandomResizedCrop + flip to train, Resize + CenterCrop to test."""
+from __future__ import annotations
+
+from PIL import Image
+from torchvision import transforms as T
+
+from lpt_core.data.base import Normalization
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    # grayscale / palette / CMYK files occur in Places and iNat; the backbone wants 3 channels
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def build_transforms(img_size: int, resize_size: int, norm: Normalization, train: bool) -> T.Compose:
+    """PIL image -> normalised float tensor [3, img_size, img_size].
+
+    train: RandomResizedCrop(img_size) + RandomHorizontalFlip; test: Resize((resize_size, resize_size)) +
+    CenterCrop(img_size) (recipe: 224 from 256, the square resize of the authors' code, not the short side).
+    """
+    if train:
+        geometry = [T.RandomResizedCrop(img_size), T.RandomHorizontalFlip()]
+    else:
+        geometry = [T.Resize((resize_size, resize_size)), T.CenterCrop(img_size)]
+    return T.Compose([T.Lambda(to_rgb), *geometry, T.ToTensor(), T.Normalize(norm.mean, norm.std)])

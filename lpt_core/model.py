@@ -1,0 +1,142 @@
+"""LPTModel: prompts and a cosine classifier composed around a frozen timm ViT it neither subclasses nor copies.
+
+Phase 1 trains the shared prompt u and the classifier. Phase 2 freezes u, matches each image's phase-1 query
+against the pool keys, and runs blocks K+1..L again with [u_i, r_{i-K}] as extra keys/values. Blocks 1..K of that
+second pass see exactly what the query pass saw, so their output (block_k_tokens) is reused, not recomputed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from lpt_core.config import ConfigError, PromptConfig
+from lpt_core.prompts import GroupPromptPool, SharedPrompt, check_block_supported, prompted_block
+
+TRAINABLE = {
+    "phase1": ("shared_prompt", "head"),
+    "phase2": ("group_pool", "head"),
+    "joint": ("shared_prompt", "group_pool", "head"),
+}
+
+
+class CosineClassifier(nn.Module):
+    """f_c = cos(feature, w_c), no bias, in [-1, 1]; the loss applies the scale s."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, dim))  # [C, D]
+        trunc_normal_(self.weight, std=0.02)
+
+    def forward(self, feature: Tensor) -> Tensor:
+        return F.normalize(feature.float(), dim=-1) @ F.normalize(self.weight.float(), dim=-1).t()  # [B, C]
+
+
+@dataclass
+class LPTOutput:
+    logits: Tensor  # [B, C] cosine logits
+    query: Tensor  # [B, D] the matching query (phase 2) or the phase-1 feature, detached
+    topk_idx: Tensor | None = None  # [B, k]
+    topk_sim: Tensor | None = None  # [B, k], differentiable w.r.t. the keys only
+
+
+class LPTModel(nn.Module):
+    def __init__(self, backbone: VisionTransformer, num_classes: int, cfg: PromptConfig) -> None:
+        super().__init__()
+        for block in backbone.blocks:
+            check_block_supported(block)
+        depth, dim = len(backbone.blocks), backbone.embed_dim
+        self.block_k = depth // 2 if cfg.block_k is None else cfg.block_k
+        if not 0 <= self.block_k < depth:
+            raise ConfigError(f"prompt.block_k={self.block_k}: K must be in [0, L={depth}) for {depth} blocks")
+        self.cfg = cfg
+        self.backbone = backbone.requires_grad_(False).eval()
+        # creation order matters: the pool comes last so that phase-1 tensors never depend on pool settings
+        self.shared_prompt = SharedPrompt(depth, cfg.length, dim, cfg.init_std) if cfg.shared else None
+        self.head = CosineClassifier(dim, num_classes)
+        self.group_pool = GroupPromptPool(cfg.pool_size, depth - self.block_k, cfg.length, dim, cfg.init_std)
+        self.dropout = nn.Dropout(cfg.head_dropout)
+
+    def train(self, mode: bool = True) -> LPTModel:
+        """The frozen backbone stays in eval mode whatever the trainer asks (no dropout, no drop-path)."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def set_trainable(self, phase: str) -> list[nn.Parameter]:
+        """Freezes everything but the phase's trainable parts and returns their parameters (for the optimizer)."""
+        self.requires_grad_(False)
+        params = []
+        for name in TRAINABLE[phase]:
+            module = getattr(self, name)
+            if module is not None:
+                module.requires_grad_(True)
+                params.extend(module.parameters())
+        return params
+
+    def embed(self, images: Tensor) -> Tensor:
+        vit = self.backbone
+        return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))  # [B, 1 + N, D]
+
+    def run_blocks(self, x: Tensor, start: int, end: int, group: Tensor | None = None) -> Tensor:
+        """Blocks start..end-1 with the shared prompt and, from block K on, the per-image group prompt."""
+        for i in range(start, end):
+            prompts = self.shared_prompt(i) if self.shared_prompt is not None else None
+            if group is not None and i >= self.block_k:
+                r = group[:, i - self.block_k]  # [B, P', D]
+                prompts = r if prompts is None else torch.cat([prompts.expand(r.shape[0], -1, -1), r], dim=1)
+            x = prompted_block(self.backbone.blocks[i], x, prompts)
+        return x
+
+    def cls_feature(self, x: Tensor) -> Tensor:
+        return self.backbone.norm(x)[:, 0]  # [B, D] final CLS after the final LayerNorm
+
+    def classify(self, feature: Tensor) -> Tensor:
+        return self.head(self.dropout(feature))
+
+    def forward_phase1(self, images: Tensor) -> LPTOutput:
+        feature = self.cls_feature(self.run_blocks(self.embed(images), 0, len(self.backbone.blocks)))
+        return LPTOutput(logits=self.classify(feature), query=feature.detach())
+
+    def pretrained_query(self, images: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.backbone.forward_features(images)[:, 0]
+
+    def query_pass(self, images: Tensor, track_block_k: bool) -> tuple[Tensor, Tensor]:
+        """Phase-1 path: (block_k_tokens [B, 1+N, D], query [B, D] detached).
+
+        track_block_k keeps the graph of blocks 1..K (joint mode trains u through them); the rest of the query
+        pass never needs a graph.
+        """
+        with torch.set_grad_enabled(track_block_k and torch.is_grad_enabled()):
+            block_k_tokens = self.run_blocks(self.embed(images), 0, self.block_k)
+        with torch.no_grad():
+            query = self.cls_feature(self.run_blocks(block_k_tokens.detach(), self.block_k, len(self.backbone.blocks)))
+        return block_k_tokens, query
+
+    def forward_grouped(self, images: Tensor, joint: bool) -> LPTOutput:
+        """Phase 2 (joint=False) or joint training: match, select the group prompt, classify."""
+        depth = len(self.backbone.blocks)
+        if self.cfg.query == "pretrained":
+            query, block_k_tokens = self.pretrained_query(images), None
+        else:
+            block_k_tokens, query = self.query_pass(images, track_block_k=joint and self.cfg.reuse_block_k)
+        topk_idx, topk_sim = self.group_pool.match(query, self.cfg.top_k)
+        group = self.group_pool.select(topk_idx, self.cfg.ensemble)
+        if block_k_tokens is None or not self.cfg.reuse_block_k:
+            block_k_tokens = self.run_blocks(self.embed(images), 0, self.block_k)
+        feature = self.cls_feature(self.run_blocks(block_k_tokens, self.block_k, depth, group))
+        return LPTOutput(logits=self.classify(feature), query=query, topk_idx=topk_idx, topk_sim=topk_sim)
+
+    def forward(self, images: Tensor, phase: str) -> LPTOutput:
+        if phase == "phase1":
+            return self.forward_phase1(images)
+        return self.forward_grouped(images, joint=phase == "joint")
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """The tensors a checkpoint stores: every non-backbone tensor (all phases' parts, so phase 2 inherits u)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}

@@ -1,0 +1,31 @@
+"""Device, precision and seeding: resolved from the config in one place, never read from globals elsewhere."""
+from __future__ import annotations
+
+import contextlib
+import random
+
+import torch
+
+from lpt_core.config import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r}: CUDA is not available on this machine (use device=cpu or auto)")
+    return device
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA by default (the frozen backbone tolerates it; the loss runs in fp32), fp32 on CPU."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def seed_everything(seed: int, threads: int | None = None) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if threads is not None:
+        torch.set_num_threads(threads)

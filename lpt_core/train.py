@@ -1,0 +1,265 @@
+"""run_phase: one LPT stage (phase 1, phase 2 or joint) from a typed config to final metrics and a checkpoint.
+
+Engine-agnostic by construction: reporting and checkpoint publishing go through `PhaseHooks`, so the same
+function runs in a plain process (`python -m lpt_core.train`) and inside a Ray Tune trial. A run resumed from one
+of its checkpoints continues bit-exactly on CPU: model, optimizer, samplers, RNG and epoch are all restored.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader
+
+from lpt_core import metrics as M
+from lpt_core.backbone import create_backbone, normalization, weights_digest
+from lpt_core.checkpoint import BackboneIdentity, CheckpointError, load_checkpoint, save_checkpoint
+from lpt_core.config import PHASES, LPTConfig, PhaseConfig, from_dict, to_dict
+from lpt_core.data import DatasetBundle, Normalization, build_dataset
+from lpt_core.evaluate import EvalOutput, evaluate, feature_statistics
+from lpt_core.losses import build_classification_loss, matching_loss
+from lpt_core.model import LPTModel
+from lpt_core.runtime import autocast, resolve_device, seed_everything
+from lpt_core.sampling import ClassAwareSampler, InstanceSampler, branch_weight, branches_for, steps_per_epoch
+from lpt_core.schedule import build_optimizer, lr_at
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN/inf; raised at the end of the epoch in which it happened."""
+
+
+class PhaseHooks:
+    """Where a runner plugs in reporting and checkpoint publishing; the defaults only print."""
+
+    def log(self, message: str) -> None:
+        print(message, flush=True)
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float], checkpoint_dir: Path) -> None:
+        """Called after every epoch with a complete, verified checkpoint folder of that epoch."""
+
+
+@dataclass
+class PhaseResult:
+    phase: str
+    metrics: dict[str, float]  # final evaluation: acc, many/medium/few (both rules), matching and feature stats
+    history: list[dict[str, float]]
+    per_class: pa.Table
+    match: pa.Table | None
+    checkpoint_dir: Path
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Setup:
+    model: LPTModel
+    bundle: DatasetBundle
+    identity: BackboneIdentity
+    device: torch.device
+
+
+def _setup(cfg: LPTConfig, phase: str, hooks: PhaseHooks) -> _Setup:
+    device = resolve_device(cfg.device)
+    backbone = create_backbone(cfg.backbone)
+    identity = BackboneIdentity(cfg.backbone.name, weights_digest(backbone))
+    bundle = build_dataset(cfg.data, Normalization(*normalization(backbone)))
+    model = LPTModel(backbone, bundle.num_classes, cfg.prompt).to(device)
+    hooks.log(f"[{phase}] {bundle.name}: {len(bundle.train)} train / {len(bundle.test)} eval images, "
+              f"{bundle.num_classes} classes, backbone {cfg.backbone.name} on {device}")
+    return _Setup(model, bundle, identity, device)
+
+
+def _init_from(setup: _Setup, checkpoint: str | Path, hooks: PhaseHooks) -> None:
+    """Phase 2 starts from phase 1's shared prompt and classifier (the pool keeps its fresh init)."""
+    state, meta = load_checkpoint(checkpoint, setup.identity, setup.bundle.num_classes)
+    inherited = {k: v for k, v in state["model"].items() if not k.startswith("group_pool.")}
+    missing = [k for k in setup.model.trainable_state() if k not in state["model"] and not k.startswith("group_pool.")]
+    if missing:
+        raise CheckpointError(f"{checkpoint}: lacks {missing} (is it a phase-1 checkpoint of this prompt config?)")
+    setup.model.load_state_dict(inherited, strict=False)
+    hooks.log(f"initialised from {meta.get('phase')} checkpoint {checkpoint} (epoch {meta.get('epoch')})")
+
+
+def _epoch_batches(samplers: dict[str, Any], branches: tuple[str, ...], steps: int, batch_size: int) -> list:
+    return [samplers[b].next_batch(batch_size).tolist() for _ in range(steps) for b in branches]
+
+
+def _loader(bundle: DatasetBundle, batches: list, cfg: LPTConfig, device: torch.device) -> DataLoader:
+    return DataLoader(bundle.train, batch_sampler=batches, num_workers=cfg.data.num_workers,
+                      pin_memory=device.type == "cuda", persistent_workers=False)
+
+
+def _train_epoch(cfg: LPTConfig, phase: str, pcfg: PhaseConfig, setup: _Setup, state: dict, epoch: int,
+                 hooks: PhaseHooks) -> dict[str, float]:
+    model, device = setup.model, setup.device
+    branches = branches_for(pcfg.sampling)
+    steps = steps_per_epoch(len(setup.bundle.train), pcfg.batch_size, pcfg.steps_per_epoch)
+    batches = _epoch_batches(state["samplers"], branches, steps, pcfg.batch_size)
+    weights = [branch_weight(b, pcfg.sampling, epoch, pcfg.epochs, pcfg.loss.eta) for b in branches]
+    losses = {b: build_classification_loss(pcfg.loss, b, setup.bundle.class_counts) for b in branches}
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    start, total_steps = time.perf_counter(), pcfg.epochs * steps
+    loader = iter(_loader(setup.bundle, batches, cfg, device))
+    for step in range(steps):
+        global_step = epoch * steps + step
+        lr = lr_at(global_step, total_steps, pcfg.warmup_epochs * steps, pcfg.lr, pcfg.min_lr)
+        for group in state["optimizer"].param_groups:
+            group["lr"] = lr
+        parts = [next(loader) for _ in branches]
+        images = torch.cat([p[0] for p in parts]).to(device, non_blocking=True)
+        labels = [p[1].to(device, non_blocking=True) for p in parts]
+        with autocast(device, cfg.precision):
+            out = model(images, phase)
+        loss = torch.zeros((), device=device)
+        offset = 0
+        for branch, weight, y in zip(branches, weights, labels):
+            rows = slice(offset, offset + len(y))
+            branch_loss = losses[branch](out.logits[rows].float(), y)
+            if out.topk_sim is not None:
+                branch_loss = branch_loss + pcfg.loss.match_weight * matching_loss(out.topk_sim[rows])
+            loss = loss + weight * branch_loss
+            offset += len(y)
+        state["optimizer"].zero_grad(set_to_none=True)
+        loss.backward()
+        state["optimizer"].step()
+        loss_sum += loss.detach()
+    elapsed = time.perf_counter() - start
+    mean_loss = (loss_sum / steps).item()  # the only host sync of the epoch: also the NaN check
+    if not math.isfinite(mean_loss):
+        raise NonFiniteLossError(f"{phase} epoch {epoch}: training loss is {mean_loss} (lr {lr:.3g})")
+    images_seen = steps * pcfg.batch_size * len(branches)
+    return {"loss": mean_loss, "lr": lr, "epoch_time_s": elapsed, "train_images_per_s": images_seen / elapsed}
+
+
+def _evaluate_metrics(cfg: LPTConfig, phase: str, setup: _Setup) -> tuple[dict[str, float], EvalOutput]:
+    out = evaluate(setup.model, setup.bundle.test, phase, setup.device, cfg)
+    metrics = M.accuracy_report(out.preds, out.labels, setup.bundle.class_counts)
+    if out.topk_idx is not None:
+        metrics.update(M.match_stats(out.labels, out.topk_idx, setup.bundle.num_classes, cfg.prompt.pool_size))
+    return metrics, out
+
+
+def _checkpoint_state(setup: _Setup, state: dict, epoch: int, history: list) -> dict[str, Any]:
+    return {
+        "model": setup.model.trainable_state(),
+        "optimizer": state["optimizer"].state_dict(),
+        "samplers": {name: s.state_dict() for name, s in state["samplers"].items()},
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if setup.device.type == "cuda" else []},
+        "epoch": epoch,
+        "history": history,
+    }
+
+
+def _restore(setup: _Setup, state: dict, resume_from: str | Path, hooks: PhaseHooks) -> tuple[int, list]:
+    saved, meta = load_checkpoint(resume_from, setup.identity, setup.bundle.num_classes)
+    setup.model.load_state_dict(saved["model"], strict=False)
+    state["optimizer"].load_state_dict(saved["optimizer"])
+    for name, sampler in state["samplers"].items():
+        sampler.load_state_dict(saved["samplers"][name])
+    torch.set_rng_state(saved["rng"]["torch"])
+    if saved["rng"]["cuda"] and setup.device.type == "cuda":
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    hooks.log(f"resumed from {resume_from} after epoch {saved['epoch']}")
+    return saved["epoch"] + 1, list(saved["history"])
+
+
+def run_phase(cfg: LPTConfig, phase: str, workdir: str | Path, hooks: PhaseHooks | None = None, *,
+              init_from: str | Path | None = None, resume_from: str | Path | None = None,
+              keep_checkpoints: int = 2) -> PhaseResult:
+    """Trains one stage in `workdir` and returns its final evaluation.
+
+    init_from: a phase-1 checkpoint (required for phase 2). resume_from: a checkpoint of this same stage.
+    """
+    if phase not in PHASES:
+        raise ValueError(f"phase={phase!r}: expected one of {PHASES}")
+    if phase == "phase2" and init_from is None and resume_from is None:
+        raise ValueError("phase2 needs init_from=<phase-1 checkpoint>")
+    hooks = hooks or PhaseHooks()
+    workdir = Path(workdir)
+    pcfg = cfg.phase_config(phase)
+    seed_everything(cfg.seed, cfg.threads)
+    setup = _setup(cfg, phase, hooks)
+    torch.manual_seed(cfg.seed)  # training randomness must not depend on what building the model consumed
+    if init_from is not None and resume_from is None:
+        _init_from(setup, init_from, hooks)
+    params = setup.model.set_trainable(phase)
+    labels = setup.bundle.train_labels
+    state = {
+        "optimizer": build_optimizer(params, pcfg),
+        "samplers": {"cb": ClassAwareSampler(labels, pcfg.images_per_class, cfg.seed),
+                     "ib": InstanceSampler(len(labels), cfg.seed + 1)},
+    }
+    start_epoch, history = (_restore(setup, state, resume_from, hooks) if resume_from else (0, []))
+    meta = {"phase": phase, "backbone": vars(setup.identity), "num_classes": setup.bundle.num_classes,
+            "config": to_dict(cfg), "init_from": str(init_from) if init_from else None}
+    metrics, ckpt_dir, out = {}, None, None
+    for epoch in range(start_epoch, pcfg.epochs):
+        metrics = {"epoch": epoch, **_train_epoch(cfg, phase, pcfg, setup, state, epoch, hooks)}
+        last = epoch == pcfg.epochs - 1
+        if last or (epoch + 1) % cfg.eval.every_epochs == 0:
+            eval_metrics, out = _evaluate_metrics(cfg, phase, setup)
+            metrics.update(eval_metrics)
+        history.append(metrics)
+        ckpt_dir = save_checkpoint(workdir / "checkpoints" / f"epoch_{epoch:04d}",
+                                   _checkpoint_state(setup, state, epoch, history), {**meta, "epoch": epoch})
+        _prune_checkpoints(workdir / "checkpoints", keep=keep_checkpoints)
+        hooks.log(_progress_line(phase, epoch, pcfg.epochs, metrics))
+        hooks.on_epoch_end(epoch, metrics, ckpt_dir)
+    if out is None:  # resumed after the last epoch: evaluate what the checkpoint holds
+        ckpt_dir = Path(resume_from)
+        metrics, out = _evaluate_metrics(cfg, phase, setup)
+    return _finish(cfg, phase, setup, out, metrics, history, ckpt_dir)
+
+
+def _prune_checkpoints(folder: Path, keep: int) -> None:
+    """Keeps the newest `keep` epoch folders: the latest plus a fallback in case the latest is damaged."""
+    for old in sorted(folder.glob("epoch_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _finish(cfg: LPTConfig, phase: str, setup: _Setup, out: EvalOutput, metrics: dict, history: list,
+            ckpt_dir: Path) -> PhaseResult:
+    final = dict(metrics)
+    if cfg.eval.feature_stats and setup.bundle.train_eval is not None:
+        final.update(feature_statistics(setup.model, setup.bundle, out, phase, setup.device, cfg))
+    per_class = M.per_class_table(out.preds, out.labels, setup.bundle.class_counts, setup.bundle.class_names)
+    match = None
+    if out.topk_idx is not None:
+        hist = M.match_histogram(out.labels, out.topk_idx, setup.bundle.num_classes, cfg.prompt.pool_size)
+        match = M.match_table(hist)
+    return PhaseResult(phase, final, history, per_class, match, ckpt_dir)
+
+
+def _progress_line(phase: str, epoch: int, epochs: int, m: dict[str, float]) -> str:
+    line = f"[{phase}] epoch {epoch + 1}/{epochs} loss {m['loss']:.4f} lr {m['lr']:.2e} " \
+           f"{m['train_images_per_s']:.0f} img/s"
+    if "acc" in m:
+        line += f" | acc {m['acc']:.2f} many {m['many']:.2f} medium {m['medium']:.2f} few {m['few']:.2f}"
+    return line
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Plain-process runner: `python -m lpt_core.train --config cfg.json --phase phase1 --workdir DIR`."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--config", required=True, help="JSON file with the nested LPTConfig fields")
+    parser.add_argument("--phase", required=True, choices=PHASES)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--init-from", help="phase-1 checkpoint folder (phase 2)")
+    parser.add_argument("--resume-from", help="checkpoint folder of this stage")
+    args = parser.parse_args(argv)
+    cfg = from_dict(json.loads(Path(args.config).read_text()))
+    result = run_phase(cfg, args.phase, args.workdir, init_from=args.init_from, resume_from=args.resume_from)
+    print(json.dumps({"phase": result.phase, "checkpoint": str(result.checkpoint_dir), **result.metrics}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Starting or joining Ray: in-process on this machine (cluster=local) or an existing cluster (cluster=ray).
+
+An unreachable address fails within the timeout with a message that names it, instead of ray.init's long retry.
+Everything started locally binds to 127.0.0.1 and the dashboard stays off unless asked for.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from lpt_core.config import ConfigError
+from orchestration.settings import ClusterSettings
+
+RAY_DEFAULT_PORT, RAY_CLIENT_PORT = 6379, 10001
+
+
+class ClusterError(RuntimeError):
+    """Ray could not be started or reached."""
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    if address.startswith("ray://"):
+        rest = address[len("ray://"):]
+        host, _, port = rest.partition(":")
+        return host, int(port or RAY_CLIENT_PORT)
+    host, _, port = address.partition(":")
+    return host, int(port or RAY_DEFAULT_PORT)
+
+
+def check_reachable(address: str, timeout_s: float) -> None:
+    """A TCP connect to the head before handing the address to ray.init (which would retry for minutes)."""
+    try:
+        host, port = _host_port(address)
+    except ValueError as err:
+        raise ConfigError(f"cluster.address={address!r}: expected host:port or ray://host:port") from err
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return
+    except OSError as err:
+        raise ClusterError(
+            f"cluster.address={address!r}: cannot reach the Ray head at {host}:{port} within {timeout_s:g}s ({err}). "
+            f"Is `ray start --head` running there, and is the port open from this machine?"
+        ) from err
+
+
+def connect(settings: ClusterSettings, log=print) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()),
+                                                                            os.environ.get("PYTHONPATH")]))}}
+    if settings.name == "local":
+        ray.init(num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, include_dashboard=settings.dashboard,
+                 dashboard_host="127.0.0.1", configure_logging=False, runtime_env=runtime_env)
+        resources = ray.cluster_resources()
+        log(f"ray: local, {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
+        return
+    address = settings.address or "auto"
+    if address != "auto":
+        check_reachable(address, settings.connect_timeout_s)
+    try:
+        ray.init(address=address, runtime_env=runtime_env, configure_logging=False)
+    except ConnectionError as err:
+        raise ClusterError(f"cluster.address={address!r}: {err}. Start a head with `ray start --head` "
+                           f"or pass cluster.address=<head>:6379") from err
+    resources = ray.cluster_resources()
+    log(f"ray: joined {address}, {len(ray.nodes())} nodes, {resources.get('CPU', 0):g} CPUs, "
+        f"{resources.get('GPU', 0):g} GPUs")

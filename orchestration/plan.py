@@ -1,0 +1,119 @@
+"""From the composed config to a validated sweep plan: every row and seed is turned into a typed LPTConfig
+before Ray starts, so a bad value fails in seconds with its key, not hours later inside a trial.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig
+
+from experiments.ablations import RUN_UNTIL, Ablation, get_ablation
+from experiments.settings import apply_overrides, build_lpt, resolve_backbone, split
+from lpt_core.config import ConfigError
+from orchestration.settings import SweepSettings, parse_settings
+from orchestration.stages import stage_chain
+
+
+@dataclass
+class SweepPlan:
+    name: str
+    experiment: str
+    ablation: Ablation
+    settings: SweepSettings
+    base_lpt: dict[str, Any]  # weights_file resolved
+    points: dict[str, dict[str, Any]]  # row label -> overrides (weights_file resolved per row where needed)
+    pretrain: dict[str, Any] | None
+
+    @property
+    def optuna(self) -> bool:
+        return self.settings.search.name == "optuna"
+
+    def fingerprint(self) -> str:
+        """Identifies what the sweep computes; a resumed sweep must have the same one."""
+        content = {"base": self.base_lpt, "points": self.points, "seeds": self.settings.seeds,
+                   "search": vars(self.settings.search) if self.optuna else "grid", "ablation": self.ablation.name,
+                   "cache": self.settings.stages.cache}
+        return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def rows(self) -> list[tuple[str, int]]:
+        return [(row, seed) for row in self.points for seed in self.settings.seeds]
+
+    def upstream_keys(self) -> dict[str, tuple[str, int]]:
+        """Distinct upstream (phase-1) stage keys -> one (row, seed) that needs it."""
+        salt_free = self.settings.stages.cache
+        found: dict[str, tuple[str, int]] = {}
+        rows = self.rows() if not self.optuna else [(None, self.settings.seeds[0])]
+        if not salt_free:
+            return found
+        for row, seed in rows:
+            overrides = dict(self.points[row]) if row is not None else {}
+            run_until = overrides.pop(RUN_UNTIL, None)
+            chain = stage_chain(apply_overrides(self.base_lpt, {**overrides, "seed": seed}), run_until)
+            for spec in chain[:-1]:
+                found.setdefault(spec.key, (row, seed))
+        return found
+
+
+def _select_points(ablation: Ablation, experiment: str, values: list[Any] | None) -> dict[str, dict[str, Any]]:
+    points = {p.label: dict(p.overrides) for p in ablation.points_for(experiment)}
+    if values is None:
+        return points
+    wanted = [str(v) for v in values]
+    unknown = [v for v in wanted if v not in points]
+    if unknown:
+        raise ConfigError(f"ablation.values={values}: {unknown} are not rows of {ablation.name!r}; "
+                          f"rows: {list(points)}")
+    return {label: points[label] for label in wanted}
+
+
+def _validate_rows(plan: SweepPlan) -> None:
+    for row, overrides in plan.points.items():
+        values = {k: v for k, v in overrides.items() if k != RUN_UNTIL}
+        for seed in plan.settings.seeds:
+            try:
+                build_lpt(apply_overrides(plan.base_lpt, {**values, "seed": seed}))
+            except ConfigError as err:
+                raise ConfigError(f"ablation {plan.ablation.name!r}, row {row!r}: {err}") from err
+    if plan.optuna:
+        if not plan.ablation.space:
+            raise ConfigError(f"search=optuna: ablation {plan.ablation.name!r} has no continuous space; "
+                              f"use search=grid (searchable: the 'loss' ablation)")
+        for bound in ("low", "high"):
+            values = {k: getattr(d, bound) for k, d in plan.ablation.space.items()}
+            try:
+                build_lpt(apply_overrides(plan.base_lpt, values))
+            except ConfigError as err:
+                raise ConfigError(f"ablation {plan.ablation.name!r}, search space {bound} end: {err}") from err
+
+
+def _resolve_backbones(plan: SweepPlan, log) -> None:
+    """Demo only: pretrain (or fetch from cache) the micro ViT of the base config and of every row that changes
+    the backbone, on the driver, before any trial starts."""
+    if plan.pretrain is None:
+        return
+    base = resolve_backbone(build_lpt(plan.base_lpt), plan.pretrain, log=log)
+    plan.base_lpt = apply_overrides(plan.base_lpt, {"backbone.weights_file": base.backbone.weights_file})
+    for row, overrides in plan.points.items():
+        if any(k.startswith("backbone.") for k in overrides):
+            values = {k: v for k, v in overrides.items() if k != RUN_UNTIL}
+            row_cfg = build_lpt(apply_overrides(plan.base_lpt, {**values, "backbone.weights_file": None}))
+            resolved = resolve_backbone(row_cfg, plan.pretrain, log=log)
+            overrides["backbone.weights_file"] = resolved.backbone.weights_file
+
+
+def build_plan(cfg: DictConfig | dict, log=print) -> SweepPlan:
+    spec = split(cfg)
+    settings = parse_settings(spec.rest)
+    ablation = get_ablation(settings.ablation.name)
+    build_lpt(spec.lpt)  # the base config alone must be valid
+    name = settings.sweep.name or f"{ablation.name}-{spec.name}"
+    if settings.search.name == "optuna" and settings.ablation.values is not None:
+        raise ConfigError("ablation.values selects grid rows; it has no meaning with search=optuna")
+    plan = SweepPlan(name, spec.name, ablation, settings, spec.lpt,
+                     _select_points(ablation, spec.name, settings.ablation.values), spec.pretrain)
+    _validate_rows(plan)
+    _resolve_backbones(plan, log)
+    return plan

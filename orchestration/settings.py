@@ -1,0 +1,102 @@
+"""The sweep's own typed settings (everything in the composed config that is not an LPTConfig field)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lpt_core.config import ConfigError, build_dataclass
+
+
+@dataclass
+class AblationChoice:
+    name: str
+    values: list[Any] | None = None  # row labels to keep (None = all)
+
+
+@dataclass
+class SearchSettings:
+    name: Literal["grid", "optuna"] = "grid"
+    num_samples: int = 8
+    sampler: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+    max_concurrent: int = 2
+    mode: Literal["max", "min"] = "max"
+
+
+@dataclass
+class ClusterSettings:
+    name: Literal["local", "ray"] = "local"
+    address: str | None = None
+    num_cpus: int | None = None
+    num_gpus: float | None = None
+    dashboard: bool = False
+    connect_timeout_s: float = 60.0
+
+
+@dataclass
+class SweepLocation:
+    name: str | None = None
+    root: str = "outputs/sweeps"
+    storage: str | None = None
+
+
+@dataclass
+class StageSettings:
+    cache: bool = True
+    root: str = "outputs/stages"
+
+
+@dataclass
+class TrackingSettings:
+    uri: str | None = None
+    experiment: str = "lpt"
+
+
+@dataclass
+class Resources:
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+
+@dataclass
+class DebugSettings:
+    fail_at_epoch: int | None = None
+    fail_stage: Literal["phase1", "phase2", "joint"] = "phase2"
+    fail_times: int = 1
+
+
+@dataclass
+class SweepSettings:
+    ablation: AblationChoice | None = None
+    search: SearchSettings = field(default_factory=SearchSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    sweep: SweepLocation = field(default_factory=SweepLocation)
+    stages: StageSettings = field(default_factory=StageSettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    resources: Resources = field(default_factory=Resources)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    resume: bool = False
+    max_concurrent_trials: int = 0
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    max_failures: int = 2
+    min_free_disk_gb: float = 1.0
+    debug: DebugSettings = field(default_factory=DebugSettings)
+    # experiments/run.py's keys, ignored by the sweep
+    phase: Any = 1
+    init_from: str | None = None
+    workdir: str | None = None
+
+
+def parse_settings(values: dict[str, Any]) -> SweepSettings:
+    settings: SweepSettings = build_dataclass(SweepSettings, values)
+    if settings.ablation is None:
+        raise ConfigError("ablation: missing; pick one, e.g. `python orchestration/sweep.py ablation=group_size`")
+    if not settings.seeds:
+        raise ConfigError("seeds: needs at least one seed")
+    if settings.resources.cpu <= 0 or settings.resources.gpu < 0:
+        raise ConfigError(f"resources: cpu must be > 0 and gpu >= 0, got {settings.resources}")
+    if settings.max_failures < 0 or settings.max_concurrent_trials < 0:
+        raise ConfigError("max_failures and max_concurrent_trials must be >= 0")
+    if settings.search.num_samples < 1 or settings.search.max_concurrent < 1:
+        raise ConfigError("search.num_samples and search.max_concurrent must be >= 1")
+    return settings

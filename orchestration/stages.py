@@ -1,0 +1,135 @@
+"""The stage graph (pretrain -> phase 1 -> phase 2, or one joint stage) and the content-addressed stage store.
+
+A stage's key is the hash of exactly the config fields it depends on plus its upstream key, so every trial of a
+group-size sweep maps to the same phase-1 key and the store trains that phase 1 once, for this sweep and for any
+later sweep. A stage folder holds the run's epoch checkpoints while it trains (work/), and once it is done its
+verified final checkpoint (final/), results (result.json, per_class.parquet, match.parquet) and a DONE marker
+written last. A DONE stage whose checkpoint fails its checksum is rebuilt, never reused.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow.parquet as pq
+
+from lpt_core.checkpoint import (CheckpointError, atomic_write_bytes, latest_valid_checkpoint, replace_directory,
+                                 verify_checkpoint)
+from lpt_core.train import PhaseResult
+
+# dotted LPTConfig fields each stage depends on (device and threads change speed, not results)
+STAGE_FIELDS: dict[str, tuple[str, ...]] = {
+    "phase1": ("backbone", "data", "eval", "seed", "precision", "phase1", "prompt.length", "prompt.shared",
+               "prompt.init_std", "prompt.head_dropout"),
+    "phase2": ("backbone", "data", "eval", "seed", "precision", "phase2", "prompt"),
+    "joint": ("backbone", "data", "eval", "seed", "precision", "joint", "prompt"),
+}
+KEY_LENGTH = 16
+
+
+def _get(values: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        values = values[part]
+    return values
+
+
+def stage_key(stage: str, lpt: dict[str, Any], upstream: str | None, salt: str = "") -> str:
+    """Hash of the stage name, its config fields, its upstream key and an optional salt (cache off)."""
+    content = {"stage": stage, "upstream": upstream, "salt": salt,
+               "fields": {name: _get(lpt, name) for name in STAGE_FIELDS[stage]}}
+    encoded = json.dumps(content, sort_keys=True, default=str).encode()
+    return f"{stage}-{hashlib.sha256(encoded).hexdigest()[:KEY_LENGTH]}"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    stage: str  # phase1 | phase2 | joint
+    key: str
+    upstream: str | None
+
+
+def stage_chain(lpt: dict[str, Any], run_until: str | None = None, salt: str = "") -> list[StageSpec]:
+    """The stages one trial runs, in order; `run_until='phase1'` stops a decoupled trial after phase 1."""
+    if lpt.get("training", "decoupled") == "joint":
+        return [StageSpec("joint", stage_key("joint", lpt, None, salt), None)]
+    phase1 = StageSpec("phase1", stage_key("phase1", lpt, None, salt), None)
+    if run_until == "phase1":
+        return [phase1]
+    return [phase1, StageSpec("phase2", stage_key("phase2", lpt, phase1.key, salt), phase1.key)]
+
+
+@dataclass
+class StageOutput:
+    key: str
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+    checkpoint_dir: Path
+    run_id: str | None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class StageStore:
+    """Stage folders under one root (a shared filesystem on a cluster)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+
+    def folder(self, key: str) -> Path:
+        return self.root / key
+
+    def work_dir(self, key: str) -> Path:
+        return self.folder(key) / "work"
+
+    @contextlib.contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """Exclusive per-stage lock: a second trial needing the same stage waits, then finds it done."""
+        self.folder(key).mkdir(parents=True, exist_ok=True)
+        with open(self.folder(key) / ".lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def is_done(self, key: str, log=print) -> bool:
+        folder = self.folder(key)
+        if not (folder / "DONE").is_file():
+            return False
+        try:
+            verify_checkpoint(folder / "final")
+            json.loads((folder / "result.json").read_text())
+        except (CheckpointError, OSError, json.JSONDecodeError) as err:
+            log(f"stage {key}: cached output is damaged ({err}); rebuilding it")
+            (folder / "DONE").unlink(missing_ok=True)
+            return False
+        return True
+
+    def load(self, key: str) -> StageOutput:
+        folder = self.folder(key)
+        result = json.loads((folder / "result.json").read_text())
+        return StageOutput(key, result["metrics"], result["history"], folder / "final", result.get("run_id"),
+                           {"per_class": folder / "per_class.parquet", "match": folder / "match.parquet"})
+
+    def latest_checkpoint(self, key: str, log=print) -> Path | None:
+        return latest_valid_checkpoint(sorted((self.work_dir(key) / "checkpoints").glob("epoch_*")), log=log)
+
+    def finalize(self, key: str, result: PhaseResult, run_id: str | None) -> StageOutput:
+        folder = self.folder(key)
+        tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".final-"))
+        shutil.copytree(result.checkpoint_dir, tmp, dirs_exist_ok=True)
+        verify_checkpoint(tmp)
+        replace_directory(tmp, folder / "final")
+        pq.write_table(result.per_class, folder / "per_class.parquet")
+        if result.match is not None:
+            pq.write_table(result.match, folder / "match.parquet")
+        payload = {"metrics": result.metrics, "history": result.history, "run_id": run_id, "phase": result.phase}
+        atomic_write_bytes(folder / "result.json", json.dumps(payload, indent=1, default=float).encode())
+        atomic_write_bytes(folder / "DONE", key.encode())
+        return self.load(key)

@@ -1,0 +1,136 @@
+"""MLflow bookkeeping: one parent run per sweep, one child run per stage execution, idempotent per-epoch metrics.
+
+Runs are found again by tag (lpt.sweep for the parent, lpt.stage_key for a stage), so a retried or resumed trial
+continues its own run instead of starting a duplicate, and a step already logged is never logged twice (MLflow
+keeps every `log_metric` call). Everything goes through MlflowClient with an explicit tracking URI: nothing
+depends on MLflow's process-global active run, which Ray workers would not share.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+T = TypeVar("T")
+TAG_SWEEP, TAG_ROLE, TAG_STAGE_KEY = "lpt.sweep", "lpt.role", "lpt.stage_key"
+PARAM_VALUE_LIMIT = 6000
+_SECRET = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<userinfo>[^/@\s]+)@")
+_SECRET_QUERY = re.compile(r"(?i)((?:token|secret|password|key|signature)=)[^&\s]+")
+
+
+def redact(value: str) -> str:
+    """Drops credentials embedded in URIs (user:password@host, ?token=...) before they reach params or logs."""
+    return _SECRET_QUERY.sub(r"\1***", _SECRET.sub(r"\g<scheme>***@", value))
+
+
+def default_tracking_uri(sweep_root: str | Path) -> str:
+    return f"sqlite:///{(Path(sweep_root).resolve() / 'mlflow.db')}"
+
+
+def _retry(call: Callable[[], T], attempts: int = 5, delay_s: float = 0.5) -> T:
+    """SQLite stores answer 'database is locked' under concurrent trials: retry with back-off."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except MlflowException as err:
+            if attempt == attempts - 1 or "locked" not in str(err).lower():
+                raise
+            time.sleep(delay_s * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str) -> None:
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        found = _retry(lambda: self.client.get_experiment_by_name(experiment))
+        self.experiment_id = found.experiment_id if found else _retry(lambda: self.client.create_experiment(experiment))
+        self._logged_steps: dict[str, set[int]] = {}
+
+    def _find(self, filter_string: str) -> str | None:
+        runs = _retry(lambda: self.client.search_runs([self.experiment_id], filter_string, max_results=1,
+                                                      order_by=["attributes.start_time ASC"]))
+        return runs[0].info.run_id if runs else None
+
+    def parent_run(self, sweep: str, tags: dict[str, str]) -> str:
+        run_id = self._find(f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_ROLE}` = 'sweep'")
+        if run_id is None:
+            run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=sweep,
+                                                        tags={TAG_SWEEP: sweep, TAG_ROLE: "sweep", **tags}))
+            run_id = run.info.run_id
+        else:
+            _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
+        return run_id
+
+    def stage_run(self, parent_id: str, sweep: str, key: str, name: str, params: dict[str, Any],
+                  tags: dict[str, str]) -> str:
+        """The stage's run: found by its key (a retry continues it) or created once with its params."""
+        run_id = self._find(f"tags.`{TAG_STAGE_KEY}` = '{key}'")
+        if run_id is not None:
+            _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
+            return run_id
+        all_tags = {TAG_SWEEP: sweep, TAG_ROLE: "stage", TAG_STAGE_KEY: key, MLFLOW_PARENT_RUN_ID: parent_id,
+                    MLFLOW_RUN_NAME: name, **tags}
+        run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=name, tags=all_tags))
+        run_id = run.info.run_id
+        items = [Param(k, redact(str(v))[:PARAM_VALUE_LIMIT]) for k, v in sorted(params.items())]
+        for start in range(0, len(items), 100):
+            _retry(lambda: self.client.log_batch(run_id, params=items[start:start + 100]))
+        return run_id
+
+    def logged_steps(self, run_id: str) -> set[int]:
+        if run_id not in self._logged_steps:
+            history = _retry(lambda: self.client.get_metric_history(run_id, "epoch"))
+            self._logged_steps[run_id] = {m.step for m in history}
+        return self._logged_steps[run_id]
+
+    def log_epoch(self, run_id: str, step: int, metrics: dict[str, float]) -> bool:
+        """Logs one epoch's metrics in one batch, unless that step is already in the run. True if logged."""
+        if step in self.logged_steps(run_id):
+            return False
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and math.isfinite(float(v)) and k != "epoch"]
+        items.append(Metric("epoch", float(step), now, step))  # last: marks the step complete
+        _retry(lambda: self.client.log_batch(run_id, metrics=items))
+        self._logged_steps[run_id].add(step)
+        return True
+
+    def log_final(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
+        """End-of-stage statistics (K-NN, gamma, matching) that per-epoch logging does not carry."""
+        logged = set(_retry(lambda: self.client.get_run(run_id)).data.metrics)
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if k not in logged and isinstance(v, (int, float)) and math.isfinite(float(v))]
+        if items:
+            _retry(lambda: self.client.log_batch(run_id, metrics=items))
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        _retry(lambda: self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+
+    def log_artifacts(self, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
+        for path in paths:
+            if path.is_dir():
+                _retry(lambda: self.client.log_artifacts(run_id, str(path), artifact_path or path.name))
+            elif path.is_file():
+                _retry(lambda: self.client.log_artifact(run_id, str(path), artifact_path))
+
+    def finish(self, run_id: str, failed: str | None = None) -> None:
+        if failed is not None:
+            self.set_tags(run_id, {"lpt.error": failed[:5000]})
+        _retry(lambda: self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED"))
+
+    def runs_of_sweep(self, sweep: str) -> list:
+        return _retry(lambda: self.client.search_runs([self.experiment_id], f"tags.`{TAG_SWEEP}` = '{sweep}'",
+                                                      max_results=10000))
+
+    def run_for_stage(self, key: str):
+        run_id = self._find(f"tags.`{TAG_STAGE_KEY}` = '{key}'")
+        return None if run_id is None else _retry(lambda: self.client.get_run(run_id))

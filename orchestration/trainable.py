@@ -1,0 +1,151 @@
+"""The Ray Tune function trainable: one trial = its chain of stages, each fetched from the stage store or trained.
+
+Per epoch the final stage reports its metrics and checkpoint to Tune and its metrics to MLflow (idempotently).
+A retried or restored trial resumes from the newest valid checkpoint it can find: the one Tune hands back or
+the newer one in the stage store (Tune's experiment snapshot can lag behind the trial by a few epochs).
+"""
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from experiments.ablations import RUN_UNTIL
+from experiments.settings import apply_overrides
+from lpt_core.checkpoint import CheckpointError, read_meta, verify_checkpoint
+from lpt_core.config import flatten, from_dict
+from lpt_core.train import PhaseHooks, run_phase
+from orchestration.stages import StageOutput, StageSpec, StageStore, stage_chain
+from orchestration.tracking import Tracker
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose by debug.fail_at_epoch (fault-injection tests of retry and resume)."""
+
+
+@dataclass
+class Trial:
+    trial_id: str
+    row: str
+    seed: int
+    lpt: dict[str, Any]
+    chain: list[StageSpec]
+
+
+def make_trial(context: dict[str, Any], config: dict[str, Any]) -> Trial:
+    """The trial a Tune config describes: a grid row (config['row']) or Optuna's sampled values."""
+    if "row" in config:
+        row, overrides = config["row"], dict(context["points"][config["row"]])
+    else:
+        overrides = {key: config[key] for key in context["space_keys"]}
+        row = ", ".join(f"{key.split('.')[-1]}={value:.4g}" for key, value in overrides.items())
+    run_until = overrides.pop(RUN_UNTIL, None)
+    lpt = apply_overrides(context["base_lpt"], {**context.get("common", {}), **overrides, "seed": config["seed"]})
+    trial_id = f"{row}/seed={config['seed']}"
+    salt = "" if context["cache"] else f"{context['sweep']}/{trial_id}"
+    return Trial(trial_id, row, config["seed"], lpt, stage_chain(lpt, run_until, salt))
+
+
+class TrialHooks(PhaseHooks):
+    """Reports each epoch to MLflow (once per step) and, for the trial's final stage, to Tune with a checkpoint."""
+
+    def __init__(self, tracker: Tracker, run_id: str, spec: StageSpec, report_to_tune: bool,
+                 context: dict[str, Any], store: StageStore) -> None:
+        self.tracker, self.run_id, self.spec = tracker, run_id, spec
+        self.report_to_tune, self.context, self.store = report_to_tune, context, store
+        self.last_eval: dict[str, float] = {"acc": float("nan"), "few": float("nan")}
+
+    def log(self, message: str) -> None:
+        print(f"[{self.spec.key}] {message}", flush=True)
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float], checkpoint_dir: Path) -> None:
+        self.tracker.log_epoch(self.run_id, epoch, metrics)
+        if "acc" in metrics:
+            self.last_eval = {k: v for k, v in metrics.items() if k not in ("loss", "lr")}
+        if self.report_to_tune:
+            report = {**self.last_eval, **metrics, "stage": self.spec.stage, "stage_key": self.spec.key}
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+        self._maybe_fail(epoch)
+
+    def _maybe_fail(self, epoch: int) -> None:
+        debug = self.context["debug"]
+        if debug["fail_at_epoch"] != epoch or debug["fail_stage"] != self.spec.stage:
+            return
+        marker = self.store.folder(self.spec.key) / "injected_failures"
+        count = int(marker.read_text()) if marker.exists() else 0
+        if count < debug["fail_times"]:
+            marker.write_text(str(count + 1))
+            raise InjectedFault(f"debug.fail_at_epoch={epoch}: injected failure {count + 1}/{debug['fail_times']}")
+
+
+def _resume_point(store: StageStore, spec: StageSpec, log) -> Path | None:
+    """Newest valid checkpoint among the stage store's and the one Tune restored (if it is of this stage)."""
+    candidates = []
+    local = store.latest_checkpoint(spec.key, log=log)
+    if local is not None:
+        candidates.append((read_meta(local)["epoch"], local))
+    tune_checkpoint = tune.get_checkpoint()
+    if tune_checkpoint is not None:
+        restored = Path(tune_checkpoint.to_directory())
+        try:
+            meta = verify_checkpoint(restored)
+            if meta.get("phase") == spec.stage and restored.exists():
+                candidates.append((meta["epoch"], restored))
+        except CheckpointError as err:
+            log(f"ignoring Tune's checkpoint: {err}")
+    return max(candidates, key=lambda c: c[0])[1] if candidates else None
+
+
+def _stage_tags(context: dict[str, Any], trial: Trial, spec: StageSpec, upstream: StageOutput | None) -> dict:
+    tags = {"lpt.stage": spec.stage, "lpt.row": trial.row, "lpt.seed": str(trial.seed),
+            "lpt.ablation": context["ablation"], "lpt.experiment": context["experiment"],
+            "lpt.axis": context["axis"]}
+    if upstream is not None:
+        tags.update({"lpt.upstream_key": upstream.key, "lpt.upstream_run_id": str(upstream.run_id)})
+    return tags
+
+
+def run_stage(context: dict[str, Any], trial: Trial, spec: StageSpec, upstream: StageOutput | None,
+              final: bool, store: StageStore, tracker: Tracker) -> StageOutput:
+    log = lambda message: print(f"[{spec.key}] {message}", flush=True)  # noqa: E731
+    with store.lock(spec.key):
+        if store.is_done(spec.key, log=log):
+            log(f"{spec.stage} reused from the stage store")
+            return store.load(spec.key)
+        cfg = from_dict(trial.lpt)
+        name = f"{spec.stage} {context['axis']}={trial.row} seed={trial.seed}"
+        run_id = tracker.stage_run(context["parent_run_id"], context["sweep"], spec.key, name,
+                                   flatten(trial.lpt), _stage_tags(context, trial, spec, upstream))
+        hooks = TrialHooks(tracker, run_id, spec, final, context, store)
+        try:
+            result = run_phase(cfg, spec.stage, store.work_dir(spec.key), hooks,
+                               init_from=upstream.checkpoint_dir if upstream else None,
+                               resume_from=_resume_point(store, spec, log))
+        except InjectedFault:
+            raise
+        except Exception as err:
+            tracker.finish(run_id, failed=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}")
+            raise
+        output = store.finalize(spec.key, result, run_id)
+        tracker.log_final(run_id, len(result.history), result.metrics)
+        tracker.log_artifacts(run_id, [output.checkpoint_dir, *[p for p in output.extras.values() if p.exists()]])
+        tracker.finish(run_id)
+        return output
+
+
+def lpt_trainable(config: dict[str, Any]) -> None:
+    """Tune entry point. config = {'context': sweep-wide constants, 'row' or sampled keys, 'seed', ...}."""
+    context = config["context"]
+    trial = make_trial(context, {**config, **config.get("trial", {})})
+    chain = trial.chain[:-1] if context.get("upstream_only") and len(trial.chain) > 1 else trial.chain
+    store, tracker = StageStore(context["stage_root"]), Tracker(context["tracking_uri"], context["tracking_experiment"])
+    output = None
+    for i, spec in enumerate(chain):
+        output = run_stage(context, trial, spec, output, i == len(chain) - 1, store, tracker)
+    summary = {**output.metrics, "stage": chain[-1].stage, "stage_key": output.key, "run_id": str(output.run_id),
+               "row": trial.row, "seed": trial.seed, "trial_id": trial.trial_id, "trial_complete": True}
+    tune.report({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
+
