@@ -38,7 +38,7 @@ class Distribution:
 class Ablation:
     name: str
     description: str
-    axis: str  # the column name of the report table
+    axis: str  # the column name of the report table (labels of crossed axes are joined with ",")
     points: tuple[Point, ...] = ()
     space: dict[str, Distribution] = field(default_factory=dict)  # non-empty = searchable with Optuna
     stages: tuple[str, ...] = ("phase2",)  # which stages the axis changes (upstream stages are shared)
@@ -63,7 +63,7 @@ def zipit(*sweeps: list[Point]) -> list[Point]:
 
 
 def product(*sweeps: list[Point]) -> list[Point]:
-    return [Point("/".join(p.label for p in parts), {k: v for p in parts for k, v in p.overrides.items()})
+    return [Point(",".join(p.label for p in parts), {k: v for p in parts for k, v in p.overrides.items()})
             for parts in itertools.product(*sweeps)]
 
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from lpt_core.config import ConfigError, LPTConfig, build_dataclass, from_dict, to_dict
 
@@ -27,8 +28,12 @@ def register_configs() -> None:
     """Puts the dataclass defaults in Hydra's ConfigStore, so config.yaml never repeats them."""
     from experiments.pretrain_demo import DemoPretrainConfig
 
+    defaults = to_dict(LPTConfig())
+    # mandatory for Hydra: an experiment yaml's `root: ???` merged onto "" would keep "" (OmegaConf never
+    # overwrites a value with MISSING), so the check "data.root not set" must start from MISSING here
+    defaults["data"]["root"] = MISSING
     store = ConfigStore.instance()
-    store.store(name="lpt_defaults", node=to_dict(LPTConfig()))
+    store.store(name="lpt_defaults", node=defaults)
     store.store(group="pretrain", name="demo", node=dataclasses.asdict(DemoPretrainConfig()), package="pretrain")
 
 
@@ -44,8 +49,11 @@ def to_plain(cfg: DictConfig | dict) -> dict[str, Any]:
         return copy.deepcopy(cfg)
     try:
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except Exception as err:  # omegaconf's MissingMandatoryValue names the key: keep its text
-        raise ConfigError(f"{err}".splitlines()[0] + " (set it on the command line, e.g. data.root=/path)") from err
+    except MissingMandatoryValue as err:
+        key = err.full_key or f"{err}".splitlines()[0]
+        raise ConfigError(f"{key}: missing mandatory value (set it on the command line, e.g. {key}=/path)") from err
+    except Exception as err:  # other omegaconf errors (interpolation, ...): keep their first line
+        raise ConfigError(f"{err}".splitlines()[0]) from err
 
 
 @dataclass

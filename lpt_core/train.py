@@ -159,8 +159,12 @@ def _checkpoint_state(setup: _Setup, state: dict, epoch: int, history: list) -> 
     }
 
 
-def _restore(setup: _Setup, state: dict, resume_from: str | Path, hooks: PhaseHooks) -> tuple[int, list]:
+def _restore(setup: _Setup, state: dict, resume_from: str | Path, phase: str,
+             hooks: PhaseHooks) -> tuple[int, list]:
     saved, meta = load_checkpoint(resume_from, setup.identity, setup.bundle.num_classes)
+    if meta.get("phase") != phase:
+        raise CheckpointError(f"{resume_from}: is a {meta.get('phase')} checkpoint; cannot resume {phase} from it "
+                              f"(phase 2 starts from a phase-1 checkpoint with init_from)")
     setup.model.load_state_dict(saved["model"], strict=False)
     state["optimizer"].load_state_dict(saved["optimizer"])
     for name, sampler in state["samplers"].items():
@@ -198,7 +202,7 @@ def run_phase(cfg: LPTConfig, phase: str, workdir: str | Path, hooks: PhaseHooks
         "samplers": {"cb": ClassAwareSampler(labels, pcfg.images_per_class, cfg.seed),
                      "ib": InstanceSampler(len(labels), cfg.seed + 1)},
     }
-    start_epoch, history = (_restore(setup, state, resume_from, hooks) if resume_from else (0, []))
+    start_epoch, history = (_restore(setup, state, resume_from, phase, hooks) if resume_from else (0, []))
     meta = {"phase": phase, "backbone": vars(setup.identity), "num_classes": setup.bundle.num_classes,
             "config": to_dict(cfg), "init_from": str(init_from) if init_from else None}
     metrics, ckpt_dir, out = {}, None, None
@@ -216,8 +220,11 @@ def run_phase(cfg: LPTConfig, phase: str, workdir: str | Path, hooks: PhaseHooks
         hooks.on_epoch_end(epoch, metrics, ckpt_dir)
     if out is None:  # resumed after the last epoch: evaluate what the checkpoint holds
         ckpt_dir = Path(resume_from)
-        metrics, out = _evaluate_metrics(cfg, phase, setup)
-    return _finish(cfg, phase, setup, out, metrics, history, ckpt_dir)
+        eval_metrics, out = _evaluate_metrics(cfg, phase, setup)
+        metrics = {**(history[-1] if history else {}), **eval_metrics}
+    result = _finish(cfg, phase, setup, out, metrics, history, ckpt_dir)
+    result.extras["resumed_after_epoch"] = start_epoch - 1 if resume_from else None
+    return result
 
 
 def _prune_checkpoints(folder: Path, keep: int) -> None:

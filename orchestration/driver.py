@@ -123,6 +123,7 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
             log(f"sweep {plan.name!r} is complete; nothing to train. Report:")
             log(build_report(folder, log_to_mlflow=False).markdown)
             return 0
+        connect(plan.settings.cluster, log=log)  # before writing anything: an unreachable cluster changes nothing
         _write_json(folder / "plan.json", {"fingerprint": plan.fingerprint(), "name": plan.name,
                                            "ablation": plan.ablation.name, "experiment": plan.experiment,
                                            "axis": plan.ablation.axis, "rows": list(plan.points),
@@ -137,7 +138,6 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
             "lpt.ablation": plan.ablation.name, "lpt.experiment": plan.experiment, "lpt.git_commit": _git_commit(),
             "lpt.search": plan.settings.search.name, "lpt.stage_keys": ",".join(sorted(upstream))[:5000],
             "lpt.tracking_uri": redact(tracking_uri)})
-        connect(plan.settings.cluster, log=log)
         context = _context(plan, tracking_uri, parent)
         storage = plan.settings.sweep.storage or str(folder / "tune")
         store = StageStore(plan.settings.stages.root)

@@ -72,6 +72,7 @@ class StageOutput:
     history: list[dict[str, float]]
     checkpoint_dir: Path
     run_id: str | None
+    files: dict[str, Path] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -115,7 +116,8 @@ class StageStore:
         folder = self.folder(key)
         result = json.loads((folder / "result.json").read_text())
         return StageOutput(key, result["metrics"], result["history"], folder / "final", result.get("run_id"),
-                           {"per_class": folder / "per_class.parquet", "match": folder / "match.parquet"})
+                           {"per_class": folder / "per_class.parquet", "match": folder / "match.parquet"},
+                           result.get("extras", {}))
 
     def latest_checkpoint(self, key: str, log=print) -> Path | None:
         return latest_valid_checkpoint(sorted((self.work_dir(key) / "checkpoints").glob("epoch_*")), log=log)
@@ -129,7 +131,8 @@ class StageStore:
         pq.write_table(result.per_class, folder / "per_class.parquet")
         if result.match is not None:
             pq.write_table(result.match, folder / "match.parquet")
-        payload = {"metrics": result.metrics, "history": result.history, "run_id": run_id, "phase": result.phase}
+        payload = {"metrics": result.metrics, "history": result.history, "run_id": run_id, "phase": result.phase,
+                   "extras": result.extras}
         atomic_write_bytes(folder / "result.json", json.dumps(payload, indent=1, default=float).encode())
         atomic_write_bytes(folder / "DONE", key.encode())
         return self.load(key)

@@ -10,20 +10,15 @@ Everything is validated before Ray starts; the sweep folder is locked against a 
 """
 from __future__ import annotations
 
-import os
+import sys
 
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the concise CLIReporter table below, not the verbose engine
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # MLflow is the tracker; no TensorBoard/CSV
+import hydra
+from omegaconf import DictConfig
 
-import sys  # noqa: E402
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from experiments.settings import CONF_DIR, register_configs  # noqa: E402
-from lpt_core.config import ConfigError  # noqa: E402
-from orchestration.cluster import ClusterError  # noqa: E402
-from orchestration.driver import SweepError, run_sweep  # noqa: E402
+from experiments.settings import CONF_DIR, register_configs
+from lpt_core.config import ConfigError
+from orchestration.cluster import ClusterError
+from orchestration.driver import SweepError, run_sweep
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

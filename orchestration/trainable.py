@@ -37,8 +37,10 @@ class Trial:
 
 def make_trial(context: dict[str, Any], config: dict[str, Any]) -> Trial:
     """The trial a Tune config describes: a grid row (config['row']) or Optuna's sampled values."""
-    if "row" in config:
+    if config.get("row") is not None:
         row, overrides = config["row"], dict(context["points"][config["row"]])
+    elif "row" in config:  # the upstream stage of an Optuna search: the base configuration
+        row, overrides = "base", {}
     else:
         overrides = {key: config[key] for key in context["space_keys"]}
         row = ", ".join(f"{key.split('.')[-1]}={value:.4g}" for key, value in overrides.items())
@@ -131,14 +133,14 @@ def run_stage(context: dict[str, Any], trial: Trial, spec: StageSpec, upstream: 
             raise
         output = store.finalize(spec.key, result, run_id)
         tracker.log_final(run_id, len(result.history), result.metrics)
-        tracker.log_artifacts(run_id, [output.checkpoint_dir, *[p for p in output.extras.values() if p.exists()]])
+        tracker.log_artifacts(run_id, [output.checkpoint_dir, *[p for p in output.files.values() if p.exists()]])
         tracker.finish(run_id)
         return output
 
 
-def lpt_trainable(config: dict[str, Any]) -> None:
-    """Tune entry point. config = {'context': sweep-wide constants, 'row' or sampled keys, 'seed', ...}."""
-    context = config["context"]
+def lpt_trainable(config: dict[str, Any], context: dict[str, Any]) -> None:
+    """Tune entry point. config = {'trial': {'row', 'seed'}} (grid) or Optuna's sampled keys and 'seed';
+    context = the sweep-wide constants (bound with tune.with_parameters, kept out of every trial's config)."""
     trial = make_trial(context, {**config, **config.get("trial", {})})
     chain = trial.chain[:-1] if context.get("upstream_only") and len(trial.chain) > 1 else trial.chain
     store, tracker = StageStore(context["stage_root"]), Tracker(context["tracking_uri"], context["tracking_experiment"])
@@ -146,6 +148,6 @@ def lpt_trainable(config: dict[str, Any]) -> None:
     for i, spec in enumerate(chain):
         output = run_stage(context, trial, spec, output, i == len(chain) - 1, store, tracker)
     summary = {**output.metrics, "stage": chain[-1].stage, "stage_key": output.key, "run_id": str(output.run_id),
-               "row": trial.row, "seed": trial.seed, "trial_id": trial.trial_id, "trial_complete": True}
+               "row": trial.row, "seed": trial.seed, "lpt_trial": trial.trial_id, "trial_complete": True}
     tune.report({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
 

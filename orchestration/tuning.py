@@ -6,31 +6,35 @@ from their newest checkpoint through the stage store.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
-import optuna
-from ray import tune
-from ray.tune import CLIReporter
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import ConcurrencyLimiter
-from ray.tune.search.optuna import OptunaSearch
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's concise CLIReporter table, not the verbose new engine
 
-from lpt_core.config import PHASES
-from orchestration.plan import SweepPlan
-from orchestration.trainable import lpt_trainable
+import optuna  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.tune import CLIReporter  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
+from ray.tune.search import ConcurrencyLimiter  # noqa: E402
+from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+
+from lpt_core.config import PHASES  # noqa: E402
+from orchestration.plan import SweepPlan  # noqa: E402
+from orchestration.trainable import lpt_trainable  # noqa: E402
 
 TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
              "iterations_since_restore", "done", "epoch", "loss", "lr", "epoch_time_s", "train_images_per_s",
-             "checkpoint_dir_name", "should_checkpoint", "trial_complete"}
+             "checkpoint_dir_name", "should_checkpoint", "trial_complete", "seed", "trial_id"}
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
 
 
-def _trainable(plan: SweepPlan):
+def _trainable(plan: SweepPlan, context: dict[str, Any]):
     resources = plan.settings.resources
-    return tune.with_resources(lpt_trainable, {"cpu": resources.cpu, "gpu": resources.gpu})
+    trainable = tune.with_parameters(lpt_trainable, context=context)
+    return tune.with_resources(trainable, {"cpu": resources.cpu, "gpu": resources.gpu})
 
 
-def _search_space(plan: SweepPlan, context: dict, rows: list[tuple[str | None, int]], optuna_search: bool) -> dict:
+def _search_space(plan: SweepPlan, rows: list[tuple[str | None, int]], optuna_search: bool) -> dict:
     if optuna_search:
         space = {}
         for key, dist in plan.ablation.space.items():
@@ -38,8 +42,8 @@ def _search_space(plan: SweepPlan, context: dict, rows: list[tuple[str | None, i
                 space[key] = tune.randint(int(dist.low), int(dist.high) + 1)
             else:
                 space[key] = (tune.loguniform if dist.log else tune.uniform)(dist.low, dist.high)
-        return {"context": context, "seed": plan.settings.seeds[0], **space}
-    return {"context": context, "trial": tune.grid_search([{"row": r, "seed": s} for r, s in rows])}
+        return {"seed": plan.settings.seeds[0], **space}
+    return {"trial": tune.grid_search([{"row": r, "seed": s} for r, s in rows])}
 
 
 def _tune_config(plan: SweepPlan, optuna_search: bool) -> tune.TuneConfig:
@@ -75,7 +79,7 @@ def run_tuner(plan: SweepPlan, context: dict[str, Any], storage: str, name: str,
     path = f"{storage.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(path):
         log(f"{name}: restoring the Tune run in {path}")
-        tuner = tune.Tuner.restore(path, _trainable(plan), resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(path, _trainable(plan, context), resume_unfinished=True, resume_errored=True)
     else:
         run_config = tune.RunConfig(
             name=name, storage_path=storage,
@@ -83,7 +87,7 @@ def run_tuner(plan: SweepPlan, context: dict[str, Any], storage: str, name: str,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             progress_reporter=_reporter(plan, optuna_search), verbose=1,
         )
-        tuner = tune.Tuner(_trainable(plan), param_space=_search_space(plan, context, rows, optuna_search),
+        tuner = tune.Tuner(_trainable(plan, context), param_space=_search_space(plan, rows, optuna_search),
                            tune_config=_tune_config(plan, optuna_search), run_config=run_config)
     results = tuner.fit()
     records, failed = [], []
@@ -96,7 +100,7 @@ def run_tuner(plan: SweepPlan, context: dict[str, Any], storage: str, name: str,
             continue
         metrics = result.metrics
         records.append({
-            "trial_id": metrics["trial_id"], "row": metrics["row"], "seed": metrics["seed"],
+            "trial_id": metrics["lpt_trial"], "row": metrics["row"], "seed": metrics["seed"],
             "stage": metrics["stage"], "stage_key": metrics["stage_key"], "run_id": metrics["run_id"],
             "config": {k: result.config[k] for k in plan.ablation.space} if optuna_search else {},
             "metrics": {k: v for k, v in metrics.items()

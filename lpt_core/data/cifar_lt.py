@@ -126,7 +126,7 @@ def cifar100_lt(cfg: DataConfig, norm: Normalization) -> DatasetBundle:
     keep = long_tail_indices(train_labels, counts, options.get("seed", 0))
     images, labels = _to_hwc(train_rows[keep.numpy()]), train_labels[keep]
 
-    train_tf = build_transforms(cfg.img_size, cfg.resize_size, norm, train=True)
+    train_tf = build_transforms(cfg.img_size, cfg.resize_size, norm, train=True, crop_min_scale=cfg.crop_min_scale)
     test_tf = build_transforms(cfg.img_size, cfg.resize_size, norm, train=False)
     return DatasetBundle(
         name="cifar100_lt", num_classes=num_classes, train=ArrayImageDataset(images, labels, train_tf),

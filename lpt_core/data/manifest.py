@@ -251,7 +251,7 @@ class ImageListDataset(Dataset):
 def image_bundle(name: str, cfg: DataConfig, norm: Normalization, train: Manifest, test: Manifest,
                  test_split: str | None = None) -> DatasetBundle:
     """DatasetBundle from the "train" split of `train` and split `test_split` (default cfg.eval_split) of `test`."""
-    train_tf = build_transforms(cfg.img_size, cfg.resize_size, norm, train=True)
+    train_tf = build_transforms(cfg.img_size, cfg.resize_size, norm, train=True, crop_min_scale=cfg.crop_min_scale)
     test_tf = build_transforms(cfg.img_size, cfg.resize_size, norm, train=False)
     train_set = ImageListDataset.from_manifest(train, "train", train_tf)
     train_eval = ImageListDataset(train.root, train_set.paths, train_set.labels, test_tf)

@@ -40,7 +40,8 @@ from lpt_core.data.transforms import to_rgb
 GENERATOR_VERSION = 1  # bump when the drawing changes: it is part of every cache key
 NUM_SHAPES, NUM_TEXTURES, NUM_HUES, COUNTS, ORIENTATIONS = 10, 10, 6, (1, 2, 3), (0.0, 45.0, 90.0)
 NUM_CLASS_ATTRIBUTES = NUM_HUES * len(COUNTS) * len(ORIENTATIONS) * 2  # 108 (hue, count, orientation, fill)
-NUM_SOURCE_CLASSES = NUM_SHAPES * NUM_HUES  # source label = shape * NUM_HUES + hue
+NUM_SOURCE_CLASSES = NUM_SHAPES * NUM_HUES
+OBJECT_RADIUS = ((6.5, 8.5), (5.0, 6.5), (4.0, 5.0))  # pixels of a 32-pixel image, for 1, 2, 3 objects  # source label = shape * NUM_HUES + hue
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ class Rendering:
 
 
 SOURCE_RENDERING = Rendering(stroke=1.0, blur=0.0, noise=0.02, hue_offset=0.0, hue_jitter=6.0, saturation=(0.75, 1.0),
-                             bg_value=(0.1, 0.4), bg_saturation=0.25, bg_contrast=0.12, rotation_jitter=8.0)
+                             bg_value=(0.1, 0.4), bg_saturation=0.25, bg_contrast=0.3, rotation_jitter=8.0)
 TARGET_RENDERING = Rendering(stroke=1.7, blur=0.7, noise=0.07, hue_offset=14.0, hue_jitter=12.0,
                              saturation=(0.4, 0.8), bg_value=(0.25, 0.6), bg_saturation=0.45, bg_contrast=0.3,
                              rotation_jitter=14.0)
@@ -188,8 +189,8 @@ def _hsv_to_rgb(h, s, v) -> np.ndarray:
 
 def _layout(rng: np.random.Generator, count: int, size: int) -> tuple[np.ndarray, float]:
     """Centres [3, 2] of `count` non-overlapping objects kept off the border, and their radius in pixels."""
-    radius = rng.uniform(3.8, 5.2) * size / 32
-    low, high = 0.22 * size, 0.78 * size
+    radius = rng.uniform(*OBJECT_RADIUS[count - 1]) * size / 32
+    low, high = (0.5 * size - 3.0 * size / 32, 0.5 * size + 3.0 * size / 32) if count == 1 else (0.22 * size, 0.78 * size)
     centres = np.full((3, 2), -1e3)
     for _ in range(100):
         centres[:count] = rng.uniform(low, high, (count, 2))

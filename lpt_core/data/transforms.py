@@ -12,14 +12,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def build_transforms(img_size: int, resize_size: int, norm: Normalization, train: bool) -> T.Compose:
+def build_transforms(img_size: int, resize_size: int, norm: Normalization, train: bool,
+                     crop_min_scale: float = 0.08) -> T.Compose:
     """PIL image -> normalised float tensor [3, img_size, img_size].
 
     train: RandomResizedCrop(img_size) + RandomHorizontalFlip; test: Resize((resize_size, resize_size)) +
     CenterCrop(img_size) (recipe: 224 from 256, the square resize of the authors' code, not the short side).
+    crop_min_scale: RandomResizedCrop's lower area bound (0.08, torchvision's default, for natural images).
     """
     if train:
-        geometry = [T.RandomResizedCrop(img_size), T.RandomHorizontalFlip()]
+        geometry = [T.RandomResizedCrop(img_size, scale=(crop_min_scale, 1.0)), T.RandomHorizontalFlip()]
     else:
         geometry = [T.Resize((resize_size, resize_size)), T.CenterCrop(img_size)]
     return T.Compose([T.Lambda(to_rgb), *geometry, T.ToTensor(), T.Normalize(norm.mean, norm.std)])

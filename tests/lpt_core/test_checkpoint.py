@@ -31,7 +31,8 @@ IDENTITY = BackboneIdentity("vit_tiny_patch16_224", "ab" * 32)
 def _state() -> dict:
     g = torch.Generator().manual_seed(0)
     return {
-        "model": {"shared_prompt.tokens": torch.randn(4, 2, 8, generator=g), "head.weight": torch.randn(5, 8, generator=g)},
+        "model": {"shared_prompt.tokens": torch.randn(4, 2, 8, generator=g),
+                  "head.weight": torch.randn(5, 8, generator=g)},
         "optimizer": {"state": {0: {"momentum_buffer": torch.ones(3)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
         "rng": {"torch": torch.get_rng_state(), "cuda": []},
         "epoch": 3,

@@ -116,8 +116,7 @@ def test_phase1_logits_are_cosines_and_query_is_detached(micro_vit) -> None:
     torch.testing.assert_close(out.logits, expected)
 
 
-def test_phase1_with_zero_shared_prompt_attends_to_normed_zero_tokens(micro_vit) -> None:
-    """Sanity of the plumbing: the shared prompt enters every block (changing one block's prompt changes logits)."""
+def test_last_block_shared_prompt_changes_phase1_logits(micro_vit) -> None:
     model = _model(micro_vit).eval()
     images = _images()
     before = model(images, "phase1").logits

@@ -1,0 +1,102 @@
+"""Measure 3: orchestration overhead. The same demo trials (the group-size ablation: one phase 1, four phase 2)
+run (a) by orchestration/sweep.py one trial at a time and (b) by a plain loop over run_phase; overhead = a/b - 1.
+
+Where a - b goes is read off the sweep's timeline (driver output timestamped as it arrives, stage folders'
+.lock and DONE times) against the loop's own stage timings, so the parts add up to a - b exactly. The fixed-cost
+probe (benchmarks/fixed_costs.py) names the items inside them: Ray start, Tune trial start, checkpoint, MLflow.
+The projection to trials of about two minutes keeps the measured fixed and per-trial costs and stretches only
+the training: (fixed + n * per_stage) / (n * 120 s).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.context import Context
+from benchmarks.measures.demo_runs import demo_runs
+from benchmarks.sweeps import ProcessRun, SweepRun
+from benchmarks.timing import Stats
+
+TITLE = "3. Orchestration overhead"
+TARGET = 0.05
+TRIAL_S = 120.0  # "trials of about two minutes"
+
+
+def attribution(sweep: SweepRun, loop: ProcessRun, loop_result: dict[str, Any]) -> dict[str, float]:
+    """a - b split into named parts of the sweep's timeline (seconds; they sum to a - b)."""
+    stages = loop_result["stages"]
+    loop_p1 = sum(s["wall_s"] for s in stages if s["stage"] == "phase1")
+    loop_p2 = sum(s["wall_s"] for s in stages if s["stage"] == "phase2")
+    loop_fixed = loop.wall_s - loop_p1 - loop_p2
+    ray_up = sweep.first_line("ray: ") or 0.0
+    (_, p1_done), = sweep.stage_times("phase1")
+    p2 = sweep.stage_times("phase2")
+    gaps = sum(b[0] - a[1] for a, b in zip(p2, p2[1:]))
+    return {
+        "start-up: imports, config, plan, MLflow parent run, Ray start (minus the loop's start-up)":
+            ray_up - loop_fixed,
+        "phase 1 in its Tune run: Tune start, trial start, checkpoints, MLflow (minus its plain time)":
+            p1_done - ray_up - loop_p1,
+        "from phase 1 done to the first phase-2 trial: Tune run switch, trial start": p2[0][0] - p1_done,
+        "inside the phase-2 stages: Tune checkpoints, MLflow logging, stage finalize":
+            sum(end - start for start, end in p2) - loop_p2,
+        "between phase-2 trials: trial start (worker process, imports, stage lookup)": gaps,
+        "end: Tune shutdown, report and plots, MLflow, Ray shutdown": sweep.wall_s - p2[-1][1],
+    }
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    runs = demo_runs(ctx)
+    a = [s.wall_s for s in runs.cached]
+    b = [loop.wall_s for loop, _ in runs.loops]
+    overhead = Stats.of([x / y - 1 for x, y in zip(a, b)])
+    loop, loop_result = runs.loops[0]
+    parts = attribution(runs.cached[0], loop, loop_result)
+    stages = loop_result["stages"]
+    n = len(stages)
+    per_stage = sum(v for k, v in parts.items() if k.startswith(("phase 1", "inside", "between"))) / n
+    fixed = sum(parts.values()) - per_stage * n
+    projected = (fixed + n * per_stage) / (n * TRIAL_S)
+    section = {"title": TITLE, "trials": n, "stages": stages, "import_s": loop_result["import_s"],
+               "sweep_s": Stats.of(a).as_dict(), "loop_s": Stats.of(b).as_dict(), "overhead": overhead.as_dict(),
+               "attribution_s": parts, "fixed_per_sweep_s": fixed, "per_stage_s": per_stage,
+               "median_stage_s": Stats.of([s["wall_s"] for s in stages]).median,
+               "projected_overhead_2min": projected, "target": TARGET, "met": projected <= TARGET,
+               "fixed_costs": runs.fixed_costs, "pretrain_s": runs.pretrain_s,
+               "overrides": runs.cached[0].overrides}
+    ctx.stamp(f"overhead: measured {overhead.fmt()}, projected for 2-minute trials {100 * projected:.1f} %")
+    return section
+
+
+def markdown(section: dict[str, Any]) -> str:
+    o = section["overhead"]
+    lines = [f"{section['trials']} stages (1 phase 1 + {section['trials'] - 1} phase-2 trials of the demo's "
+             f"group-size ablation), median stage {section['median_stage_s']:.3g} s in the plain loop. "
+             f"Sweep (a) {Stats(**section['sweep_s']).fmt()} s, plain loop (b) {Stats(**section['loop_s']).fmt()} s: "
+             f"overhead a/b - 1 = {100 * o['median']:.0f} % ({100 * o['min']:.0f}-{100 * o['max']:.0f} %) at this "
+             "trial length.", "", "Where a - b goes (first round):", "", "| part | s |", "|---|---|"]
+    lines += [f"| {name} | {value:.2f} |" for name, value in section["attribution_s"].items()]
+    lines += ["", f"Fixed per sweep {section['fixed_per_sweep_s']:.1f} s, per stage {section['per_stage_s']:.2f} s. "
+                  f"Projected overhead for trials of about two minutes: "
+                  f"**{100 * section['projected_overhead_2min']:.1f} %** (target <= {100 * section['target']:.0f} %: "
+                  f"{'met' if section['met'] else 'missed'})."]
+    fc = section.get("fixed_costs")
+    if fc:
+        lines += ["", "Fixed costs one by one (fresh process, benchmarks/fixed_costs.py):", "", "| item | s |",
+                  "|---|---|"]
+        names = {"import_s": "import ray, tune, mlflow, orchestration", "ray_start_s": "Ray start (local)",
+                 "tune_run_start_s": "Tune run start (fit() to first trial)",
+                 "tune_trial_start_s": "Tune trial start (no-op trial, between trials)",
+                 "tune_run_end_s": "Tune run end", "checkpoint_report_per_epoch_s": "checkpoint to Tune, per epoch",
+                 "stage_finalize_s": "stage finalize (copy + checksum)",
+                 "mlflow_setup_and_parent_s": "MLflow store setup + parent run (per sweep)",
+                 "mlflow_per_stage_s": "MLflow per stage (run, params, final metrics, artifact, finish)",
+                 "mlflow_per_epoch_s": "MLflow per epoch", "ray_shutdown_s": "Ray shutdown"}
+        lines += [f"| {names.get(k, k)} | {v:.3f} |" for k, v in fc.items()]
+    return "\n".join(lines)
+
+
+def summary(section: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"measure": TITLE, "target": f"<= {100 * section['target']:.0f} % for ~2-minute trials",
+             "result": f"{100 * section['projected_overhead_2min']:.1f} % projected "
+                       f"({100 * section['overhead']['median']:.0f} % measured at "
+                       f"{section['median_stage_s']:.2g} s stages)", "met": section["met"]}]

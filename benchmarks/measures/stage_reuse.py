@@ -1,0 +1,61 @@
+"""Measure 4: stage reuse. The group-size sweep (four values of m) with the phase-1 cache against
+stages.cache=false: phase 1 must be trained exactly once against four times; the saved wall fraction is
+1 - cached / uncached per interleaved round, for the whole sweep and for its training window (Ray up to the last
+stage done, which leaves out the start-up and the report that both pay alike).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.context import Context
+from benchmarks.measures.demo_runs import demo_runs
+from benchmarks.sweeps import SweepRun
+from benchmarks.timing import Stats
+
+TITLE = "4. Stage reuse (phase-1 cache)"
+TARGET = 0.35
+
+
+def training_window(run: SweepRun) -> float:
+    last_done = max(end for stage in ("phase1", "phase2") for _, end in run.stage_times(stage))
+    return last_done - (run.first_line("ray: ") or 0.0)
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    runs = demo_runs(ctx)
+    pairs = list(zip(runs.cached, runs.uncached))
+    saved_wall = Stats.of([1 - c.wall_s / u.wall_s for c, u in pairs])
+    saved_window = Stats.of([1 - training_window(c) / training_window(u) for c, u in pairs])
+    counts = {"cached": [len(c.stage_folders("phase1")) for c in runs.cached],
+              "uncached": [len(u.stage_folders("phase1")) for u in runs.uncached]}
+    exact = all(n == 1 for n in counts["cached"]) and all(n == 4 for n in counts["uncached"])
+    section = {"title": TITLE, "phase1_trained": counts, "phase1_exact": exact,
+               "wall_s": {"cached": Stats.of([c.wall_s for c in runs.cached]).as_dict(),
+                          "uncached": Stats.of([u.wall_s for u in runs.uncached]).as_dict()},
+               "saved_wall_fraction": saved_wall.as_dict(), "saved_window_fraction": saved_window.as_dict(),
+               "target": TARGET, "met": exact and saved_wall.median >= TARGET}
+    ctx.stamp(f"stage reuse: phase 1 trained {counts}, saved {saved_wall.fmt()} of the wall")
+    return section
+
+
+def markdown(section: dict[str, Any]) -> str:
+    c = section["phase1_trained"]
+    w, f, g = section["wall_s"], section["saved_wall_fraction"], section["saved_window_fraction"]
+    return "\n".join([
+        f"Phase-1 stages trained: cached {c['cached']}, cache off {c['uncached']} "
+        f"({'exactly 1 vs 4' if section['phase1_exact'] else 'NOT 1 vs 4'}).", "",
+        "| | cached | stages.cache=false | saved fraction median (min-max) |", "|---|---|---|---|",
+        f"| sweep wall s | {Stats(**w['cached']).fmt()} | {Stats(**w['uncached']).fmt()} | "
+        f"{100 * f['median']:.0f} % ({100 * f['min']:.0f}-{100 * f['max']:.0f} %) |",
+        f"| training window (Ray up to last stage done) | | | {100 * g['median']:.0f} % "
+        f"({100 * g['min']:.0f}-{100 * g['max']:.0f} %) |", "",
+        f"Target: saved wall >= {100 * section['target']:.0f} %: {'met' if section['met'] else 'missed'}."])
+
+
+def summary(section: dict[str, Any]) -> list[dict[str, Any]]:
+    c = section["phase1_trained"]
+    return [{"measure": TITLE, "target": f"phase 1 once vs 4 times, saved >= {100 * section['target']:.0f} %",
+             "result": f"{c['cached'][0]} vs {c['uncached'][0]}, saved "
+                       f"{100 * section['saved_wall_fraction']['median']:.0f} % of the wall "
+                       f"({100 * section['saved_window_fraction']['median']:.0f} % of the training window)",
+             "met": section["met"]}]

@@ -1,0 +1,56 @@
+"""The plain way to run an ablation's trials: one process, a for-loop over run_phase, no Ray, no MLflow.
+
+    python -m benchmarks.plain_loop --workdir DIR <hydra overrides, as for orchestration/sweep.py>
+
+Runs what a cached sweep of the same overrides runs: the (single, shared) phase 1 once, then phase 2 of every
+row of the ablation on top of it, one after the other. Prints one JSON line with the wall seconds of each stage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+START = time.perf_counter()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.ablations import RUN_UNTIL, get_ablation  # noqa: E402
+from experiments.settings import apply_overrides, build_lpt, compose_config, resolve_backbone, split  # noqa: E402
+from lpt_core.train import PhaseHooks, run_phase  # noqa: E402
+
+
+class QuietHooks(PhaseHooks):
+    def log(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    imported = time.perf_counter() - START
+    spec = split(compose_config(args.overrides))
+    ablation = get_ablation(spec.rest["ablation"]["name"])
+    points = ablation.points_for(spec.name)
+    hooks, stages, workdir = QuietHooks(), [], Path(args.workdir)
+    base = resolve_backbone(build_lpt(spec.lpt), spec.pretrain, log=hooks.log)
+    base_values = apply_overrides(spec.lpt, {"backbone.weights_file": base.backbone.weights_file})
+    phase1_ckpt = None
+    for i, point in enumerate(points):
+        overrides = {k: v for k, v in point.overrides.items() if k != RUN_UNTIL}
+        cfg = build_lpt(apply_overrides(base_values, overrides))
+        if phase1_ckpt is None:  # the rows differ in phase-2 fields only: one phase 1 serves them all
+            start = time.perf_counter()
+            phase1_ckpt = run_phase(cfg, "phase1", workdir / "phase1", hooks).checkpoint_dir
+            stages.append({"stage": "phase1", "wall_s": time.perf_counter() - start})
+        start = time.perf_counter()
+        run_phase(cfg, "phase2", workdir / f"phase2-{i}", hooks, init_from=phase1_ckpt)
+        stages.append({"stage": "phase2", "row": point.label, "wall_s": time.perf_counter() - start})
+    print(json.dumps({"import_s": imported, "stages": stages, "total_s": time.perf_counter() - START}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

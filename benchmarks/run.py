@@ -1,0 +1,120 @@
+"""Measured speed of the LPT method and of the sweep orchestration, side by side with the naive way.
+
+    python benchmarks/run.py                    # full mode: writes benchmarks/results.json + benchmarks/RESULTS.md
+    python benchmarks/run.py --quick            # < 3 min on 2 CPU cores: outputs/benchmarks/{results.json,RESULTS.md}
+    python benchmarks/run.py --device cuda      # on a GPU machine (adds measure 6)
+    python benchmarks/run.py --quick --only throughput,phase2 --out /tmp/bench
+
+Measures (benchmarks/measures/): 1 train-step throughput, 2 phase 2 against the naive reference with a profile,
+3 orchestration overhead, 4 stage reuse, 5 data pipeline against model consumption, 6 GPU (bf16 ViT-B, MFU,
+packing). Benchmarks measure; nothing here asserts a duration.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.context import PLANS, Context  # noqa: E402
+from benchmarks.machine import describe, load_average  # noqa: E402
+from benchmarks.measures import MEASURES  # noqa: E402
+from benchmarks.report import render  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small batches and short trials (< 3 min on 2 cores)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where results.json and RESULTS.md go (default: benchmarks/, or outputs/benchmarks/ "
+                             "with --quick so a quick run never replaces the published full results)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads, fixed for the whole run (default 1: on a shared machine a "
+                             "second thread that has to wait for a busy core makes every op wait)")
+    parser.add_argument("--only", default=",".join(MEASURES),
+                        help=f"comma-separated subset of {','.join(MEASURES)}")
+    parser.add_argument("--cache-dir", type=Path, default=REPO / "outputs" / "cache",
+                        help="data.cache_dir of the demo runs (the micro ViT is pretrained there once)")
+    parser.add_argument("--no-fixed-costs", action="store_true", help="skip the fixed-cost probe of measure 3")
+    parser.add_argument("--keep-work", action="store_true", help="keep the scratch folder (logs, sweep folders)")
+    args = parser.parse_args(argv)
+    unknown = set(args.only.split(",")) - set(MEASURES)
+    if unknown:
+        parser.error(f"--only: unknown measure(s) {sorted(unknown)}; valid: {','.join(MEASURES)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine; run with --device cpu "
+                     "(measure 6 is then reported as skipped)")
+    if args.out is None:
+        args.out = REPO / ("outputs/benchmarks" if args.quick else "benchmarks")
+    return args
+
+
+def notes(ctx: Context) -> list[str]:
+    plan = ctx.plan
+    return [
+        f"Batches per branch (a dual step trains on twice as many): measure 1 {plan.throughput}, measure 2 "
+        f"{plan.naive}; images/s hardly depend on the batch on CPU, which is compute bound.",
+        f"Demo trials of measures 3-4: {' '.join(plan.demo_overrides)} on the demo experiment.",
+        "Random-weight models: speed does not depend on the weights; no download is needed.",
+        "The machine may be shared: the load average above says how busy it was; interleaving A and B keeps the "
+        "ratios fair even when absolute numbers move.",
+    ]
+
+
+def write(out: Path, results: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    work = Path(tempfile.mkdtemp(prefix="lpt-bench-"))
+    plan = PLANS[(args.quick, device.type)]
+    ctx = Context(quick=args.quick, device=device, threads=args.threads, out=args.out, work=work, plan=plan,
+                  cache_dir=args.cache_dir, fixed_costs=not args.no_fixed_costs)
+    command = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    results = {"run": {"command": command.strip(), "mode": "quick" if args.quick else "full",
+                       "device": str(device), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+                       "warmup": plan.warmup, "repeats": plan.repeats},
+               "machine": describe(args.threads), "sections": ctx.sections, "notes": notes(ctx)}
+    try:
+        for name in args.only.split(","):
+            ctx.stamp(f"measure {name}")
+            try:
+                ctx.sections[name] = MEASURES[name].run(ctx)
+            except Exception:  # one measure failing must not lose the others
+                ctx.sections[name] = {"title": MEASURES[name].TITLE, "error": traceback.format_exc(limit=8)}
+                ctx.log(ctx.sections[name]["error"])
+            results["run"]["wall_s"] = time.perf_counter() - started
+            write(args.out, results)
+    finally:
+        ctx.release_models()
+        if args.keep_work:
+            ctx.log(f"scratch folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    results["run"]["wall_s"] = time.perf_counter() - started
+    results["machine"]["load_average_end"] = load_average()
+    write(args.out, results)
+    (args.out / "RESULTS.md").write_text(render(results))
+    ctx.log(f"wrote {args.out / 'results.json'} and {args.out / 'RESULTS.md'} "
+            f"({results['run']['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Tiny demo sweeps on a real Ray instance and a real MLflow store: one shared Ray per test session, one shared
+cache (demo data + pretrained micro ViT) so the pretraining happens once."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+TINY_DEMO = [
+    "++data.options.num_classes=10", "++data.options.num_groups=5", "++data.options.n_max=40",
+    "++data.options.tau=10", "++data.options.test_per_class=4", "++data.options.source_per_class=20",
+    "++data.options.source_test_per_class=4",
+    "backbone.model_kwargs.embed_dim=32", "backbone.model_kwargs.num_heads=2", "backbone.model_kwargs.depth=4",
+    "pretrain.epochs=1", "pretrain.batch_size=64",
+    "prompt.length=2", "data.eval_batch_size=64",
+    "phase1.epochs=2", "phase1.batch_size=8", "phase1.steps_per_epoch=2",
+    "phase2.epochs=3", "phase2.batch_size=8", "phase2.steps_per_epoch=2",
+    "joint.epochs=2", "joint.batch_size=8", "joint.steps_per_epoch=2",
+    "eval.every_epochs=1", "threads=1", "cluster.num_cpus=2",
+]
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("demo_cache")
+
+
+@pytest.fixture
+def sweep_overrides(tmp_path, demo_cache):
+    """Overrides for a tiny demo sweep whose outputs live in tmp_path (stages and sweeps) and demo_cache."""
+
+    def make(*extra: str, root: Path | None = None) -> list[str]:
+        root = root or tmp_path
+        return [*TINY_DEMO, f"data.cache_dir={demo_cache}", f"sweep.root={root / 'sweeps'}",
+                f"stages.root={root / 'stages'}", *extra]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One in-process Ray for the in-process sweeps of this session."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def run_sweep_cli(overrides: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """`python orchestration/sweep.py ...` in a fresh process, as a user types it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(REPO / "orchestration" / "sweep.py"), *overrides], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+
+
+def mlflow_runs(sweep_root: Path, sweep: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{sweep_root / sweep / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lpt")
+    return client, client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def stage_runs(runs, stage: str) -> list:
+    return [r for r in runs if r.data.tags.get("lpt.stage") == stage]
+
+
+def steps(client, run, metric: str = "epoch") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, metric))

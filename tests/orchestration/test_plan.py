@@ -1,0 +1,199 @@
+"""Sweep plans built from the composed config (no Ray, no training) and the driver's folder guards."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import timm
+from safetensors.torch import save_file
+
+from experiments.settings import compose_config
+from lpt_core.config import ConfigError
+from orchestration.driver import SweepError, _check_existing, _prepare_folder, sweep_lock
+from orchestration.plan import SweepPlan, build_plan
+
+DEMO_MICRO = dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3)  # experiments/conf/model/micro.yaml
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("plan")
+
+
+@pytest.fixture(scope="module")
+def weights(root: Path) -> Path:
+    """A micro ViT weights file: with backbone.weights_file set, the demo skips its backbone pretraining."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **DEMO_MICRO)
+    path = root / "micro_vit.safetensors"
+    save_file(model.state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def plan_for(root: Path, weights: Path):
+    def build(*overrides: str) -> SweepPlan:
+        cfg = compose_config([f"sweep.root={root}/sweeps", f"stages.root={root}/stages",
+                              f"backbone.weights_file={weights}", *overrides])
+        lines: list[str] = []
+        plan = build_plan(cfg, log=lines.append)
+        assert not any("pretrain" in line for line in lines), lines
+        return plan
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def group_size(plan_for) -> SweepPlan:
+    return plan_for("ablation=group_size")
+
+
+def test_group_size_plan(group_size: SweepPlan, weights: Path) -> None:
+    assert group_size.name == "group_size-demo" and group_size.experiment == "demo"
+    assert group_size.points == {str(m): {"prompt.pool_size": m} for m in (5, 10, 20, 40)}
+    assert group_size.rows() == [("5", 0), ("10", 0), ("20", 0), ("40", 0)]
+    assert group_size.base_lpt["backbone"]["weights_file"] == str(weights)
+    assert not group_size.optuna and group_size.pretrain is not None
+
+
+def test_fingerprint_is_stable_and_follows_the_seeds(plan_for, group_size: SweepPlan) -> None:
+    assert plan_for("ablation=group_size").fingerprint() == group_size.fingerprint()
+    two_seeds = plan_for("ablation=group_size", "seeds=[0,1]")
+    assert two_seeds.fingerprint() != group_size.fingerprint()
+    assert len(two_seeds.rows()) == 8
+    assert plan_for("ablation=group_size", "stages.cache=false").fingerprint() != group_size.fingerprint()
+
+
+def test_sweep_name_override(plan_for) -> None:
+    assert plan_for("ablation=group_size", "sweep.name=mine").name == "mine"
+
+
+def test_upstream_keys(plan_for, group_size: SweepPlan) -> None:
+    keys = group_size.upstream_keys()
+    assert len(keys) == 1 and next(iter(keys)).startswith("phase1-")  # every m shares one phase 1
+    assert len(plan_for("ablation=group_size", "seeds=[0,1]").upstream_keys()) == 2  # one per seed
+    assert len(plan_for("ablation=prompt_length").upstream_keys()) == 4
+    assert plan_for("ablation=group_size", "stages.cache=false").upstream_keys() == {}
+    assert plan_for("ablation=per_phase").upstream_keys() != {}
+
+
+def test_ablation_values_narrow_the_rows(plan_for) -> None:
+    plan = plan_for("ablation=group_size", "ablation.values=[20,5]")
+    assert list(plan.points) == ["20", "5"]
+
+
+def test_unknown_ablation_values_are_named(plan_for) -> None:
+    with pytest.raises(ConfigError, match=r"\['7', '99'\] are not rows of 'group_size'"):
+        plan_for("ablation=group_size", "ablation.values=[5,7,99]")
+
+
+def test_optuna_needs_a_space(plan_for) -> None:
+    with pytest.raises(ConfigError, match="search=optuna: ablation 'group_size' has no continuous space"):
+        plan_for("ablation=group_size", "search=optuna")
+
+
+def test_optuna_refuses_ablation_values(plan_for) -> None:
+    with pytest.raises(ConfigError, match="ablation.values.*search=optuna"):
+        plan_for("ablation=loss", "search=optuna", "ablation.values=[x]")
+
+
+def test_optuna_loss_plan(plan_for) -> None:
+    plan = plan_for("ablation=loss", "search=optuna")
+    assert plan.optuna and len(plan.upstream_keys()) == 1
+
+
+def test_missing_ablation_is_a_config_error(weights: Path) -> None:
+    with pytest.raises(ConfigError, match="ablation"):
+        build_plan(compose_config([f"backbone.weights_file={weights}"]))
+
+
+def test_bad_row_is_named(plan_for) -> None:
+    with pytest.raises(ConfigError, match=r"row '5'.*prompt\.top_k"):
+        plan_for("ablation=group_size", "prompt.top_k=8")  # k=8 > m=5
+
+
+# ---------------------------------------------------------------------------------------------- driver guards
+
+PROBE = ("import fcntl, sys\nhandle = open(sys.argv[1], 'a+')\n"
+         "try:\n    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n    sys.exit(3)\n")
+
+
+def test_sweep_lock_refuses_a_second_holder(tmp_path: Path) -> None:
+    with sweep_lock(tmp_path):
+        with pytest.raises(SweepError, match=f"{tmp_path}.*in use by pid {os.getpid()}"):
+            with sweep_lock(tmp_path):
+                pass
+        other = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / ".lock")], timeout=30)
+        assert other.returncode == 3
+    with sweep_lock(tmp_path):  # released: usable again
+        pass
+
+
+def write_existing(folder: Path, fingerprint: str, status: str | None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "plan.json").write_text(json.dumps({"fingerprint": fingerprint, "name": "x"}))
+    if status is not None:
+        (folder / "state.json").write_text(json.dumps({"status": status}))
+
+
+def test_check_existing(group_size: SweepPlan, tmp_path: Path) -> None:
+    assert _check_existing(group_size, tmp_path / "new") == "new"
+    write_existing(tmp_path / "done", group_size.fingerprint(), "complete")
+    assert _check_existing(group_size, tmp_path / "done") == "complete"
+    write_existing(tmp_path / "half", group_size.fingerprint(), "incomplete")
+    with pytest.raises(SweepError, match="unfinished; pass resume=true"):
+        _check_existing(group_size, tmp_path / "half")
+    resuming = dataclasses.replace(group_size, settings=dataclasses.replace(group_size.settings, resume=True))
+    assert _check_existing(resuming, tmp_path / "half") == "resume"
+    write_existing(tmp_path / "nostate", group_size.fingerprint(), None)
+    assert _check_existing(resuming, tmp_path / "nostate") == "resume"
+
+
+def test_check_existing_refuses_a_changed_configuration(group_size: SweepPlan, tmp_path: Path) -> None:
+    write_existing(tmp_path, "0123456789abcdef", "complete")
+    resuming = dataclasses.replace(group_size, settings=dataclasses.replace(group_size.settings, resume=True))
+    with pytest.raises(SweepError, match="different configuration.*0123456789abcdef"):
+        _check_existing(resuming, tmp_path)
+
+
+def with_root(plan: SweepPlan, root: Path, **settings) -> SweepPlan:
+    location = dataclasses.replace(plan.settings.sweep, root=str(root))
+    return dataclasses.replace(plan, settings=dataclasses.replace(plan.settings, sweep=location, **settings))
+
+
+def test_prepare_folder_creates_it(group_size: SweepPlan, tmp_path: Path) -> None:
+    folder = _prepare_folder(with_root(group_size, tmp_path / "a" / "b"))
+    assert folder == (tmp_path / "a" / "b" / "group_size-demo").resolve() and folder.is_dir()
+    assert list(folder.iterdir()) == []
+
+
+def test_prepare_folder_refuses_a_root_under_a_file(group_size: SweepPlan, tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(SweepError, match=r"sweep\.root=.*afile/sub.*cannot write"):
+        _prepare_folder(with_root(group_size, tmp_path / "afile" / "sub"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits (the test above covers root)")
+def test_prepare_folder_refuses_an_unwritable_root(group_size: SweepPlan, tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        with pytest.raises(SweepError, match="cannot write"):
+            _prepare_folder(with_root(group_size, locked))
+    finally:
+        locked.chmod(0o700)
+
+
+def test_prepare_folder_refuses_low_disk(group_size: SweepPlan, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**28, 2**28))  # 0.25 GiB free
+    with pytest.raises(SweepError, match=r"only 0\.25 GiB free.*min_free_disk_gb=1"):
+        _prepare_folder(with_root(group_size, tmp_path))
+    _prepare_folder(with_root(group_size, tmp_path, min_free_disk_gb=0.1))

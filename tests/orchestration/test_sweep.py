@@ -1,0 +1,104 @@
+"""End-to-end sweeps on the tiny demo: real Ray Tune, real MLflow SQLite store, real files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments.settings import compose_config
+from orchestration.driver import run_sweep
+
+from .conftest import mlflow_runs, stage_runs, steps
+
+pytestmark = pytest.mark.slow
+
+
+def test_group_size_trains_phase1_once_and_one_phase2_per_m(ray_session, sweep_overrides, tmp_path, capsys):
+    overrides = sweep_overrides("ablation=group_size")
+    assert run_sweep(compose_config(overrides)) == 0
+
+    client, runs = mlflow_runs(tmp_path / "sweeps", "group_size-demo")
+    phase1, phase2 = stage_runs(runs, "phase1"), stage_runs(runs, "phase2")
+    assert len(phase1) == 1
+    assert sorted(int(r.data.params["prompt.pool_size"]) for r in phase2) == [5, 10, 20, 40]
+    assert steps(client, phase1[0]) == [0, 1]
+    for run in phase2:
+        assert steps(client, run) == [0, 1, 2]
+        assert steps(client, run, "acc") == [0, 1, 2]
+        assert run.data.tags["lpt.upstream_run_id"] == phase1[0].info.run_id
+        assert run.data.tags["mlflow.parentRunId"] == phase1[0].data.tags["mlflow.parentRunId"]
+        assert {"acc", "few", "few_std", "match_consistency", "query_knn_acc"} <= set(run.data.metrics)
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"final", "per_class.parquet",
+                                                                            "match.parquet"}
+    parent = [r for r in runs if r.data.tags.get("lpt.role") == "sweep"]
+    assert len(parent) == 1 and parent[0].data.tags["lpt.ablation"] == "group_size"
+    assert "lpt.git_commit" in parent[0].data.tags
+
+    folder = tmp_path / "sweeps" / "group_size-demo"
+    records = json.loads((folder / "trials.json").read_text())
+    assert sorted(r["row"] for r in records) == ["10", "20", "40", "5"]
+    report = (folder / "report" / "report.md").read_text()
+    assert report.count("| phase2 |") == 8  # 4 rows x 2 split rules
+    assert (folder / "report" / "axis.png").stat().st_size > 0
+    assert (folder / "report" / "matches.png").stat().st_size > 0
+    assert json.loads((folder / "state.json").read_text())["status"] == "complete"
+
+    # a finished sweep run again trains nothing and prints its report
+    stage_dirs = sorted(p.name for p in (tmp_path / "stages").iterdir())
+    done_times = {p: (tmp_path / "stages" / p / "DONE").stat().st_mtime_ns for p in stage_dirs}
+    capsys.readouterr()
+    assert run_sweep(compose_config(overrides)) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    _, runs_again = mlflow_runs(tmp_path / "sweeps", "group_size-demo")
+    assert len(runs_again) == len(runs)
+    assert {p: (tmp_path / "stages" / p / "DONE").stat().st_mtime_ns for p in stage_dirs} == done_times
+
+    # a second sweep of another ablation reuses the cached phase 1 instead of training it again
+    assert run_sweep(compose_config(sweep_overrides("ablation=topk", "ablation.values=[1]"))) == 0
+    _, topk_runs = mlflow_runs(tmp_path / "sweeps", "topk-demo")
+    assert stage_runs(topk_runs, "phase1") == []
+    assert len(stage_runs(topk_runs, "phase2")) == 1
+    assert (tmp_path / "stages" / phase1[0].data.tags["lpt.stage_key"] / "DONE").stat().st_mtime_ns == \
+        done_times[phase1[0].data.tags["lpt.stage_key"]]
+
+
+def test_optuna_loss_search_records_distinct_sampled_values(ray_session, sweep_overrides, tmp_path):
+    overrides = sweep_overrides("ablation=loss", "search=optuna", "search.num_samples=3", "search.max_concurrent=1",
+                                "phase2.epochs=2")
+    assert run_sweep(compose_config(overrides)) == 0
+    client, runs = mlflow_runs(tmp_path / "sweeps", "loss-demo")
+    phase2 = stage_runs(runs, "phase2")
+    assert len(phase2) == 3 and len(stage_runs(runs, "phase1")) == 1
+    sampled = {(r.data.params["phase2.loss.lambda_pos_ib"], r.data.params["phase2.loss.lambda_neg_ib"],
+                r.data.params["phase2.loss.eta"]) for r in phase2}
+    assert len(sampled) == 3
+    for lambda_pos, lambda_neg, eta in sampled:
+        assert 0.0 <= float(lambda_pos) <= 2.0 and 1.0 <= float(lambda_neg) <= 12.0 and 0.05 <= float(eta) <= 1.0
+    records = json.loads((tmp_path / "sweeps" / "loss-demo" / "trials.json").read_text())
+    assert len(records) == 3 and all(set(r["config"]) == {"phase2.loss.eta", "phase2.loss.lambda_neg_ib",
+                                                           "phase2.loss.lambda_pos_ib"} for r in records)
+
+
+def test_crashed_trial_is_retried_from_its_checkpoint_in_the_same_run(ray_session, sweep_overrides, tmp_path):
+    overrides = sweep_overrides("ablation=group_size", "ablation.values=[10]", "debug.fail_at_epoch=1",
+                                "debug.fail_stage=phase2", "debug.fail_times=1")
+    assert run_sweep(compose_config(overrides)) == 0
+    client, runs = mlflow_runs(tmp_path / "sweeps", "group_size-demo")
+    (run,) = stage_runs(runs, "phase2")
+    assert steps(client, run) == [0, 1, 2]
+    assert steps(client, run, "loss") == [0, 1, 2]
+    stage = tmp_path / "stages" / run.data.tags["lpt.stage_key"]
+    assert (stage / "injected_failures").read_text() == "1"
+    result = json.loads((stage / "result.json").read_text())
+    assert result["extras"]["resumed_after_epoch"] == 1  # resumed after the crash, not restarted
+    assert [h["epoch"] for h in result["history"]] == [0, 1, 2]
+
+
+def test_joint_training_is_one_stage(ray_session, sweep_overrides, tmp_path):
+    assert run_sweep(compose_config(sweep_overrides("ablation=decoupled_vs_joint"))) == 0
+    client, runs = mlflow_runs(tmp_path / "sweeps", "decoupled_vs_joint-demo")
+    assert [len(stage_runs(runs, s)) for s in ("phase1", "phase2", "joint")] == [1, 1, 1]
+    (joint,) = stage_runs(runs, "joint")
+    assert steps(client, joint) == [0, 1]
+    report = (tmp_path / "sweeps" / "decoupled_vs_joint-demo" / "report" / "report.md").read_text()
+    assert "| joint | joint |" in report and "| decoupled | phase2 |" in report
