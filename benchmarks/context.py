@@ -30,14 +30,15 @@ class Plan:
     gpu_batch: int = 128  # measure 6: ViT-B/16 per-branch batch
 
 
-DEMO_QUICK = ("phase1.epochs=1", "phase2.epochs=1", "phase1.warmup_epochs=0", "phase2.warmup_epochs=0",
-              "phase1.steps_per_epoch=2", "phase2.steps_per_epoch=2", "eval.every_epochs=1",
-              "eval.feature_stats=false")
+# quick: two of the four group sizes (each trial start costs seconds), one short epoch per phase
+DEMO_QUICK = ("ablation.values=[5,10]", "phase1.epochs=1", "phase2.epochs=1", "phase1.warmup_epochs=0",
+              "phase2.warmup_epochs=0", "phase1.steps_per_epoch=2", "phase2.steps_per_epoch=2",
+              "eval.every_epochs=1", "eval.feature_stats=false")
 DEMO_FULL = ("phase1.epochs=2", "phase2.epochs=2", "phase1.steps_per_epoch=20", "phase2.steps_per_epoch=20")
 
 PLANS: dict[tuple[bool, str], Plan] = {
-    (True, "cpu"): Plan(warmup=1, repeats=3, throughput={"micro": 64, "vit_t": 2, "vit_s": 2, "vit_b": 1},
-                        naive={"vit_s": 2, "vit_b": 1}, profile=("vit_s",), data_images=256, data_batch=64,
+    (True, "cpu"): Plan(warmup=1, repeats=3, throughput={"micro": 32, "vit_t": 1, "vit_s": 1, "vit_b": 1},
+                        naive={"vit_s": 1}, profile=("vit_s",), data_images=128, data_batch=32,
                         data_workers=(0, 1, 2), sweep_rounds=1, demo_overrides=DEMO_QUICK),
     (False, "cpu"): Plan(warmup=1, repeats=5, throughput={"micro": 64, "vit_t": 8, "vit_s": 8, "vit_b": 8},
                          naive={"vit_s": 8, "vit_b": 8}, profile=("vit_s", "vit_b"), data_images=1024,

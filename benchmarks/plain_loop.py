@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     imported = time.perf_counter() - START
     spec = split(compose_config(args.overrides))
     ablation = get_ablation(spec.rest["ablation"]["name"])
-    points = ablation.points_for(spec.name)
+    wanted = spec.rest["ablation"].get("values")  # ablation.values: the rows a sweep would keep
+    points = [p for p in ablation.points_for(spec.name) if wanted is None or p.label in map(str, wanted)]
     hooks, stages, workdir = QuietHooks(), [], Path(args.workdir)
     base = resolve_backbone(build_lpt(spec.lpt), spec.pretrain, log=hooks.log)
     base_values = apply_overrides(spec.lpt, {"backbone.weights_file": base.backbone.weights_file})

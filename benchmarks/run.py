@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated subset of {','.join(MEASURES)}")
     parser.add_argument("--cache-dir", type=Path, default=REPO / "outputs" / "cache",
                         help="data.cache_dir of the demo runs (the micro ViT is pretrained there once)")
-    parser.add_argument("--no-fixed-costs", action="store_true", help="skip the fixed-cost probe of measure 3")
+    parser.add_argument("--fixed-costs", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the fixed-cost probe of measure 3 (default: in full mode only)")
     parser.add_argument("--keep-work", action="store_true", help="keep the scratch folder (logs, sweep folders)")
     args = parser.parse_args(argv)
     unknown = set(args.only.split(",")) - set(MEASURES)
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="lpt-bench-"))
     plan = PLANS[(args.quick, device.type)]
     ctx = Context(quick=args.quick, device=device, threads=args.threads, out=args.out, work=work, plan=plan,
-                  cache_dir=args.cache_dir, fixed_costs=not args.no_fixed_costs)
+                  cache_dir=args.cache_dir,
+                  fixed_costs=not args.quick if args.fixed_costs is None else args.fixed_costs)
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
     results = {"run": {"command": command.strip(), "mode": "quick" if args.quick else "full",
                        "device": str(device), "date": time.strftime("%Y-%m-%d %H:%M %Z"),

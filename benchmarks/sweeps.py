@@ -112,7 +112,9 @@ class SweepRunner:
             raise RuntimeError(f"demo pretraining failed:\n{run.tail()}")
         return time.perf_counter() - start
 
-    def sweep(self, name: str, cache: bool, extra: tuple[str, ...] = (), reuse_phase1: bool = False) -> SweepRun:
+    def sweep(self, name: str, cache: bool, extra: tuple[str, ...] = (), reuse_phase1: bool = False,
+              entry: tuple[str, ...] = ("orchestration/sweep.py",)) -> SweepRun:
+        """One sweep in a fresh process; `entry` is the script (and its own flags) that takes the overrides."""
         self._count += 1
         folder = self.root / f"{self._count:02d}-{name}"
         stage_root = folder / "stages"
@@ -125,8 +127,7 @@ class SweepRunner:
         overrides = [*self.common(), f"sweep.root={folder / 'sweeps'}", f"sweep.name={name}",
                      f"stages.root={stage_root}", f"stages.cache={str(cache).lower()}", "max_concurrent_trials=1",
                      *extra]
-        run = run_process([sys.executable, "orchestration/sweep.py", *overrides], folder.with_suffix(".log"),
-                          self.timeout_s)
+        run = run_process([sys.executable, *entry, *overrides], folder.with_suffix(".log"), self.timeout_s)
         if run.returncode != 0:
             raise RuntimeError(f"sweep {name} failed (exit {run.returncode}):\n{run.tail()}")
         return SweepRun(**vars(run), stage_root=stage_root, overrides=overrides)

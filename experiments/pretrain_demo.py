@@ -33,16 +33,16 @@ from lpt_core.data.synthetic import demo_source_split, source_digest
 WEIGHTS_NAME = "micro_vit.safetensors"
 DEMO_BACKBONE = BackboneConfig(
     name="vit_tiny_patch16_224", pretrained=False,
-    model_kwargs={"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3})
+    model_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 128, "depth": 6, "num_heads": 4})
 
 
 @dataclass
 class DemoPretrainConfig:
     epochs: int = 8
-    batch_size: int = 128
-    lr: float = 2e-3  # AdamW peak learning rate
+    batch_size: int = 64
+    lr: float = 1e-3  # AdamW peak learning rate
     weight_decay: float = 0.05
-    warmup_epochs: float = 1.0  # linear warm-up, then cosine to 0, per step
+    warmup_epochs: float = 0.5  # linear warm-up, then cosine to 0, per step
     label_smoothing: float = 0.1
     crop_min_scale: float = 0.5  # random resized crop (area fraction) of each source image
     flip: bool = True  # source labels (shape, hue) are mirror invariant

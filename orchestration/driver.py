@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from lpt_core.checkpoint import atomic_write_bytes
 from orchestration.cluster import connect
-from orchestration.plan import SweepPlan, build_plan
+from orchestration.plan import SweepPlan, build_plan, resolve_backbones
 from orchestration.report import build_report
 from orchestration.stages import StageStore
 from orchestration.tracking import Tracker, default_tracking_uri, redact
@@ -73,15 +73,15 @@ def _prepare_folder(plan: SweepPlan) -> Path:
     return folder
 
 
-def _check_existing(plan: SweepPlan, folder: Path) -> str:
+def _check_existing(plan: SweepPlan, folder: Path, fingerprint: str) -> str:
     """'new', 'resume' or 'complete'; refuses to overwrite a different or unfinished sweep."""
     plan_file = folder / "plan.json"
     if not plan_file.exists():
         return "new"
     saved = json.loads(plan_file.read_text())
-    if saved["fingerprint"] != plan.fingerprint():
+    if saved["fingerprint"] != fingerprint:
         raise SweepError(f"sweep {plan.name!r} in {folder} was started with a different configuration "
-                         f"(fingerprint {saved['fingerprint']} vs {plan.fingerprint()}); nothing was changed. "
+                         f"(fingerprint {saved['fingerprint']} vs {fingerprint}); nothing was changed. "
                          f"Use another sweep.name, or the original overrides to resume it")
     state = json.loads((folder / "state.json").read_text()) if (folder / "state.json").exists() else {}
     if state.get("status") == "complete":
@@ -115,16 +115,18 @@ def _context(plan: SweepPlan, tracking_uri: str, parent_run_id: str) -> dict[str
 
 
 def run_sweep(cfg: DictConfig | dict, log=print) -> int:
-    plan = build_plan(cfg, log=log)
+    plan = build_plan(cfg)
+    fingerprint = plan.fingerprint()
     folder = _prepare_folder(plan)
     with sweep_lock(folder):
-        status = _check_existing(plan, folder)
+        status = _check_existing(plan, folder, fingerprint)
         if status == "complete":
             log(f"sweep {plan.name!r} is complete; nothing to train. Report:")
             log(build_report(folder, log_to_mlflow=False).markdown)
             return 0
         connect(plan.settings.cluster, log=log)  # before writing anything: an unreachable cluster changes nothing
-        _write_json(folder / "plan.json", {"fingerprint": plan.fingerprint(), "name": plan.name,
+        resolve_backbones(plan, log)
+        _write_json(folder / "plan.json", {"fingerprint": fingerprint, "name": plan.name,
                                            "ablation": plan.ablation.name, "experiment": plan.experiment,
                                            "axis": plan.ablation.axis, "rows": list(plan.points),
                                            "seeds": plan.settings.seeds, "search": plan.settings.search.name,

@@ -89,7 +89,7 @@ def _validate_rows(plan: SweepPlan) -> None:
                 raise ConfigError(f"ablation {plan.ablation.name!r}, search space {bound} end: {err}") from err
 
 
-def _resolve_backbones(plan: SweepPlan, log) -> None:
+def resolve_backbones(plan: SweepPlan, log=print) -> None:
     """Demo only: pretrain (or fetch from cache) the micro ViT of the base config and of every row that changes
     the backbone, on the driver, before any trial starts."""
     if plan.pretrain is None:
@@ -104,7 +104,8 @@ def _resolve_backbones(plan: SweepPlan, log) -> None:
             overrides["backbone.weights_file"] = resolved.backbone.weights_file
 
 
-def build_plan(cfg: DictConfig | dict, log=print) -> SweepPlan:
+def build_plan(cfg: DictConfig | dict) -> SweepPlan:
+    """Validated plan; the demo backbones are resolved later (resolve_backbones), after the cheap checks."""
     spec = split(cfg)
     settings = parse_settings(spec.rest)
     ablation = get_ablation(settings.ablation.name)
@@ -115,5 +116,4 @@ def build_plan(cfg: DictConfig | dict, log=print) -> SweepPlan:
     plan = SweepPlan(name, spec.name, ablation, settings, spec.lpt,
                      _select_points(ablation, spec.name, settings.ablation.values), spec.pretrain)
     _validate_rows(plan)
-    _resolve_backbones(plan, log)
     return plan

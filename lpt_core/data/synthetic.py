@@ -317,7 +317,7 @@ def _source_splits(options: DemoOptions) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([options.seed, SPLIT_STREAMS[f"source_{name}"]])
         labels = np.repeat(np.arange(NUM_SOURCE_CLASSES), per_class)
         n = len(labels)
-        attributes = np.stack([labels // NUM_HUES, rng.integers(0, NUM_TEXTURES, n), labels % NUM_HUES,
+        attributes = np.stack([rng.integers(0, NUM_SHAPES, n), labels // NUM_HUES, labels % NUM_HUES,
                                rng.integers(0, len(COUNTS), n), rng.integers(0, len(ORIENTATIONS), n),
                                rng.integers(0, 2, n)], axis=1)
         splits[f"{name}_images"] = _draw(attributes, SOURCE_RENDERING, options.image_size, rng)

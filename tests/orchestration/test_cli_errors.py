@@ -1,0 +1,72 @@
+"""Bad input at the command line: a clear message naming the key / address / path, a non-zero exit, and nothing
+of an earlier sweep touched."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from .conftest import run_sweep_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _earlier_sweep(root, name="group_size-demo"):
+    folder = root / "sweeps" / name
+    folder.mkdir(parents=True)
+    files = {"plan.json": json.dumps({"fingerprint": "0123456789abcdef"}), "state.json": '{"status": "complete"}',
+             "trials.json": "[]"}
+    for file, text in files.items():
+        (folder / file).write_text(text)
+    return folder, files
+
+
+def _unchanged(folder, files) -> bool:
+    return {p.name: p.read_text() for p in folder.iterdir() if p.suffix == ".json"} == files
+
+
+@pytest.mark.parametrize("extra, code, needle", [
+    (["ablation=group_sise"], 1, "ablation/group_sise"),  # Hydra's error lists the available ablations
+    (["ablation=group_size", "experiment=places_lp"], 1, "experiment/places_lp"),
+    (["ablation=group_size", "experiment=places_lt"], 2, "data.root"),
+    (["ablation=group_size", "prompt.top_k=50"], 2, "prompt.top_k=50"),
+    (["ablation=group_size", "'ablation.values=[7]'"], 2, "['7'] are not rows"),
+    (["ablation=group_size", "search=optuna"], 2, "no continuous space"),
+    (["ablation=group_size", "resources.cpu=0"], 2, "resources"),
+])
+def test_bad_input_is_refused_before_anything_runs(sweep_overrides, tmp_path, extra, code, needle):
+    folder, files = _earlier_sweep(tmp_path)
+    extra = [e.strip("'") for e in extra]
+    tiny_demo = not any(e.startswith("experiment=") for e in extra)  # the demo's overrides fit only the demo
+    overrides = sweep_overrides(*extra) if tiny_demo else [*extra, f"sweep.root={tmp_path / 'sweeps'}",
+                                                              f"stages.root={tmp_path / 'stages'}"]
+    result = run_sweep_cli(overrides)
+    assert result.returncode == code, result.stdout[-2000:] + result.stderr[-2000:]
+    assert needle in result.stderr + result.stdout
+    assert _unchanged(folder, files)
+
+
+def test_a_sweep_with_another_configuration_under_the_same_name_is_refused(sweep_overrides, tmp_path):
+    folder, files = _earlier_sweep(tmp_path)
+    result = run_sweep_cli(sweep_overrides("ablation=group_size", "resume=true"))
+    assert result.returncode == 2 and "different configuration" in result.stderr
+    assert _unchanged(folder, files)
+
+
+def test_unreachable_cluster_fails_fast_and_writes_nothing(sweep_overrides, tmp_path):
+    start = time.monotonic()
+    result = run_sweep_cli(sweep_overrides("ablation=group_size", "cluster=ray", "cluster.address=127.0.0.1:9",
+                                           "cluster.connect_timeout_s=3"))
+    assert result.returncode == 2 and "127.0.0.1:9" in result.stderr and "cannot reach" in result.stderr
+    assert time.monotonic() - start < 120  # a timeout, not ray.init's minutes of retries
+    folder = tmp_path / "sweeps" / "group_size-demo"
+    assert not (folder / "plan.json").exists() and not (folder / "state.json").exists()
+
+
+def test_unwritable_storage_is_refused(sweep_overrides, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = run_sweep_cli([*sweep_overrides("ablation=group_size"), f"sweep.root={blocker}/sweeps"])
+    assert result.returncode == 2 and "cannot write the sweep folder" in result.stderr
+    assert blocker.read_text() == "not a folder"
