@@ -53,7 +53,8 @@ def connect(settings: ClusterSettings, log=print) -> None:
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()),
                                                                             os.environ.get("PYTHONPATH")]))}}
     if settings.name == "local":
-        ray.init(num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, include_dashboard=settings.dashboard,
+        ray.init(address="local", num_cpus=settings.num_cpus, num_gpus=settings.num_gpus,
+                 include_dashboard=settings.dashboard,
                  dashboard_host="127.0.0.1", configure_logging=False, runtime_env=runtime_env)
         resources = ray.cluster_resources()
         log(f"ray: local, {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
@@ -69,3 +70,16 @@ def connect(settings: ClusterSettings, log=print) -> None:
     resources = ray.cluster_resources()
     log(f"ray: joined {address}, {len(ray.nodes())} nodes, {resources.get('CPU', 0):g} CPUs, "
         f"{resources.get('GPU', 0):g} GPUs")
+
+
+def check_resources(cpu: float, gpu: float) -> None:
+    """A trial asking for more than any node has would wait forever: refuse it with the numbers."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    most_gpus = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+    most_cpus = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    if gpu > most_gpus:
+        raise ClusterError(f"resources.gpu={gpu:g}: no node of the cluster has that many GPUs (most: {most_gpus:g})")
+    if cpu > most_cpus:
+        raise ClusterError(f"resources.cpu={cpu:g}: no node of the cluster has that many CPUs (most: {most_cpus:g})")

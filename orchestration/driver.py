@@ -18,7 +18,7 @@ from typing import Any, Iterator
 from omegaconf import DictConfig
 
 from lpt_core.checkpoint import atomic_write_bytes
-from orchestration.cluster import connect
+from orchestration.cluster import check_resources, connect
 from orchestration.plan import SweepPlan, build_plan, resolve_backbones
 from orchestration.report import build_report
 from orchestration.stages import StageStore
@@ -125,6 +125,7 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
             log(build_report(folder, log_to_mlflow=False).markdown)
             return 0
         connect(plan.settings.cluster, log=log)  # before writing anything: an unreachable cluster changes nothing
+        check_resources(plan.settings.resources.cpu, plan.settings.resources.gpu)
         resolve_backbones(plan, log)
         _write_json(folder / "plan.json", {"fingerprint": fingerprint, "name": plan.name,
                                            "ablation": plan.ablation.name, "experiment": plan.experiment,

@@ -17,7 +17,7 @@ from experiments.ablations import RUN_UNTIL
 from experiments.settings import apply_overrides
 from lpt_core.checkpoint import CheckpointError, read_meta, verify_checkpoint
 from lpt_core.config import flatten, from_dict
-from lpt_core.train import PhaseHooks, run_phase
+from lpt_core.train import NonFiniteLossError, PhaseHooks, run_phase
 from orchestration.stages import StageOutput, StageSpec, StageStore, stage_chain
 from orchestration.tracking import Tracker
 
@@ -145,8 +145,13 @@ def lpt_trainable(config: dict[str, Any], context: dict[str, Any]) -> None:
     chain = trial.chain[:-1] if context.get("upstream_only") and len(trial.chain) > 1 else trial.chain
     store, tracker = StageStore(context["stage_root"]), Tracker(context["tracking_uri"], context["tracking_experiment"])
     output = None
-    for i, spec in enumerate(chain):
-        output = run_stage(context, trial, spec, output, i == len(chain) - 1, store, tracker)
+    try:
+        for i, spec in enumerate(chain):
+            output = run_stage(context, trial, spec, output, i == len(chain) - 1, store, tracker)
+    except NonFiniteLossError as err:  # deterministic: a retry would diverge again, so end the trial here
+        tune.report({"trial_failed": f"{type(err).__name__}: {err}", "row": trial.row, "seed": trial.seed,
+                     "lpt_trial": trial.trial_id, "acc": float("nan")})
+        return
     summary = {**output.metrics, "stage": chain[-1].stage, "stage_key": output.key, "run_id": str(output.run_id),
                "row": trial.row, "seed": trial.seed, "lpt_trial": trial.trial_id, "trial_complete": True}
     tune.report({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})

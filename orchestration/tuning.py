@@ -24,7 +24,7 @@ from orchestration.trainable import lpt_trainable  # noqa: E402
 
 TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
              "iterations_since_restore", "done", "epoch", "loss", "lr", "epoch_time_s", "train_images_per_s",
-             "checkpoint_dir_name", "should_checkpoint", "trial_complete", "seed", "trial_id"}
+             "checkpoint_dir_name", "should_checkpoint", "trial_complete", "seed", "trial_id", "trial_failed"}
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
 
 
@@ -93,10 +93,13 @@ def run_tuner(plan: SweepPlan, context: dict[str, Any], storage: str, name: str,
     records, failed = [], []
     for result in results:
         trial = result.config.get("trial", {})
-        ident = f"{trial.get('row')}/seed={trial.get('seed')}" if trial else str(result.path).rsplit("/", 1)[-1]
+        ident = ((result.metrics or {}).get("lpt_trial")
+                 or (f"{trial.get('row')}/seed={trial.get('seed')}" if trial else str(result.path).rsplit("/", 1)[-1]))
         if result.error is not None or not (result.metrics or {}).get("trial_complete"):
             failed.append(ident)
-            log(f"{name}: trial {ident} failed: {str(result.error).splitlines()[-1] if result.error else 'no result'}")
+            reason = (str(result.error).splitlines()[-1] if result.error
+                      else (result.metrics or {}).get("trial_failed", "no result"))
+            log(f"{name}: trial {ident} failed: {reason}")
             continue
         metrics = result.metrics
         records.append({

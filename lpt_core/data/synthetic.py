@@ -29,13 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision import transforms as T
 
 from lpt_core.config import ConfigError, DataConfig
 from lpt_core.data.base import DatasetBundle, Normalization, register_dataset
 from lpt_core.data.cifar_lt import ArrayImageDataset, long_tail_counts
 from lpt_core.data.manifest import check_options
-from lpt_core.data.transforms import to_rgb
+from lpt_core.data.transforms import build_transforms
 
 GENERATOR_VERSION = 1  # bump when the drawing changes: it is part of every cache key
 NUM_SHAPES, NUM_TEXTURES, NUM_HUES, COUNTS, ORIENTATIONS = 10, 10, 6, (1, 2, 3), (0.0, 45.0, 90.0)
@@ -364,16 +363,6 @@ def source_digest(cfg: DataConfig) -> str:
     return DemoOptions.from_config(cfg).digest(*SOURCE_KEYS)
 
 
-def _demo_build_transforms(img_size: int, resize_size: int, norm: Normalization, train: bool,
-                           crop_min_scale: float = 0.08) -> T.Compose:
-    """TEMPORARY stand-in for lpt_core.data.transforms.build_transforms with crop_min_scale (to be integrated)."""
-    if train:
-        geometry = [T.RandomResizedCrop(img_size, scale=(crop_min_scale, 1.0)), T.RandomHorizontalFlip()]
-    else:
-        geometry = [T.Resize((resize_size, resize_size)), T.CenterCrop(img_size)]
-    return T.Compose([T.Lambda(to_rgb), *geometry, T.ToTensor(), T.Normalize(norm.mean, norm.std)])
-
-
 @register_dataset("demo")
 def demo(cfg: DataConfig, norm: Normalization) -> DatasetBundle:
     options = DemoOptions.from_config(cfg)
@@ -381,8 +370,8 @@ def demo(cfg: DataConfig, norm: Normalization) -> DatasetBundle:
         raise ConfigError("data.eval_split='val' needs data.options.val_per_class >= 1 for dataset 'demo'")
     splits = target_splits(cfg)
     images, labels = splits["train_images"].numpy(), splits["train_labels"]
-    train_tf = _demo_build_transforms(cfg.img_size, cfg.resize_size, norm, True, cfg.crop_min_scale)
-    test_tf = _demo_build_transforms(cfg.img_size, cfg.resize_size, norm, False, cfg.crop_min_scale)
+    train_tf = build_transforms(cfg.img_size, cfg.resize_size, norm, True, cfg.crop_min_scale)
+    test_tf = build_transforms(cfg.img_size, cfg.resize_size, norm, False, cfg.crop_min_scale)
     eval_images, eval_labels = splits[f"{cfg.eval_split}_images"].numpy(), splits[f"{cfg.eval_split}_labels"]
     names = [f"g{c % options.num_groups}_c{c // options.num_groups}" for c in range(options.num_classes)]
     return DatasetBundle(

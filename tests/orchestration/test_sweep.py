@@ -102,3 +102,37 @@ def test_joint_training_is_one_stage(ray_session, sweep_overrides, tmp_path):
     assert steps(client, joint) == [0, 1]
     report = (tmp_path / "sweeps" / "decoupled_vs_joint-demo" / "report" / "report.md").read_text()
     assert "| joint | joint |" in report and "| decoupled | phase2 |" in report
+
+
+def test_diverging_trials_fail_with_their_reason_and_are_not_retried(ray_session, sweep_overrides, tmp_path):
+    overrides = sweep_overrides("ablation=group_size", "ablation.values=[5,10]", "phase2.base_lr=1e30")
+    assert run_sweep(compose_config(overrides)) == 1
+    client, runs = mlflow_runs(tmp_path / "sweeps", "group_size-demo")
+    phase2 = stage_runs(runs, "phase2")
+    assert len(phase2) == 2  # the sweep went on to the second trial; neither was duplicated by a retry
+    for run in phase2:
+        assert run.info.status == "FAILED"
+        assert "NonFiniteLossError" in run.data.tags["lpt.error"] and "phase2 epoch 0" in run.data.tags["lpt.error"]
+    state = json.loads((tmp_path / "sweeps" / "group_size-demo" / "state.json").read_text())
+    assert state["status"] == "incomplete" and sorted(state["failed"]) == ["10/seed=0", "5/seed=0"]
+
+
+def test_more_gpus_than_the_cluster_has_is_refused(ray_session, sweep_overrides, tmp_path):
+    from orchestration.cluster import ClusterError
+
+    with pytest.raises(ClusterError, match="resources.gpu=2"):
+        run_sweep(compose_config(sweep_overrides("ablation=group_size", "resources.gpu=2")))
+    assert not (tmp_path / "sweeps" / "group_size-demo" / "plan.json").exists()
+
+
+def test_same_sweep_twice_gives_the_same_metrics(ray_session, sweep_overrides, tmp_path):
+    finals = []
+    for attempt in ("a", "b"):
+        root = tmp_path / attempt
+        assert run_sweep(compose_config(sweep_overrides("ablation=group_size", "ablation.values=[10]",
+                                                        root=root))) == 0
+        (record,) = json.loads((root / "sweeps" / "group_size-demo" / "trials.json").read_text())
+        finals.append(record["metrics"])
+    assert finals[0].keys() == finals[1].keys()
+    for key, value in finals[0].items():
+        assert value == pytest.approx(finals[1][key], abs=1e-6, nan_ok=True), key
