@@ -27,11 +27,12 @@ class Plan:
     data_workers: tuple[int, ...]
     sweep_rounds: int  # measures 3-4: interleaved rounds of (sweep cached, plain loop, sweep uncached)
     demo_overrides: tuple[str, ...]  # measures 3-4: trial length on the demo
+    demo_rows: tuple[int, ...] | None = None  # measures 3-4: group sizes swept (None: all four, 5 10 20 40)
     gpu_batch: int = 128  # measure 6: ViT-B/16 per-branch batch
 
 
-# quick: two of the four group sizes (each trial start costs seconds), one short epoch per phase
-DEMO_QUICK = ("ablation.values=[5,10]", "phase1.epochs=1", "phase2.epochs=1", "phase1.warmup_epochs=0",
+# quick: one short epoch per phase (and two of the four group sizes: each trial start costs seconds)
+DEMO_QUICK = ("phase1.epochs=1", "phase2.epochs=1", "phase1.warmup_epochs=0",
               "phase2.warmup_epochs=0", "phase1.steps_per_epoch=2", "phase2.steps_per_epoch=2",
               "eval.every_epochs=1", "eval.feature_stats=false")
 DEMO_FULL = ("phase1.epochs=2", "phase2.epochs=2", "phase1.steps_per_epoch=20", "phase2.steps_per_epoch=20")
@@ -39,7 +40,7 @@ DEMO_FULL = ("phase1.epochs=2", "phase2.epochs=2", "phase1.steps_per_epoch=20", 
 PLANS: dict[tuple[bool, str], Plan] = {
     (True, "cpu"): Plan(warmup=1, repeats=3, throughput={"micro": 32, "vit_t": 1, "vit_s": 1, "vit_b": 1},
                         naive={"vit_s": 1}, profile=("vit_s",), data_images=128, data_batch=32,
-                        data_workers=(0, 1, 2), sweep_rounds=1, demo_overrides=DEMO_QUICK),
+                        data_workers=(0, 1, 2), sweep_rounds=1, demo_overrides=DEMO_QUICK, demo_rows=(5, 10)),
     (False, "cpu"): Plan(warmup=1, repeats=5, throughput={"micro": 64, "vit_t": 8, "vit_s": 8, "vit_b": 8},
                          naive={"vit_s": 8, "vit_b": 8}, profile=("vit_s", "vit_b"), data_images=1024,
                          data_batch=256, data_workers=(0, 1, 2), sweep_rounds=1, demo_overrides=DEMO_FULL),

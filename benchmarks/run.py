@@ -1,7 +1,7 @@
 """Measured speed of the LPT method and of the sweep orchestration, side by side with the naive way.
 
     python benchmarks/run.py                    # full mode: writes benchmarks/results.json + benchmarks/RESULTS.md
-    python benchmarks/run.py --quick            # < 3 min on 2 CPU cores: outputs/benchmarks/{results.json,RESULTS.md}
+    python benchmarks/run.py --quick            # < 3 min on 2 CPU cores: outputs/bench/{results.json,RESULTS.md}
     python benchmarks/run.py --device cuda      # on a GPU machine (adds measure 6)
     python benchmarks/run.py --quick --only throughput,phase2 --out /tmp/bench
 
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small batches and short trials (< 3 min on 2 cores)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", type=Path, default=None,
-                        help="where results.json and RESULTS.md go (default: benchmarks/, or outputs/benchmarks/ "
+                        help="where results.json and RESULTS.md go (default: benchmarks/, or outputs/bench/ "
                              "with --quick so a quick run never replaces the published full results)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads, fixed for the whole run (default 1: on a shared machine a "
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--device cuda: CUDA is not available on this machine; run with --device cpu "
                      "(measure 6 is then reported as skipped)")
     if args.out is None:
-        args.out = REPO / ("outputs/benchmarks" if args.quick else "benchmarks")
+        args.out = REPO / ("outputs/bench" if args.quick else "benchmarks")
     return args
 
 
@@ -66,7 +66,8 @@ def notes(ctx: Context) -> list[str]:
     return [
         f"Batches per branch (a dual step trains on twice as many): measure 1 {plan.throughput}, measure 2 "
         f"{plan.naive}; images/s hardly depend on the batch on CPU, which is compute bound.",
-        f"Demo trials of measures 3-4: {' '.join(plan.demo_overrides)} on the demo experiment.",
+        f"Demo runs of measures 3-4: group sizes {plan.demo_rows or 'all four (5, 10, 20, 40)'}, "
+        f"{' '.join(plan.demo_overrides)}.",
         "Random-weight models: speed does not depend on the weights; no download is needed.",
         "The machine may be shared: the load average above says how busy it was; interleaving A and B keeps the "
         "ratios fair even when absolute numbers move.",

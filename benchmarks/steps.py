@@ -7,6 +7,7 @@ memory (the data pipeline is measured on its own), so the step measures the mode
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,27 +22,42 @@ from lpt_core.runtime import autocast
 from lpt_core.sampling import branch_weight
 from lpt_core.schedule import build_optimizer
 
-# name -> (timm model, extra kwargs, image size); random weights, no download
-SHAPES: dict[str, tuple[str, dict, int]] = {
-    "vit_t": ("vit_tiny_patch16_224", {}, 224),
-    "vit_s": ("vit_small_patch16_224", {}, 224),
-    "vit_b": ("vit_base_patch16_224", {}, 224),
-    # the demo's micro ViT (experiments/pretrain_demo.DEMO_BACKBONE), with the demo's prompt length
-    "micro": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 6,
-                                       "num_heads": 3}, 32),
-}
-PROMPT_LENGTH = {"micro": 4}  # demo experiment: prompt.length=4; the ViT shapes use PromptConfig's P = 10
+
+@dataclass(frozen=True)
+class Shape:
+    model: str  # timm name; random weights, no download
+    kwargs: dict
+    img_size: int
+    prompt_length: int = PromptConfig.length
+
+
+VIT_SHAPES = {"vit_t": Shape("vit_tiny_patch16_224", {}, 224), "vit_s": Shape("vit_small_patch16_224", {}, 224),
+              "vit_b": Shape("vit_base_patch16_224", {}, 224)}
 NUM_CLASSES = 100
+
+
+@functools.cache
+def demo_shape() -> Shape:
+    """The demo experiment's micro ViT, image size and prompt length, read from its composed config."""
+    from experiments.settings import compose_config, split
+
+    lpt = split(compose_config([])).lpt
+    return Shape(lpt["backbone"]["name"], dict(lpt["backbone"]["model_kwargs"]), lpt["data"]["img_size"],
+                 lpt["prompt"]["length"])
+
+
+def shape_of(name: str) -> Shape:
+    """vit_t / vit_s / vit_b at 224 px, or "micro": the demo's model."""
+    return demo_shape() if name == "micro" else VIT_SHAPES[name]
 BRANCHES = ("cb", "ib")
 
 
 def build_model(shape: str, device: torch.device, seed: int = 0) -> LPTModel:
     """LPTModel around a random-weight timm ViT of `shape`, PromptConfig defaults (m = 20, k = 2, K = L // 2)."""
-    name, kwargs, _ = SHAPES[shape]
+    spec = shape_of(shape)
     torch.manual_seed(seed)
-    backbone = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
-    cfg = PromptConfig(length=PROMPT_LENGTH.get(shape, PromptConfig.length))
-    return LPTModel(backbone, NUM_CLASSES, cfg).to(device)
+    backbone = timm.create_model(spec.model, pretrained=False, num_classes=0, **spec.kwargs).eval()
+    return LPTModel(backbone, NUM_CLASSES, PromptConfig(length=spec.prompt_length)).to(device)
 
 
 @dataclass
@@ -55,7 +71,7 @@ class DualBatch:
 
 
 def random_batch(shape: str, per_branch: int, device: torch.device, seed: int = 0) -> DualBatch:
-    size = SHAPES[shape][2]
+    size = shape_of(shape).img_size
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(2 * per_branch, 3, size, size, generator=generator).to(device)
     labels = [torch.randint(0, NUM_CLASSES, (per_branch,), generator=generator).to(device) for _ in BRANCHES]

@@ -100,20 +100,23 @@ class SweepRunner:
         self._phase1_store: Path | None = None
         self._count = 0
 
-    def common(self) -> list[str]:
-        return [ABLATION, f"data.cache_dir={self.cache_dir}", *self.ctx.plan.demo_overrides]
+    def common(self, rows: tuple[int, ...] | None = None) -> list[str]:
+        """Overrides every run shares: the ablation (only `rows` of it, if given), the cache, the trial length."""
+        values = [] if rows is None else [f"ablation.values=[{','.join(map(str, rows))}]"]
+        return [ABLATION, *values, f"data.cache_dir={self.cache_dir}", *self.ctx.plan.demo_overrides]
 
     def prepare_backbone(self) -> float:
-        """Pretrains (or finds) the demo's micro ViT in the shared cache; returns the seconds it took."""
+        """Pretrains (or finds) the demo's micro ViT in the shared cache, resolved from the same config the sweeps
+        get; returns the seconds it took."""
         start = time.perf_counter()
-        run = run_process([sys.executable, "-m", "experiments.pretrain_demo", "--cache-dir", str(self.cache_dir)],
+        run = run_process([sys.executable, "-m", "benchmarks.plain_loop", "--prepare-only", *self.common()],
                           self.root / "pretrain.log", self.timeout_s)
         if run.returncode != 0:
             raise RuntimeError(f"demo pretraining failed:\n{run.tail()}")
         return time.perf_counter() - start
 
-    def sweep(self, name: str, cache: bool, extra: tuple[str, ...] = (), reuse_phase1: bool = False,
-              entry: tuple[str, ...] = ("orchestration/sweep.py",)) -> SweepRun:
+    def sweep(self, name: str, cache: bool, rows: tuple[int, ...] | None = None, extra: tuple[str, ...] = (),
+              reuse_phase1: bool = False, entry: tuple[str, ...] = ("orchestration/sweep.py",)) -> SweepRun:
         """One sweep in a fresh process; `entry` is the script (and its own flags) that takes the overrides."""
         self._count += 1
         folder = self.root / f"{self._count:02d}-{name}"
@@ -124,7 +127,7 @@ class SweepRunner:
             stage_root.mkdir(parents=True)
             for stage in self._phase1_store.glob("phase1-*"):
                 shutil.copytree(stage, stage_root / stage.name)
-        overrides = [*self.common(), f"sweep.root={folder / 'sweeps'}", f"sweep.name={name}",
+        overrides = [*self.common(rows), f"sweep.root={folder / 'sweeps'}", f"sweep.name={name}",
                      f"stages.root={stage_root}", f"stages.cache={str(cache).lower()}", "max_concurrent_trials=1",
                      *extra]
         run = run_process([sys.executable, *entry, *overrides], folder.with_suffix(".log"), self.timeout_s)
@@ -134,13 +137,13 @@ class SweepRunner:
 
     def prime_phase1(self) -> None:
         """Trains the shared phase 1 once (a one-row sweep), to be copied into later runs' stage folders."""
-        run = self.sweep("prime", cache=True, extra=("ablation.values=[5]",))
+        run = self.sweep("prime", cache=True, rows=(5,))
         self._phase1_store = run.stage_root
 
-    def plain_loop(self) -> tuple[ProcessRun, dict[str, Any]]:
+    def plain_loop(self, rows: tuple[int, ...] | None = None) -> tuple[ProcessRun, dict[str, Any]]:
         self._count += 1
         folder = self.root / f"{self._count:02d}-loop"
-        run = run_process([sys.executable, "-m", "benchmarks.plain_loop", "--workdir", str(folder), *self.common()],
+        run = run_process([sys.executable, "-m", "benchmarks.plain_loop", "--workdir", str(folder), *self.common(rows)],
                           folder.with_suffix(".log"), self.timeout_s)
         if run.returncode != 0:
             raise RuntimeError(f"plain loop failed (exit {run.returncode}):\n{run.tail()}")

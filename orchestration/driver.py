@@ -110,6 +110,7 @@ def _context(plan: SweepPlan, tracking_uri: str, parent_run_id: str) -> dict[str
         "space_keys": sorted(plan.ablation.space) if plan.optuna else [],
         "cache": s.stages.cache, "stage_root": str(Path(s.stages.root).resolve()),
         "tracking_uri": tracking_uri, "tracking_experiment": s.tracking.experiment,
+        "tracking_flush_timeout_s": s.tracking.flush_timeout_s,
         "parent_run_id": parent_run_id, "debug": vars(s.debug),
     }
 

@@ -50,6 +50,7 @@ class StageSettings:
 class TrackingSettings:
     uri: str | None = None
     experiment: str = "lpt"
+    flush_timeout_s: float = 120.0  # how long a finished stage waits for an unreachable server before moving on
 
 
 @dataclass

@@ -7,11 +7,15 @@ depends on MLflow's process-global active run, which Ray workers would not share
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
+
+import requests
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -34,6 +38,15 @@ def default_tracking_uri(sweep_root: str | Path) -> str:
     return f"sqlite:///{(Path(sweep_root).resolve() / 'mlflow.db')}"
 
 
+def is_outage(err: BaseException) -> bool:
+    """The tracking server is down or unreachable (as opposed to a request it refused)."""
+    if isinstance(err, (requests.exceptions.RequestException, ConnectionError, TimeoutError)):
+        return True
+    text = str(err)
+    return isinstance(err, MlflowException) and any(
+        marker in text for marker in ("API request to", "Max retries exceeded", "Connection refused", "timed out"))
+
+
 def _retry(call: Callable[[], T], attempts: int = 5, delay_s: float = 0.5) -> T:
     """SQLite stores answer 'database is locked' under concurrent trials: retry with back-off."""
     for attempt in range(attempts):
@@ -47,12 +60,20 @@ def _retry(call: Callable[[], T], attempts: int = 5, delay_s: float = 0.5) -> T:
 
 
 class Tracker:
-    def __init__(self, uri: str, experiment: str) -> None:
+    """spool: folder where epoch metrics that could not reach the server wait (one JSONL file per run); they are
+    sent, oldest first, as soon as the server answers again, and kept there if it never does."""
+
+    def __init__(self, uri: str, experiment: str, spool: str | Path | None = None) -> None:
+        # fail fast on an unreachable server: the spool, not MLflow's minutes of HTTP retries, bridges an outage
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         found = _retry(lambda: self.client.get_experiment_by_name(experiment))
         self.experiment_id = found.experiment_id if found else _retry(lambda: self.client.create_experiment(experiment))
         self._logged_steps: dict[str, set[int]] = {}
+        self.spool = Path(spool) if spool is not None else None
+        self._pending: list[tuple[str, int, list[Metric]]] = []
 
     def _find(self, filter_string: str) -> str | None:
         runs = _retry(lambda: self.client.search_runs([self.experiment_id], filter_string, max_results=1,
@@ -75,6 +96,7 @@ class Tracker:
         run_id = self._find(f"tags.`{TAG_STAGE_KEY}` = '{key}'")
         if run_id is not None:
             _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
+            self.load_spool(run_id)
             return run_id
         all_tags = {TAG_SWEEP: sweep, TAG_ROLE: "stage", TAG_STAGE_KEY: key, MLFLOW_PARENT_RUN_ID: parent_id,
                     MLFLOW_RUN_NAME: name, **tags}
@@ -92,16 +114,72 @@ class Tracker:
         return self._logged_steps[run_id]
 
     def log_epoch(self, run_id: str, step: int, metrics: dict[str, float]) -> bool:
-        """Logs one epoch's metrics in one batch, unless that step is already in the run. True if logged."""
-        if step in self.logged_steps(run_id):
-            return False
+        """Logs one epoch's metrics in one batch, unless that step is already in the run. True if sent now;
+        during a tracking outage the batch is spooled and sent by a later call (in step order, never twice)."""
+        try:
+            if step in self.logged_steps(run_id):
+                return False
+        except Exception as err:  # unknown while the server is down: flush() checks again before sending
+            if not is_outage(err):
+                raise
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and math.isfinite(float(v)) and k != "epoch"]
         items.append(Metric("epoch", float(step), now, step))  # last: marks the step complete
-        _retry(lambda: self.client.log_batch(run_id, metrics=items))
-        self._logged_steps[run_id].add(step)
-        return True
+        self._pending.append((run_id, step, items))
+        self._write_spool(run_id)
+        return self.flush()
+
+    def flush(self, timeout_s: float = 0.0) -> bool:
+        """Sends the spooled batches; retries with back-off for up to timeout_s. True when nothing is left."""
+        deadline, delay = time.monotonic() + timeout_s, 0.5
+        while True:
+            try:
+                while self._pending:
+                    run_id, step, items = self._pending[0]
+                    if step not in self.logged_steps(run_id):
+                        _retry(lambda: self.client.log_batch(run_id, metrics=items))
+                        self._logged_steps[run_id].add(step)
+                    self._pending.pop(0)
+                    self._write_spool(run_id)
+                return True
+            except Exception as err:
+                if not is_outage(err):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _write_spool(self, run_id: str) -> None:
+        if self.spool is None:
+            return
+        path = self.spool / f"{run_id}.jsonl"
+        batches = [{"run_id": r, "step": step, "metrics": [[m.key, m.value, m.timestamp, m.step] for m in items]}
+                   for r, step, items in self._pending if r == run_id]
+        if not batches:
+            path.unlink(missing_ok=True)
+            return
+        self.spool.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(b) + "\n" for b in batches))
+        os.replace(tmp, path)
+
+    def load_spool(self, run_id: str) -> None:
+        """Batches an earlier attempt of this run could not send go first in the queue."""
+        path = self.spool / f"{run_id}.jsonl" if self.spool is not None else None
+        if path is None or not path.exists():
+            return
+        queued = {(r, step) for r, step, _ in self._pending}
+        earlier = []
+        for line in path.read_text().splitlines():
+            batch = json.loads(line)
+            if (batch["run_id"], batch["step"]) not in queued:
+                earlier.append((batch["run_id"], batch["step"], [Metric(*m) for m in batch["metrics"]]))
+        self._pending[:0] = earlier
+
+    def unlogged(self) -> list[tuple[str, int]]:
+        return [(run_id, step) for run_id, step, _ in self._pending]
 
     def log_final(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
         """End-of-stage statistics (K-NN, gamma, matching) that per-epoch logging does not carry."""
@@ -134,3 +212,25 @@ class Tracker:
     def run_for_stage(self, key: str):
         run_id = self._find(f"tags.`{TAG_STAGE_KEY}` = '{key}'")
         return None if run_id is None else _retry(lambda: self.client.get_run(run_id))
+
+
+def replay(spool: str | Path, uri: str, experiment: str = "lpt") -> int:
+    """Sends what a spool folder still holds (after an outage that outlived the trial). Returns batches left."""
+    tracker = Tracker(uri, experiment, spool)
+    for path in sorted(Path(spool).glob("*.jsonl")):
+        tracker.load_spool(path.stem)
+    tracker.flush(timeout_s=30)
+    return len(tracker.unlogged())
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="python -m orchestration.tracking replay SPOOL --uri URI")
+    parser.add_argument("command", choices=["replay"])
+    parser.add_argument("spool")
+    parser.add_argument("--uri", required=True)
+    args = parser.parse_args()
+    left = replay(args.spool, args.uri)
+    print(f"{left} batch(es) still unlogged" if left else "all spooled metrics logged")
+    raise SystemExit(1 if left else 0)

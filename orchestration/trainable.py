@@ -19,7 +19,7 @@ from lpt_core.checkpoint import CheckpointError, read_meta, verify_checkpoint
 from lpt_core.config import flatten, from_dict
 from lpt_core.train import NonFiniteLossError, PhaseHooks, run_phase
 from orchestration.stages import StageOutput, StageSpec, StageStore, stage_chain
-from orchestration.tracking import Tracker
+from orchestration.tracking import Tracker, is_outage, redact
 
 
 class InjectedFault(RuntimeError):
@@ -132,10 +132,27 @@ def run_stage(context: dict[str, Any], trial: Trial, spec: StageSpec, upstream: 
             tracker.finish(run_id, failed=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}")
             raise
         output = store.finalize(spec.key, result, run_id)
-        tracker.log_final(run_id, len(result.history), result.metrics)
+        _close_run(tracker, run_id, result.history, output, context, log)
+        return output
+
+
+def _close_run(tracker: Tracker, run_id: str, history: list, output: StageOutput, context: dict, log) -> None:
+    """Final statistics, artifacts, status. A tracking outage that outlives the flush timeout does not fail a
+    trained stage: what was not logged stays in the spool folder, and the message says where."""
+    if not tracker.flush(timeout_s=context["tracking_flush_timeout_s"]):
+        log(f"MLflow at {redact(tracker.uri)} unreachable: epochs {[s for _, s in tracker.unlogged()]} of run "
+            f"{run_id} not logged; kept in {tracker.spool}. Send them later with "
+            f"`python -m orchestration.tracking replay {tracker.spool} --uri <tracking uri>`")
+        return
+    try:
+        tracker.log_final(run_id, len(history), output.metrics)
         tracker.log_artifacts(run_id, [output.checkpoint_dir, *[p for p in output.files.values() if p.exists()]])
         tracker.finish(run_id)
-        return output
+    except Exception as err:
+        if not is_outage(err):
+            raise
+        log(f"MLflow at {redact(tracker.uri)} unreachable at the end of run {run_id}: final statistics and "
+            f"artifacts not logged ({err}); they are in {output.checkpoint_dir.parent}")
 
 
 def lpt_trainable(config: dict[str, Any], context: dict[str, Any]) -> None:
@@ -143,7 +160,8 @@ def lpt_trainable(config: dict[str, Any], context: dict[str, Any]) -> None:
     context = the sweep-wide constants (bound with tune.with_parameters, kept out of every trial's config)."""
     trial = make_trial(context, {**config, **config.get("trial", {})})
     chain = trial.chain[:-1] if context.get("upstream_only") and len(trial.chain) > 1 else trial.chain
-    store, tracker = StageStore(context["stage_root"]), Tracker(context["tracking_uri"], context["tracking_experiment"])
+    store = StageStore(context["stage_root"])
+    tracker = Tracker(context["tracking_uri"], context["tracking_experiment"], spool=store.root / "_mlflow_spool")
     output = None
     try:
         for i, spec in enumerate(chain):

@@ -20,6 +20,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmarks.flops import count_flops  # noqa: E402
 from benchmarks.naive_reference import NaivePhase2  # noqa: E402
 from benchmarks.steps import DualStep, build_model, lpt_step, random_batch  # noqa: E402
 from benchmarks.timing import Stats, interleaved, ratios  # noqa: E402
@@ -89,6 +90,15 @@ def main(argv: list[str] | None = None) -> None:
     steps = {"current": lpt_step(current, "phase2", device), "cls_only": lpt_step(candidate, "phase2", device),
              "naive": DualStep(naive, naive.lpt.set_trainable("phase2"), device)}
     naive.lpt.train()
+    unit = random_batch(args.shape, 1, device)
+    flops = {name: count_flops(lambda s=s: s(unit)) / unit.size / 1e9 for name, s in steps.items()}
+    print("GFLOP/image: " + ", ".join(f"{name} {f:.3g}" for name, f in flops.items()))
+    for phase in ("phase1",):
+        p1 = {name: lpt_step(m, phase, device) for name, m in (("current", current), ("cls_only", candidate))}
+        p1_flops = {name: count_flops(lambda s=s: s(unit)) / unit.size / 1e9 for name, s in p1.items()}
+        print(f"{phase} GFLOP/image: " + ", ".join(f"{name} {f:.3g}" for name, f in p1_flops.items()))
+        for m in (current, candidate):
+            m.set_trainable("phase2")
     samples = interleaved({name: (lambda s=s: s(batch)) for name, s in steps.items()}, args.repeats, warmup=1)
     for name, secs in samples.items():
         print(f"{name:9s} {Stats.of(secs).fmt()} s/step")

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.timing import Stats
 
     work = Path(tempfile.mkdtemp(prefix="lpt-reuse-"))
-    plan = dataclasses.replace(PLANS[(True, "cpu")], demo_overrides=(*DEMO_QUICK[1:], *args.overrides))
+    plan = dataclasses.replace(PLANS[(True, "cpu")], demo_overrides=(*DEMO_QUICK, *args.overrides), demo_rows=None)
     ctx = Context(quick=True, device=torch.device("cpu"), threads=1, out=work, work=work, plan=plan,
                   cache_dir=Path(args.cache_dir))
     runner = SweepRunner(ctx, "reuse")
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in range(args.rounds):
         names = list(variants)[r % 2:] + list(variants)[:r % 2]
         for name in names:
-            runs[name].append(runner.sweep(f"{name}-{r}", cache=True, entry=variants[name]))
+            runs[name].append(runner.sweep(f"{name}-{r}", cache=True, rows=plan.demo_rows, entry=variants[name]))
     for name, sweeps in runs.items():
         gaps = []
         for s in sweeps:

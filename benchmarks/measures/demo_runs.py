@@ -45,11 +45,12 @@ def _run(ctx: Context) -> DemoRuns:
     for r in range(ctx.plan.sweep_rounds):
         order = KINDS[r % len(KINDS):] + KINDS[:r % len(KINDS)]
         for kind in order:
+            rows = ctx.plan.demo_rows
             if kind == "loop":
-                runs.loops.append(runner.plain_loop())
+                runs.loops.append(runner.plain_loop(rows))
             else:
                 cache = kind == "sweep_cached"
-                run = runner.sweep(f"{'cached' if cache else 'uncached'}-r{r}", cache=cache)
+                run = runner.sweep(f"{'cached' if cache else 'uncached'}-r{r}", cache=cache, rows=rows)
                 (runs.cached if cache else runs.uncached).append(run)
             ctx.stamp(f"demo round {r}: {kind} done")
     if ctx.fixed_costs:

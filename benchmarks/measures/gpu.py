@@ -48,7 +48,7 @@ def packing(ctx: Context) -> dict[str, Any]:
     runs = {}
     order = {"serial": SERIAL, "packed": PACKED}
     for name, extra in order.items():
-        runs[name] = runner.sweep(name, cache=True, extra=extra, reuse_phase1=True)
+        runs[name] = runner.sweep(name, cache=True, rows=(5, 10, 20, 40), extra=extra, reuse_phase1=True)
     windows = {name: run.trial_window("phase2") for name, run in runs.items()}
     images = runs["packed"].images_trained("phase2")
     return {"trials": 4, "images_trained": images,

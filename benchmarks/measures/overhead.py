@@ -27,15 +27,15 @@ def attribution(sweep: SweepRun, loop: ProcessRun, loop_result: dict[str, Any]) 
     loop_p1 = sum(s["wall_s"] for s in stages if s["stage"] == "phase1")
     loop_p2 = sum(s["wall_s"] for s in stages if s["stage"] == "phase2")
     loop_fixed = loop.wall_s - loop_p1 - loop_p2
-    ray_up = sweep.first_line("ray: ") or 0.0
+    started = sweep.first_line("upstream: ") or 0.0  # the driver is about to start the phase-1 Tune run
     (_, p1_done), = sweep.stage_times("phase1")
     p2 = sweep.stage_times("phase2")
     gaps = sum(b[0] - a[1] for a, b in zip(p2, p2[1:]))
     return {
-        "start-up: imports, config, plan, MLflow parent run, Ray start (minus the loop's start-up)":
-            ray_up - loop_fixed,
+        "start-up: imports, config, plan, Ray start, backbone cache check, MLflow store + parent run "
+        "(minus the loop's imports and set-up)": started - loop_fixed,
         "phase 1 in its Tune run: Tune start, trial start, checkpoints, MLflow (minus its plain time)":
-            p1_done - ray_up - loop_p1,
+            p1_done - started - loop_p1,
         "from phase 1 done to the first phase-2 trial: Tune run switch, trial start": p2[0][0] - p1_done,
         "inside the phase-2 stages: Tune checkpoints, MLflow logging, stage finalize":
             sum(end - start for start, end in p2) - loop_p2,

@@ -1,7 +1,7 @@
 """Measure 1: train-step throughput (images/s of the full dual step) in phase 1 and phase 2, per model shape.
 
-Random-weight ViT-T/S/B at 224 px and the demo's micro ViT at 32 px, PromptConfig defaults (P = 10 (micro: 4),
-m = 20, k = 2, K = L / 2), batches of random tensors already on the device, fixed torch threads.
+Random-weight ViT-T/S/B at 224 px and the demo's micro ViT (its model, image size and prompt length read from
+the demo experiment's config), PromptConfig defaults otherwise (P = 10, m = 20, k = 2, K = L / 2), batches of random tensors already on the device, fixed torch threads.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from benchmarks.context import Context
 from benchmarks.flops import count_flops
-from benchmarks.steps import SHAPES, lpt_step, random_batch
+from benchmarks.steps import lpt_step, random_batch, shape_of
 from benchmarks.timing import Stats, interleaved, throughput
 
 TITLE = "1. Train step throughput"
@@ -27,7 +27,7 @@ def run(ctx: Context) -> dict[str, Any]:
             unit = random_batch(shape, 1, ctx.device)  # FLOPs scale with the batch: count them on 1 + 1
             flops = count_flops(lambda: step(unit)) / unit.size * batch.size
             rate = throughput(secs, batch.size)
-            rows.append({"shape": shape, "phase": phase, "img_size": SHAPES[shape][2],
+            rows.append({"shape": shape, "phase": phase, "img_size": shape_of(shape).img_size,
                          "batch": f"{per_branch}+{per_branch}",
                          "images_per_s": rate.as_dict(), "step_s": Stats.of(secs).as_dict(),
                          "gflop_per_image": flops / batch.size / 1e9,

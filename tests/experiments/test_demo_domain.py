@@ -1,0 +1,99 @@
+"""Pretraining the demo's micro ViT (experiments/pretrain_demo.py): trains, caches, locks, loads through create_backbone."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from experiments import pretrain_demo
+from experiments.pretrain_demo import DEMO_BACKBONE, DemoPretrainConfig, backbone_hash, ensure_demo_backbone
+from lpt_core.backbone import create_backbone
+from lpt_core.config import BackboneConfig, DataConfig
+
+TINY_BACKBONE = BackboneConfig(name="vit_tiny_patch16_224", pretrained=False,
+                               model_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2,
+                                             "num_heads": 2})
+TINY_PRETRAIN = DemoPretrainConfig(epochs=2, batch_size=32, warmup_epochs=0.5)
+# the default pretraining must reach this on the held-out source test split (chance: 1 / 60)
+SOURCE_ACCURACY_BAR = 0.6
+
+
+def tiny_data(cache_dir: Path) -> DataConfig:
+    return DataConfig(name="demo", cache_dir=str(cache_dir), options={"source_per_class": 2,
+                                                                       "source_test_per_class": 1})
+
+
+def test_tiny_pretraining_runs_caches_and_loads_bit_identically(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    lines: list[str] = []
+    weights = ensure_demo_backbone(TINY_BACKBONE, tiny_data(tmp_path), TINY_PRETRAIN, tmp_path, lines.append)
+    assert weights == tmp_path / "demo_backbone" / weights.parent.name / "micro_vit.safetensors"
+    assert any(line.startswith("epoch 2/2") for line in lines)
+    record = json.loads((weights.parent / "pretrain.json").read_text())
+    assert 0.0 <= record["source_test_accuracy"] <= 1.0 and record["pretrain"]["epochs"] == 2
+    assert record["wall_time_s"] > 0 and record["source_classes"] == 60
+
+    def no_retraining(*args, **kwargs):
+        raise AssertionError("the cached backbone was trained again")
+
+    monkeypatch.setattr(pretrain_demo, "_pretrain_and_save", no_retraining)
+    assert ensure_demo_backbone(TINY_BACKBONE, tiny_data(tmp_path), TINY_PRETRAIN, tmp_path) == weights
+
+    saved = load_file(str(weights))
+    assert not any(key.startswith("head.") for key in saved)
+    model = create_backbone(BackboneConfig(name=TINY_BACKBONE.name, model_kwargs=TINY_BACKBONE.model_kwargs,
+                                           weights_file=str(weights)))
+    loaded = model.state_dict()
+    assert loaded.keys() == saved.keys()
+    for key, tensor in saved.items():
+        assert torch.equal(loaded[key], tensor), key
+
+
+def test_hash_names_architecture_source_split_and_recipe(tmp_path: Path) -> None:
+    base = backbone_hash(TINY_BACKBONE, tiny_data(tmp_path), TINY_PRETRAIN)
+    wider = BackboneConfig(name=TINY_BACKBONE.name, model_kwargs={**TINY_BACKBONE.model_kwargs, "embed_dim": 64})
+    more_source = DataConfig(name="demo", options={"source_per_class": 3, "source_test_per_class": 1})
+    target_only = DataConfig(name="demo", options={"source_per_class": 2, "source_test_per_class": 1, "tau": 10})
+    assert backbone_hash(wider, tiny_data(tmp_path), TINY_PRETRAIN) != base
+    assert backbone_hash(TINY_BACKBONE, more_source, TINY_PRETRAIN) != base
+    assert backbone_hash(TINY_BACKBONE, tiny_data(tmp_path), DemoPretrainConfig(epochs=3)) != base
+    assert backbone_hash(TINY_BACKBONE, target_only, TINY_PRETRAIN) == base  # target options do not matter
+
+
+def test_parallel_callers_train_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    def slow_fake_training(backbone, data, pretrain, folder: Path, log) -> None:
+        calls.append(1)
+        time.sleep(0.3)  # the second caller arrives while the first holds the lock
+        (folder / pretrain_demo.WEIGHTS_NAME).write_bytes(b"weights")
+
+    monkeypatch.setattr(pretrain_demo, "_pretrain_and_save", slow_fake_training)
+    results: list[Path] = []
+    threads = [threading.Thread(target=lambda: results.append(
+        ensure_demo_backbone(TINY_BACKBONE, tiny_data(tmp_path), TINY_PRETRAIN, tmp_path))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and len(set(results)) == 1
+
+
+@pytest.mark.slow
+def test_default_pretraining_reaches_the_source_accuracy_bar(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    threads = torch.get_num_threads()
+    try:
+        weights = pretrain_demo.main(["--cache-dir", str(tmp_path), "--threads", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    record = json.loads((weights.parent / "pretrain.json").read_text())
+    assert record["source_test_accuracy"] > SOURCE_ACCURACY_BAR, record
+    assert record["backbone"]["model_kwargs"] == DEMO_BACKBONE.model_kwargs
+    assert f"weights: {weights}" in capsys.readouterr().out
+    create_backbone(BackboneConfig(name=DEMO_BACKBONE.name, model_kwargs=DEMO_BACKBONE.model_kwargs,
+                                   weights_file=str(weights)))

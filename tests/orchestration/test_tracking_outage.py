@@ -1,0 +1,114 @@
+"""A real `mlflow server` stopped in the middle of logging and started again: nothing lost, nothing twice."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from experiments.settings import compose_config
+from orchestration.driver import run_sweep
+from orchestration.tracking import Tracker, replay
+
+from .conftest import stage_runs, steps
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MlflowServer:
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port, self.proc = folder, _free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder / 'db.sqlite'}",
+               "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
+               "--port", str(self.port), "--workers", "1"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{self.uri}/health", timeout=1).ok:
+                    return
+            except requests.RequestException:
+                time.sleep(0.5)
+        raise AssertionError("mlflow server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = MlflowServer(tmp_path)
+    srv.start()
+    yield srv
+    if srv.proc.poll() is None:
+        srv.stop()
+
+
+def test_outage_is_bridged_by_the_spool(server, tmp_path):
+    tracker = Tracker(server.uri, "lpt", spool=tmp_path / "spool")
+    parent = tracker.parent_run("s", {})
+    run_id = tracker.stage_run(parent, "s", "phase2-k", "phase2", {"a": 1}, {})
+    assert tracker.log_epoch(run_id, 0, {"loss": 1.0})
+    server.stop()
+    assert not tracker.log_epoch(run_id, 1, {"loss": 0.9})
+    assert not tracker.log_epoch(run_id, 2, {"loss": 0.8})
+    assert len((tmp_path / "spool" / f"{run_id}.jsonl").read_text().splitlines()) == 2
+    assert not tracker.flush(timeout_s=1)
+    server.start()
+    assert tracker.log_epoch(run_id, 3, {"loss": 0.7})
+    assert steps(tracker.client, tracker.client.get_run(run_id), "loss") == [0, 1, 2, 3]
+    assert not (tmp_path / "spool" / f"{run_id}.jsonl").exists()
+
+
+def test_metrics_of_an_outage_that_outlives_the_trial_are_kept_and_replayed(server, tmp_path):
+    tracker = Tracker(server.uri, "lpt", spool=tmp_path / "spool")
+    run_id = tracker.stage_run(tracker.parent_run("s", {}), "s", "phase1-k", "phase1", {}, {})
+    server.stop()
+    assert not tracker.log_epoch(run_id, 0, {"loss": 1.0})
+    assert not tracker.flush(timeout_s=2)
+    assert tracker.unlogged() == [(run_id, 0)]
+    server.start()
+    assert replay(tmp_path / "spool", server.uri) == 0
+    assert steps(tracker.client, tracker.client.get_run(run_id), "loss") == [0]
+    assert replay(tmp_path / "spool", server.uri) == 0  # nothing left, nothing sent twice
+    assert steps(tracker.client, tracker.client.get_run(run_id), "loss") == [0]
+
+
+def test_sweep_keeps_training_through_a_tracking_outage(ray_session, server, sweep_overrides, tmp_path):
+    overrides = sweep_overrides("ablation=group_size", "ablation.values=[10]", "phase2.epochs=6",
+                                f"tracking.uri={server.uri}")
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.update(rc=run_sweep(compose_config(overrides))))
+    worker.start()
+    checkpoints = tmp_path / "stages"
+    deadline = time.monotonic() + 600
+    while not list(checkpoints.glob("phase2-*/work/checkpoints/epoch_0000")):
+        assert time.monotonic() < deadline and worker.is_alive(), "phase 2 never started"
+        time.sleep(0.2)
+    server.stop()
+    while not list(checkpoints.glob("phase2-*/work/checkpoints/epoch_0002")):
+        assert time.monotonic() < deadline and worker.is_alive(), "training stopped during the outage"
+        time.sleep(0.2)
+    server.start()
+    worker.join(600)
+    assert outcome.get("rc") == 0
+    tracker = Tracker(server.uri, "lpt")
+    (run,) = stage_runs(tracker.runs_of_sweep("group_size-demo"), "phase2")
+    for name in ("epoch", "loss", "acc"):
+        assert steps(tracker.client, run, name) == [0, 1, 2, 3, 4, 5], name
+    assert run.info.status == "FINISHED"
