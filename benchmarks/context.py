@@ -38,11 +38,11 @@ DEMO_QUICK = ("phase1.epochs=1", "phase2.epochs=1", "phase1.warmup_epochs=0",
 DEMO_FULL = ("phase1.epochs=2", "phase2.epochs=2", "phase1.steps_per_epoch=20", "phase2.steps_per_epoch=20")
 
 PLANS: dict[tuple[bool, str], Plan] = {
-    (True, "cpu"): Plan(warmup=1, repeats=3, throughput={"micro": 32, "vit_t": 1, "vit_s": 1, "vit_b": 1},
+    (True, "cpu"): Plan(warmup=1, repeats=3, throughput={"micro": 32, "vit_t": 1, "vit_s": 1},
                         naive={"vit_s": 1}, profile=("vit_s",), data_images=128, data_batch=32,
                         data_workers=(0, 1, 2), sweep_rounds=1, demo_overrides=DEMO_QUICK, demo_rows=(5, 10)),
     (False, "cpu"): Plan(warmup=1, repeats=5, throughput={"micro": 64, "vit_t": 8, "vit_s": 8, "vit_b": 8},
-                         naive={"vit_s": 8, "vit_b": 8}, profile=("vit_s", "vit_b"), data_images=1024,
+                         naive={"vit_s": 8, "vit_b": 8}, profile=("vit_s", "vit_b"), data_images=2048,
                          data_batch=256, data_workers=(0, 1, 2), sweep_rounds=1, demo_overrides=DEMO_FULL),
     (True, "cuda"): Plan(warmup=3, repeats=5, throughput={"micro": 256, "vit_t": 64, "vit_s": 64, "vit_b": 32},
                          naive={"vit_s": 64, "vit_b": 32}, profile=("vit_b",), data_images=512, data_batch=128,

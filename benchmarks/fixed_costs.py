@@ -88,11 +88,10 @@ def tune_run(storage: Path, trials: int, checkpoint: Path, epochs: int) -> dict[
 
 
 def mlflow_stage(work: Path, checkpoint: Path, epochs: int) -> dict[str, float]:
-    from experiments.settings import build_lpt
     from lpt_core.config import LPTConfig, flatten, to_dict
     from orchestration.tracking import Tracker, default_tracking_uri
 
-    params = flatten(to_dict(build_lpt(to_dict(LPTConfig()))))
+    params = flatten(to_dict(LPTConfig()))  # a stage run's params: the flattened config
     setup, tracker = _timed(lambda: Tracker(default_tracking_uri(work), "bench"))
     parent_s, parent = _timed(lambda: tracker.parent_run("bench", {"lpt.ablation": "bench"}))
     start = time.perf_counter()

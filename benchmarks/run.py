@@ -63,7 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def notes(ctx: Context) -> list[str]:
     plan = ctx.plan
-    return [
+    quick = ["Quick mode: no ViT-B (it is in the full run), two of the four group sizes in measures 3-4, no "
+             "fixed-cost probe; it checks that everything runs and gives rough ratios."] if ctx.quick else []
+    return quick + [
         f"Batches per branch (a dual step trains on twice as many): measure 1 {plan.throughput}, measure 2 "
         f"{plan.naive}; images/s hardly depend on the batch on CPU, which is compute bound.",
         f"Demo runs of measures 3-4: group sizes {plan.demo_rows or 'all four (5, 10, 20, 40)'}, "

@@ -19,7 +19,7 @@ from lpt_core.config import LossConfig, PhaseConfig, PromptConfig
 from lpt_core.losses import build_classification_loss, matching_loss
 from lpt_core.model import LPTModel, LPTOutput
 from lpt_core.runtime import autocast
-from lpt_core.sampling import branch_weight
+from lpt_core.sampling import branch_weight, branches_for
 from lpt_core.schedule import build_optimizer
 
 
@@ -31,6 +31,7 @@ class Shape:
     prompt_length: int = PromptConfig.length
 
 
+BRANCHES = branches_for("dual")  # ("cb", "ib"): one class-balanced and one instance-balanced batch per step
 VIT_SHAPES = {"vit_t": Shape("vit_tiny_patch16_224", {}, 224), "vit_s": Shape("vit_small_patch16_224", {}, 224),
               "vit_b": Shape("vit_base_patch16_224", {}, 224)}
 NUM_CLASSES = 100
@@ -49,7 +50,6 @@ def demo_shape() -> Shape:
 def shape_of(name: str) -> Shape:
     """vit_t / vit_s / vit_b at 224 px, or "micro": the demo's model."""
     return demo_shape() if name == "micro" else VIT_SHAPES[name]
-BRANCHES = ("cb", "ib")
 
 
 def build_model(shape: str, device: torch.device, seed: int = 0) -> LPTModel:

@@ -46,9 +46,6 @@ class SweepRun(ProcessRun):
     def stage_folders(self, stage: str) -> list[Path]:
         return sorted(p for p in self.stage_root.glob(f"{stage}-*") if (p / "DONE").is_file())
 
-    def stage_durations(self, stage: str) -> list[float]:
-        return [(p / "DONE").stat().st_mtime - (p / ".lock").stat().st_mtime for p in self.stage_folders(stage)]
-
     def trial_window(self, stage: str) -> float:
         """From the first stage of this kind taken to the last one done (seconds)."""
         folders = self.stage_folders(stage)
@@ -72,7 +69,8 @@ class SweepRun(ProcessRun):
 
 
 def run_process(cmd: list[str], log_file: Path, timeout_s: float) -> ProcessRun:
-    """Runs `cmd` in the repository root, timestamping each output line as it arrives."""
+    """Runs `cmd` in the repository root, timestamping each output line as it arrives (and writing it to
+    `log_file`); killed once it has run `timeout_s` (checked as lines arrive: a sweep prints every 30 s)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     started_at, start = time.time(), time.perf_counter()
     lines: list[tuple[float, str]] = []
@@ -143,8 +141,8 @@ class SweepRunner:
     def plain_loop(self, rows: tuple[int, ...] | None = None) -> tuple[ProcessRun, dict[str, Any]]:
         self._count += 1
         folder = self.root / f"{self._count:02d}-loop"
-        run = run_process([sys.executable, "-m", "benchmarks.plain_loop", "--workdir", str(folder), *self.common(rows)],
-                          folder.with_suffix(".log"), self.timeout_s)
+        cmd = [sys.executable, "-m", "benchmarks.plain_loop", "--workdir", str(folder), *self.common(rows)]
+        run = run_process(cmd, folder.with_suffix(".log"), self.timeout_s)
         if run.returncode != 0:
             raise RuntimeError(f"plain loop failed (exit {run.returncode}):\n{run.tail()}")
         return run, last_json(run)

@@ -58,6 +58,7 @@ def _tune_config(plan: SweepPlan, optuna_search: bool) -> tune.TuneConfig:
     return tune.TuneConfig(
         metric=plan.ablation.metric, mode=search.mode, search_alg=search_alg, scheduler=scheduler,
         num_samples=num_samples, max_concurrent_trials=plan.settings.max_concurrent_trials or None,
+        reuse_actors=True,  # a new worker process per trial would re-import torch, timm and MLflow every time
         trial_name_creator=lambda t: f"trial_{t.trial_id}", trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
     )
 

@@ -1,6 +1,6 @@
 """The demo runs that measures 3 and 4 share: interleaved rounds of
 (a) `orchestration/sweep.py ablation=group_size`, phase-1 cache on, one trial at a time,
-(b) the plain in-process loop over run_phase (benchmarks/plain_loop.py) doing the same five stages,
+(b) the plain in-process loop over run_phase (benchmarks/plain_loop.py) doing the same stages,
 (c) the same sweep with stages.cache=false (every trial trains its own phase 1),
 each a fresh process (Ray starts cold), after the demo's micro ViT has been pretrained into the shared cache.
 """
@@ -42,10 +42,10 @@ def _run(ctx: Context) -> DemoRuns:
     runner = SweepRunner(ctx, "orchestration")
     ctx.stamp("demo: pretraining the micro ViT (or finding it in the cache)")
     runs = DemoRuns(pretrain_s=runner.prepare_backbone())
+    rows = ctx.plan.demo_rows
     for r in range(ctx.plan.sweep_rounds):
         order = KINDS[r % len(KINDS):] + KINDS[:r % len(KINDS)]
         for kind in order:
-            rows = ctx.plan.demo_rows
             if kind == "loop":
                 runs.loops.append(runner.plain_loop(rows))
             else:

@@ -38,7 +38,9 @@ def vit_b(ctx: Context) -> list[dict[str, Any]]:
         rows.append({"phase": phase, "batch": f"{ctx.plan.gpu_batch}+{ctx.plan.gpu_batch}",
                      "images_per_s": throughput(secs, batch.size).as_dict(), "tflop_per_step": flops / 1e12,
                      "achieved_tflops": flops / median / 1e12, "mfu": flops / median / peak if peak else None})
-        ctx.stamp(f"gpu vit_b {phase}: {rows[-1]['images_per_s']['median']:.0f} img/s, mfu {rows[-1]['mfu']}")
+        mfu = rows[-1]["mfu"]
+        ctx.stamp(f"gpu vit_b {phase}: {rows[-1]['images_per_s']['median']:.0f} img/s, "
+                  f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f} %'}")
     return rows
 
 

@@ -21,8 +21,9 @@ TARGET = 0.05
 TRIAL_S = 120.0  # "trials of about two minutes"
 
 
-def attribution(sweep: SweepRun, loop: ProcessRun, loop_result: dict[str, Any]) -> dict[str, float]:
-    """a - b split into named parts of the sweep's timeline (seconds; they sum to a - b)."""
+def attribution(sweep: SweepRun, loop: ProcessRun, loop_result: dict[str, Any]) -> list[dict[str, Any]]:
+    """a - b split into named parts of the sweep's timeline; they sum to a - b exactly. `per` says whether a part
+    is paid once per sweep or grows with the number of stages (trials)."""
     stages = loop_result["stages"]
     loop_p1 = sum(s["wall_s"] for s in stages if s["stage"] == "phase1")
     loop_p2 = sum(s["wall_s"] for s in stages if s["stage"] == "phase2")
@@ -30,18 +31,19 @@ def attribution(sweep: SweepRun, loop: ProcessRun, loop_result: dict[str, Any]) 
     started = sweep.first_line("upstream: ") or 0.0  # the driver is about to start the phase-1 Tune run
     (_, p1_done), = sweep.stage_times("phase1")
     p2 = sweep.stage_times("phase2")
-    gaps = sum(b[0] - a[1] for a, b in zip(p2, p2[1:]))
-    return {
-        "start-up: imports, config, plan, Ray start, backbone cache check, MLflow store + parent run "
-        "(minus the loop's imports and set-up)": started - loop_fixed,
-        "phase 1 in its Tune run: Tune start, trial start, checkpoints, MLflow (minus its plain time)":
-            p1_done - started - loop_p1,
-        "from phase 1 done to the first phase-2 trial: Tune run switch, trial start": p2[0][0] - p1_done,
-        "inside the phase-2 stages: Tune checkpoints, MLflow logging, stage finalize":
-            sum(end - start for start, end in p2) - loop_p2,
-        "between phase-2 trials: trial start (worker process, imports, stage lookup)": gaps,
-        "end: Tune shutdown, report and plots, MLflow, Ray shutdown": sweep.wall_s - p2[-1][1],
-    }
+    parts = [
+        ("start-up: imports, config, plan, Ray start, backbone cache check, MLflow store + parent run "
+         "(minus the loop's imports and set-up)", started - loop_fixed, "sweep"),
+        ("phase 1 in its Tune run: Tune start, trial start, checkpoints, MLflow (minus its plain time)",
+         p1_done - started - loop_p1, "stage"),
+        ("from phase 1 done to the first phase-2 trial: Tune run switch, trial start", p2[0][0] - p1_done, "sweep"),
+        ("inside the phase-2 stages: Tune checkpoints, MLflow logging, stage finalize",
+         sum(end - start for start, end in p2) - loop_p2, "stage"),
+        ("between phase-2 trials: trial start (worker process, imports, stage lookup)",
+         sum(b[0] - a[1] for a, b in zip(p2, p2[1:])), "stage"),
+        ("end: Tune shutdown, report and plots, MLflow, Ray shutdown", sweep.wall_s - p2[-1][1], "sweep"),
+    ]
+    return [{"part": name, "s": seconds, "per": per} for name, seconds, per in parts]
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -53,12 +55,12 @@ def run(ctx: Context) -> dict[str, Any]:
     parts = attribution(runs.cached[0], loop, loop_result)
     stages = loop_result["stages"]
     n = len(stages)
-    per_stage = sum(v for k, v in parts.items() if k.startswith(("phase 1", "inside", "between"))) / n
-    fixed = sum(parts.values()) - per_stage * n
+    fixed = sum(p["s"] for p in parts if p["per"] == "sweep")
+    per_stage = sum(p["s"] for p in parts if p["per"] == "stage") / n
     projected = (fixed + n * per_stage) / (n * TRIAL_S)
     section = {"title": TITLE, "trials": n, "stages": stages, "import_s": loop_result["import_s"],
                "sweep_s": Stats.of(a).as_dict(), "loop_s": Stats.of(b).as_dict(), "overhead": overhead.as_dict(),
-               "attribution_s": parts, "fixed_per_sweep_s": fixed, "per_stage_s": per_stage,
+               "attribution": parts, "fixed_per_sweep_s": fixed, "per_stage_s": per_stage,
                "median_stage_s": Stats.of([s["wall_s"] for s in stages]).median,
                "projected_overhead_2min": projected, "target": TARGET, "met": projected <= TARGET,
                "fixed_costs": runs.fixed_costs, "pretrain_s": runs.pretrain_s,
@@ -73,8 +75,10 @@ def markdown(section: dict[str, Any]) -> str:
              f"group-size ablation), median stage {section['median_stage_s']:.3g} s in the plain loop. "
              f"Sweep (a) {Stats(**section['sweep_s']).fmt()} s, plain loop (b) {Stats(**section['loop_s']).fmt()} s: "
              f"overhead a/b - 1 = {100 * o['median']:.0f} % ({100 * o['min']:.0f}-{100 * o['max']:.0f} %) at this "
-             "trial length.", "", "Where a - b goes (first round):", "", "| part | s |", "|---|---|"]
-    lines += [f"| {name} | {value:.2f} |" for name, value in section["attribution_s"].items()]
+             "trial length.", "", "Where a - b goes (first round):", "", "| part | s | paid per |", "|---|---|---|"]
+    lines += [f"| {p['part']} | {p['s']:.2f} | {p['per']} |" for p in section["attribution"]]
+    lines += ["", "Each part is a difference of two single runs taken minutes apart, so it carries the machine's "
+                  "noise (a negative part is noise); the total a - b is exact."]
     lines += ["", f"Fixed per sweep {section['fixed_per_sweep_s']:.1f} s, per stage {section['per_stage_s']:.2f} s. "
                   f"Projected overhead for trials of about two minutes: "
                   f"**{100 * section['projected_overhead_2min']:.1f} %** (target <= {100 * section['target']:.0f} %: "
@@ -83,7 +87,8 @@ def markdown(section: dict[str, Any]) -> str:
     if fc:
         lines += ["", "Fixed costs one by one (fresh process, benchmarks/fixed_costs.py):", "", "| item | s |",
                   "|---|---|"]
-        names = {"import_s": "import ray, tune, mlflow, orchestration", "ray_start_s": "Ray start (local)",
+        names = {"import_s": "import ray, tune, mlflow, torch and the project (the loop imports torch too)",
+                 "ray_start_s": "Ray start (local)",
                  "tune_run_start_s": "Tune run start (fit() to first trial)",
                  "tune_trial_start_s": "Tune trial start (no-op trial, between trials)",
                  "tune_run_end_s": "Tune run end", "checkpoint_report_per_epoch_s": "checkpoint to Tune, per epoch",

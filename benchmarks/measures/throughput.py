@@ -1,7 +1,8 @@
 """Measure 1: train-step throughput (images/s of the full dual step) in phase 1 and phase 2, per model shape.
 
 Random-weight ViT-T/S/B at 224 px and the demo's micro ViT (its model, image size and prompt length read from
-the demo experiment's config), PromptConfig defaults otherwise (P = 10, m = 20, k = 2, K = L / 2), batches of random tensors already on the device, fixed torch threads.
+the demo experiment's config), PromptConfig defaults otherwise (P = 10, m = 20, k = 2, K = L / 2), batches of
+random tensors already on the device, fixed torch threads.
 """
 from __future__ import annotations
 

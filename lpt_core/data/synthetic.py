@@ -39,8 +39,8 @@ from lpt_core.data.transforms import build_transforms
 GENERATOR_VERSION = 1  # bump when the drawing changes: it is part of every cache key
 NUM_SHAPES, NUM_TEXTURES, NUM_HUES, COUNTS, ORIENTATIONS = 10, 10, 6, (1, 2, 3), (0.0, 45.0, 90.0)
 NUM_CLASS_ATTRIBUTES = NUM_HUES * len(COUNTS) * len(ORIENTATIONS) * 2  # 108 (hue, count, orientation, fill)
-NUM_SOURCE_CLASSES = NUM_SHAPES * NUM_HUES
-OBJECT_RADIUS = ((6.5, 8.5), (5.0, 6.5), (4.0, 5.0))  # pixels of a 32-pixel image, for 1, 2, 3 objects  # source label = shape * NUM_HUES + hue
+NUM_SOURCE_CLASSES = NUM_TEXTURES * NUM_HUES  # source label = texture * NUM_HUES + hue
+OBJECT_RADIUS = ((6.5, 8.5), (5.0, 6.5), (4.0, 5.0))  # pixels of a 32-pixel image, for 1, 2, 3 objects
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,8 @@ def _hsv_to_rgb(h, s, v) -> np.ndarray:
 def _layout(rng: np.random.Generator, count: int, size: int) -> tuple[np.ndarray, float]:
     """Centres [3, 2] of `count` non-overlapping objects kept off the border, and their radius in pixels."""
     radius = rng.uniform(*OBJECT_RADIUS[count - 1]) * size / 32
-    low, high = (0.5 * size - 3.0 * size / 32, 0.5 * size + 3.0 * size / 32) if count == 1 else (0.22 * size, 0.78 * size)
+    spread = 0.1 if count == 1 else 0.28  # of the image side, around its centre
+    low, high = (0.5 - spread) * size, (0.5 + spread) * size
     centres = np.full((3, 2), -1e3)
     for _ in range(100):
         centres[:count] = rng.uniform(low, high, (count, 2))
@@ -225,7 +226,8 @@ def render(shape, texture, hue, count, orientation, filled, rendering: Rendering
 
     theta = rng.uniform(0, np.pi, (n, 1, 1))
     u, v = np.cos(theta) * gx + np.sin(theta) * gy, np.cos(theta) * gy - np.sin(theta) * gx
-    r = np.hypot(gx - rng.uniform(0, size, (n, 1, 1)), gy - rng.uniform(0, size, (n, 1, 1)))
+    ring_centre = rng.uniform(0.25, 0.75, (2, n, 1, 1)) * size
+    r = np.hypot(gx - ring_centre[0], gy - ring_centre[1])
     period = np.where(texture // 5 == 0, 9.0, 4.5)[:, None, None] * px * rng.uniform(0.85, 1.15, (n, 1, 1))
     phase = rng.uniform(0, 2 * np.pi, (n, 1, 1))
     pattern = np.empty((n, size, size))

@@ -1,0 +1,63 @@
+"""Load: 100 tiny Optuna trials on one machine. Every trial lands in MLflow exactly once, the report has 100 rows,
+and the driver's memory stays flat (its RSS is sampled while the sweep runs)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, mlflow_runs, stage_runs
+
+pytestmark = pytest.mark.slow
+TRIALS = 100
+
+
+def _rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def test_hundred_trials_each_tracked_once_with_flat_driver_memory(sweep_overrides, tmp_path):
+    overrides = sweep_overrides("ablation=loss", "search=optuna", f"search.num_samples={TRIALS}",
+                                "search.max_concurrent=2", "phase2.epochs=1", "phase2.warmup_epochs=0",
+                                "eval.feature_stats=false")
+    stages = tmp_path / "stages"
+    samples: list[tuple[int, float]] = []  # (phase-2 stages finished so far, driver RSS in MB)
+    proc = subprocess.Popen([sys.executable, str(REPO / "orchestration" / "sweep.py"), *overrides], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(proc.stdout))
+    reader.start()
+    while proc.poll() is None:
+        rss = _rss_mb(proc.pid)
+        if rss is not None:
+            samples.append((len(list(stages.glob("phase2-*/DONE"))), rss))
+        time.sleep(1)
+    reader.join()
+    assert proc.returncode == 0, "".join(output[-200:])
+
+    client, runs = mlflow_runs(tmp_path / "sweeps", "loss-demo")
+    phase2 = stage_runs(runs, "phase2")
+    assert len(phase2) == TRIALS and len({r.data.tags["lpt.stage_key"] for r in phase2}) == TRIALS
+    assert len(stage_runs(runs, "phase1")) == 1
+    records = json.loads((tmp_path / "sweeps" / "loss-demo" / "trials.json").read_text())
+    assert len(records) == TRIALS
+    report = (tmp_path / "sweeps" / "loss-demo" / "report" / "report.md").read_text()
+    assert report.count("| phase2 |") == 2 * TRIALS
+
+    early = [rss for done, rss in samples if 10 <= done <= 30]
+    late = [rss for done, rss in samples if done >= TRIALS - 10]
+    peak = max(rss for _, rss in samples)
+    print(f"driver RSS: {min(early):.0f}-{max(early):.0f} MB after 10-30 trials, {max(late):.0f} MB at the end, "
+          f"peak {peak:.0f} MB")
+    assert max(late) < 1.25 * max(early) + 50  # flat: no per-trial growth worth the name
