@@ -42,7 +42,7 @@ PLANS: dict[tuple[bool, str], Plan] = {
                         naive={"vit_s": 1}, profile=("vit_s",), data_images=128, data_batch=32,
                         data_workers=(0, 1, 2), sweep_rounds=1, demo_overrides=DEMO_QUICK, demo_rows=(5, 10)),
     (False, "cpu"): Plan(warmup=1, repeats=5, throughput={"micro": 64, "vit_t": 8, "vit_s": 8, "vit_b": 8},
-                         naive={"vit_s": 8, "vit_b": 8}, profile=("vit_s", "vit_b"), data_images=2048,
+                         naive={"vit_s": 8, "vit_b": 8}, profile=("vit_s", "vit_b"), data_images=1024,
                          data_batch=256, data_workers=(0, 1, 2), sweep_rounds=1, demo_overrides=DEMO_FULL),
     (True, "cuda"): Plan(warmup=3, repeats=5, throughput={"micro": 256, "vit_t": 64, "vit_s": 64, "vit_b": 32},
                          naive={"vit_s": 64, "vit_b": 32}, profile=("vit_b",), data_images=512, data_batch=128,

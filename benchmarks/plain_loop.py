@@ -1,12 +1,9 @@
 """The plain way to run an ablation's trials: one process, a for-loop over run_phase, no Ray, no MLflow.
 
     python -m benchmarks.plain_loop --workdir DIR <hydra overrides, as for orchestration/sweep.py>
-    python -m benchmarks.plain_loop --prepare-only <overrides>   # only pretrain / find the demo backbone
 
 Runs what a cached sweep of the same overrides runs: the (single, shared) phase 1 once, then phase 2 of every
 row of the ablation on top of it, one after the other. Prints one JSON line with the wall seconds of each stage.
-The demo backbone is resolved exactly as the sweep resolves it (same config, same cache key), so
-`--prepare-only` pretrains the very weights the sweeps of these overrides will look for.
 """
 from __future__ import annotations
 
@@ -18,8 +15,6 @@ from pathlib import Path
 
 START = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
 
 from experiments.ablations import RUN_UNTIL, get_ablation  # noqa: E402
 from experiments.settings import apply_overrides, build_lpt, compose_config, resolve_backbone, split  # noqa: E402
@@ -33,23 +28,16 @@ class QuietHooks(PhaseHooks):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir")
-    parser.add_argument("--prepare-only", action="store_true")
+    parser.add_argument("--workdir", required=True)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    if not (args.workdir or args.prepare_only):
-        parser.error("--workdir is required (unless --prepare-only)")
     imported = time.perf_counter() - START
     spec = split(compose_config(args.overrides))
     ablation = get_ablation(spec.rest["ablation"]["name"])
     wanted = spec.rest["ablation"].get("values")  # ablation.values: the rows a sweep would keep
     points = [p for p in ablation.points_for(spec.name) if wanted is None or p.label in map(str, wanted)]
-    hooks, stages, workdir = QuietHooks(), [], Path(args.workdir or ".")
-    torch.set_num_threads(spec.lpt.get("threads") or torch.get_num_threads())  # as the trials would (pretraining)
+    hooks, stages, workdir = QuietHooks(), [], Path(args.workdir)
     base = resolve_backbone(build_lpt(spec.lpt), spec.pretrain, log=hooks.log)
-    if args.prepare_only:
-        print(json.dumps({"weights_file": base.backbone.weights_file, "total_s": time.perf_counter() - START}))
-        return
     base_values = apply_overrides(spec.lpt, {"backbone.weights_file": base.backbone.weights_file})
     phase1_ckpt = None
     for i, point in enumerate(points):

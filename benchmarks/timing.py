@@ -40,6 +40,10 @@ class Stats:
     def fmt(self, digits: int = 3) -> str:
         return f"{self.median:.{digits}g} ({self.min:.{digits}g}-{self.max:.{digits}g})"
 
+    def fmt_ratio(self) -> str:
+        """Ratios near 1 with two decimals, so 1.49 and 1.50 read differently."""
+        return f"{self.median:.2f} ({self.min:.2f}-{self.max:.2f})"
+
 
 def time_call(fn: Callable[[], object], sync: Sync = _no_sync) -> float:
     """Wall seconds of one call; `sync` waits for queued device work before and after (CUDA)."""

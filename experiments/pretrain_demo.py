@@ -38,7 +38,7 @@ DEMO_BACKBONE = BackboneConfig(
 
 @dataclass
 class DemoPretrainConfig:
-    epochs: int = 8
+    epochs: int = 5
     batch_size: int = 64
     lr: float = 1e-3  # AdamW peak learning rate
     weight_decay: float = 0.05

@@ -136,7 +136,8 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
                                            "stage_root": str(Path(plan.settings.stages.root).resolve())})
         _write_json(folder / "state.json", {"status": "running"})
         tracking_uri = plan.settings.tracking.uri or default_tracking_uri(folder)
-        tracker = Tracker(tracking_uri, plan.settings.tracking.experiment)
+        tracker = Tracker(tracking_uri, plan.settings.tracking.experiment,
+                          outage_wait_s=plan.settings.tracking.flush_timeout_s)
         upstream = plan.upstream_keys()
         parent = tracker.parent_run(plan.name, {
             "lpt.ablation": plan.ablation.name, "lpt.experiment": plan.experiment, "lpt.git_commit": _git_commit(),

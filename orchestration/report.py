@@ -40,7 +40,7 @@ def _trial_metrics(records: list[dict], tracking_uri: str | None) -> list[dict]:
     if tracking_uri is None:
         return records
     try:
-        client = Tracker(tracking_uri, "lpt").client
+        client = Tracker(tracking_uri, "lpt", outage_wait_s=5).client
     except Exception:  # an unreachable server must not lose the report: trials.json has the same numbers
         return records
     out = []

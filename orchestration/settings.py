@@ -64,6 +64,7 @@ class DebugSettings:
     fail_at_epoch: int | None = None
     fail_stage: Literal["phase1", "phase2", "joint"] = "phase2"
     fail_times: int = 1
+    epoch_sleep_s: float = 0.0  # stretch every epoch (tests that must catch a trial mid-training)
 
 
 @dataclass

@@ -47,47 +47,52 @@ def is_outage(err: BaseException) -> bool:
         marker in text for marker in ("API request to", "Max retries exceeded", "Connection refused", "timed out"))
 
 
-def _retry(call: Callable[[], T], attempts: int = 5, delay_s: float = 0.5) -> T:
-    """SQLite stores answer 'database is locked' under concurrent trials: retry with back-off."""
-    for attempt in range(attempts):
+def _retry(call: Callable[[], T], outage_wait_s: float, attempts: int = 5, delay_s: float = 0.5) -> T:
+    """SQLite stores answer 'database is locked' under concurrent trials, and a server may be briefly down:
+    retry with back-off (outages for up to outage_wait_s), then let the error through."""
+    deadline, attempt = time.monotonic() + outage_wait_s, 0
+    while True:
         try:
             return call()
-        except MlflowException as err:
-            if attempt == attempts - 1 or "locked" not in str(err).lower():
+        except Exception as err:
+            delay = min(delay_s * 2 ** attempt, 10.0)
+            locked = isinstance(err, MlflowException) and "locked" in str(err).lower() and attempt < attempts - 1
+            if not locked and not (is_outage(err) and time.monotonic() + delay < deadline):
                 raise
-            time.sleep(delay_s * 2 ** attempt)
-    raise AssertionError("unreachable")
+            time.sleep(delay)
+            attempt += 1
 
 
 class Tracker:
     """spool: folder where epoch metrics that could not reach the server wait (one JSONL file per run); they are
     sent, oldest first, as soon as the server answers again, and kept there if it never does."""
 
-    def __init__(self, uri: str, experiment: str, spool: str | Path | None = None) -> None:
+    def __init__(self, uri: str, experiment: str, spool: str | Path | None = None,
+                 outage_wait_s: float = 120.0) -> None:
         # fail fast on an unreachable server: the spool, not MLflow's minutes of HTTP retries, bridges an outage
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        self.uri = uri
+        self.uri, self.outage_wait_s = uri, outage_wait_s
         self.client = MlflowClient(tracking_uri=uri)
-        found = _retry(lambda: self.client.get_experiment_by_name(experiment))
-        self.experiment_id = found.experiment_id if found else _retry(lambda: self.client.create_experiment(experiment))
+        found = self._call(lambda: self.client.get_experiment_by_name(experiment))
+        self.experiment_id = found.experiment_id if found else self._call(lambda: self.client.create_experiment(experiment))
         self._logged_steps: dict[str, set[int]] = {}
         self.spool = Path(spool) if spool is not None else None
         self._pending: list[tuple[str, int, list[Metric]]] = []
 
     def _find(self, filter_string: str) -> str | None:
-        runs = _retry(lambda: self.client.search_runs([self.experiment_id], filter_string, max_results=1,
+        runs = self._call(lambda: self.client.search_runs([self.experiment_id], filter_string, max_results=1,
                                                       order_by=["attributes.start_time ASC"]))
         return runs[0].info.run_id if runs else None
 
     def parent_run(self, sweep: str, tags: dict[str, str]) -> str:
         run_id = self._find(f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_ROLE}` = 'sweep'")
         if run_id is None:
-            run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=sweep,
+            run = self._call(lambda: self.client.create_run(self.experiment_id, run_name=sweep,
                                                         tags={TAG_SWEEP: sweep, TAG_ROLE: "sweep", **tags}))
             run_id = run.info.run_id
         else:
-            _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
+            self._call(lambda: self.client.update_run(run_id, status="RUNNING"))
         return run_id
 
     def stage_run(self, parent_id: str, sweep: str, key: str, name: str, params: dict[str, Any],
@@ -95,21 +100,25 @@ class Tracker:
         """The stage's run: found by its key (a retry continues it) or created once with its params."""
         run_id = self._find(f"tags.`{TAG_STAGE_KEY}` = '{key}'")
         if run_id is not None:
-            _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
+            self._call(lambda: self.client.update_run(run_id, status="RUNNING"))
             self.load_spool(run_id)
             return run_id
         all_tags = {TAG_SWEEP: sweep, TAG_ROLE: "stage", TAG_STAGE_KEY: key, MLFLOW_PARENT_RUN_ID: parent_id,
                     MLFLOW_RUN_NAME: name, **tags}
-        run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=name, tags=all_tags))
+        run = self._call(lambda: self.client.create_run(self.experiment_id, run_name=name, tags=all_tags))
         run_id = run.info.run_id
         items = [Param(k, redact(str(v))[:PARAM_VALUE_LIMIT]) for k, v in sorted(params.items())]
         for start in range(0, len(items), 100):
-            _retry(lambda: self.client.log_batch(run_id, params=items[start:start + 100]))
+            self._call(lambda: self.client.log_batch(run_id, params=items[start:start + 100]))
         return run_id
 
-    def logged_steps(self, run_id: str) -> set[int]:
+    def _call(self, call: Callable[[], T]) -> T:
+        return _retry(call, self.outage_wait_s)
+
+    def logged_steps(self, run_id: str, wait: bool = True) -> set[int]:
         if run_id not in self._logged_steps:
-            history = _retry(lambda: self.client.get_metric_history(run_id, "epoch"))
+            history = _retry(lambda: self.client.get_metric_history(run_id, "epoch"),
+                             self.outage_wait_s if wait else 0)
             self._logged_steps[run_id] = {m.step for m in history}
         return self._logged_steps[run_id]
 
@@ -117,7 +126,7 @@ class Tracker:
         """Logs one epoch's metrics in one batch, unless that step is already in the run. True if sent now;
         during a tracking outage the batch is spooled and sent by a later call (in step order, never twice)."""
         try:
-            if step in self.logged_steps(run_id):
+            if step in self.logged_steps(run_id, wait=False):
                 return False
         except Exception as err:  # unknown while the server is down: flush() checks again before sending
             if not is_outage(err):
@@ -137,8 +146,8 @@ class Tracker:
             try:
                 while self._pending:
                     run_id, step, items = self._pending[0]
-                    if step not in self.logged_steps(run_id):
-                        _retry(lambda: self.client.log_batch(run_id, metrics=items))
+                    if step not in self.logged_steps(run_id, wait=False):
+                        _retry(lambda: self.client.log_batch(run_id, metrics=items), outage_wait_s=0)
                         self._logged_steps[run_id].add(step)
                     self._pending.pop(0)
                     self._write_spool(run_id)
@@ -183,35 +192,35 @@ class Tracker:
 
     def log_final(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
         """End-of-stage statistics (K-NN, gamma, matching) that per-epoch logging does not carry."""
-        logged = set(_retry(lambda: self.client.get_run(run_id)).data.metrics)
+        logged = set(self._call(lambda: self.client.get_run(run_id)).data.metrics)
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()
                  if k not in logged and isinstance(v, (int, float)) and math.isfinite(float(v))]
         if items:
-            _retry(lambda: self.client.log_batch(run_id, metrics=items))
+            self._call(lambda: self.client.log_batch(run_id, metrics=items))
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        _retry(lambda: self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+        self._call(lambda: self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
 
     def log_artifacts(self, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
         for path in paths:
             if path.is_dir():
-                _retry(lambda: self.client.log_artifacts(run_id, str(path), artifact_path or path.name))
+                self._call(lambda: self.client.log_artifacts(run_id, str(path), artifact_path or path.name))
             elif path.is_file():
-                _retry(lambda: self.client.log_artifact(run_id, str(path), artifact_path))
+                self._call(lambda: self.client.log_artifact(run_id, str(path), artifact_path))
 
     def finish(self, run_id: str, failed: str | None = None) -> None:
         if failed is not None:
             self.set_tags(run_id, {"lpt.error": failed[:5000]})
-        _retry(lambda: self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED"))
+        self._call(lambda: self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED"))
 
     def runs_of_sweep(self, sweep: str) -> list:
-        return _retry(lambda: self.client.search_runs([self.experiment_id], f"tags.`{TAG_SWEEP}` = '{sweep}'",
+        return self._call(lambda: self.client.search_runs([self.experiment_id], f"tags.`{TAG_SWEEP}` = '{sweep}'",
                                                       max_results=10000))
 
     def run_for_stage(self, key: str):
         run_id = self._find(f"tags.`{TAG_STAGE_KEY}` = '{key}'")
-        return None if run_id is None else _retry(lambda: self.client.get_run(run_id))
+        return None if run_id is None else self._call(lambda: self.client.get_run(run_id))
 
 
 def replay(spool: str | Path, uri: str, experiment: str = "lpt") -> int:

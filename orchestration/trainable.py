@@ -6,6 +6,7 @@ the newer one in the stage store (Tune's experiment snapshot can lag behind the 
 """
 from __future__ import annotations
 
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,8 @@ class TrialHooks(PhaseHooks):
 
     def _maybe_fail(self, epoch: int) -> None:
         debug = self.context["debug"]
+        if debug["epoch_sleep_s"]:
+            time.sleep(debug["epoch_sleep_s"])
         if debug["fail_at_epoch"] != epoch or debug["fail_stage"] != self.spec.stage:
             return
         marker = self.store.folder(self.spec.key) / "injected_failures"
@@ -161,7 +164,8 @@ def lpt_trainable(config: dict[str, Any], context: dict[str, Any]) -> None:
     trial = make_trial(context, {**config, **config.get("trial", {})})
     chain = trial.chain[:-1] if context.get("upstream_only") and len(trial.chain) > 1 else trial.chain
     store = StageStore(context["stage_root"])
-    tracker = Tracker(context["tracking_uri"], context["tracking_experiment"], spool=store.root / "_mlflow_spool")
+    tracker = Tracker(context["tracking_uri"], context["tracking_experiment"], spool=store.root / "_mlflow_spool",
+                      outage_wait_s=context["tracking_flush_timeout_s"])
     output = None
     try:
         for i, spec in enumerate(chain):

@@ -115,7 +115,7 @@ def compare(ctx: Context, shape: str, per_branch: int) -> dict[str, Any]:
         row["speedup_fp32_vs_fp32"] = Stats.of(ratios(secs["naive"], secs["lpt_fp32"])).as_dict()
     if shape in ctx.plan.profile:
         row["profile_s"] = profile(ctx, model, naive, steps, batch)
-    ctx.stamp(f"phase2 vs naive {shape}: x{speedup.fmt()} (logit diff {check['max_abs_diff']:.1e})")
+    ctx.stamp(f"phase2 vs naive {shape}: x{speedup.fmt_ratio()} (logit diff {check['max_abs_diff']:.1e})")
     return row
 
 
@@ -153,12 +153,12 @@ def markdown(section: dict[str, Any]) -> str:
         floor = f" ({r['floor']}x)" if r["floor"] else ""
         met = "yes" if r["met"] else ("above floor" if r["above_floor"] else "no")
         lines.append(f"| {r['shape']} | {r['batch']} | {Stats(**r['images_per_s']['lpt']).fmt()} | "
-                     f"{Stats(**r['images_per_s']['naive']).fmt()} | {Stats(**r['speedup']).fmt()}x | "
+                     f"{Stats(**r['images_per_s']['naive']).fmt()} | {Stats(**r['speedup']).fmt_ratio()}x | "
                      f">= {r['target']}x{floor} | {met} | {r['gflop_per_image']['lpt']:.3g} / "
                      f"{r['gflop_per_image']['naive']:.3g} | {r['logits']['max_abs_diff']:.1e} |")
     for r in section["rows"]:
         if "speedup_fp32_vs_fp32" in r:
-            lines.append(f"\n{r['shape']}: LPT fp32 vs naive fp32: {Stats(**r['speedup_fp32_vs_fp32']).fmt()}x")
+            lines.append(f"\n{r['shape']}: LPT fp32 vs naive fp32: {Stats(**r['speedup_fp32_vs_fp32']).fmt_ratio()}x")
         if "profile_s" in r:
             lines += [""] + _profile_table(r)
     return "\n".join(lines)
@@ -169,6 +169,6 @@ def summary(section: dict[str, Any]) -> list[dict[str, Any]]:
     for r in section["rows"]:
         floor = f" (floor {r['floor']}x)" if r["floor"] else ""
         out.append({"measure": f"{TITLE}, {r['shape']}", "target": f">= {r['target']}x{floor}, identical logits",
-                    "result": f"{Stats(**r['speedup']).fmt()}x, logit diff {r['logits']['max_abs_diff']:.1e}",
+                    "result": f"{Stats(**r['speedup']).fmt_ratio()}x, logit diff {r['logits']['max_abs_diff']:.1e}",
                     "met": r["met"] if r["met"] or not r["above_floor"] else "above floor"})
     return out

@@ -35,7 +35,7 @@ def run(ctx: Context) -> dict[str, Any]:
                           "uncached": Stats.of([u.wall_s for u in runs.uncached]).as_dict()},
                "saved_wall_fraction": saved_wall.as_dict(), "saved_window_fraction": saved_window.as_dict(),
                "target": TARGET, "met": exact and saved_wall.median >= TARGET}
-    ctx.stamp(f"stage reuse: phase 1 trained {counts}, saved {saved_wall.fmt()} of the wall")
+    ctx.stamp(f"stage reuse: phase 1 trained {counts}, saved {saved_wall.fmt_ratio()} of the wall")
     return section
 
 

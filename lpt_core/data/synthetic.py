@@ -10,10 +10,12 @@ Class c belongs to group c % num_groups, so every group spans head and tail clas
 
 Splits. *target*: the long-tailed train split, n_c = floor(n_max * (1 / tau) ** (c / (C - 1))), plus a balanced
 test (and optional val) split. *source*: a balanced split for pretraining the micro ViT (experiments/pretrain_demo.py)
-whose label is (shape, hue), 60 classes, with texture, count, orientation and fill drawn at random: the backbone
-learns the primitives but not the target's label set. The source is drawn cleanly; the target with thicker strokes,
-blur, stronger noise, shifted and paler hues, and brighter, busier backgrounds (`shift` in [0, 1] scales this),
-so frozen source features transfer, imperfectly.
+whose label is (background texture, hue), 60 classes, with shape, count, orientation and fill drawn at random:
+the backbone learns colour and texture, the cues a micro ViT picks up in a few epochs (in this budget it learns
+no shape at all), but not the target's label set. The source is drawn cleanly; the target with thicker strokes,
+blur, noise, shifted and paler hues and brighter backgrounds (`shift` in [0, 1] scales this), so frozen source
+features transfer, imperfectly: a linear probe of the pretrained micro ViT gets ~44% on the target (chance 2%),
+~68% with shift=0.
 
 Splits are deterministic in their options and cached as uint8 tensors under `cache_dir/demo/<hash>.pt`.
 """
@@ -36,7 +38,7 @@ from lpt_core.data.cifar_lt import ArrayImageDataset, long_tail_counts
 from lpt_core.data.manifest import check_options
 from lpt_core.data.transforms import build_transforms
 
-GENERATOR_VERSION = 1  # bump when the drawing changes: it is part of every cache key
+GENERATOR_VERSION = 2  # bump when the drawing changes: it is part of every cache key
 NUM_SHAPES, NUM_TEXTURES, NUM_HUES, COUNTS, ORIENTATIONS = 10, 10, 6, (1, 2, 3), (0.0, 45.0, 90.0)
 NUM_CLASS_ATTRIBUTES = NUM_HUES * len(COUNTS) * len(ORIENTATIONS) * 2  # 108 (hue, count, orientation, fill)
 NUM_SOURCE_CLASSES = NUM_TEXTURES * NUM_HUES  # source label = texture * NUM_HUES + hue
@@ -53,7 +55,7 @@ class DemoOptions:
     n_max: int = 200
     test_per_class: int = 20
     val_per_class: int = 0
-    source_per_class: int = 150
+    source_per_class: int = 300
     source_test_per_class: int = 20
     shift: float = 1.0  # 0: the target is drawn like the source; 1: the full rendering shift
     image_size: int = 32
@@ -120,8 +122,8 @@ class Rendering:
 
 SOURCE_RENDERING = Rendering(stroke=1.0, blur=0.0, noise=0.02, hue_offset=0.0, hue_jitter=6.0, saturation=(0.75, 1.0),
                              bg_value=(0.1, 0.4), bg_saturation=0.25, bg_contrast=0.3, rotation_jitter=8.0)
-TARGET_RENDERING = Rendering(stroke=1.7, blur=0.7, noise=0.07, hue_offset=14.0, hue_jitter=12.0,
-                             saturation=(0.4, 0.8), bg_value=(0.25, 0.6), bg_saturation=0.45, bg_contrast=0.3,
+TARGET_RENDERING = Rendering(stroke=1.7, blur=0.7, noise=0.05, hue_offset=14.0, hue_jitter=12.0,
+                             saturation=(0.4, 0.8), bg_value=(0.2, 0.5), bg_saturation=0.45, bg_contrast=0.3,
                              rotation_jitter=14.0)
 
 

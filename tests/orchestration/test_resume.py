@@ -103,7 +103,8 @@ print("RC", outcome.get("rc"), flush=True)
 
 
 def test_trial_survives_the_loss_of_its_node(sweep_overrides, tmp_path):
-    overrides = sweep_overrides("ablation=group_size", "ablation.values=[10]", "phase2.epochs=5")
+    overrides = sweep_overrides("ablation=group_size", "ablation.values=[10]", "phase2.epochs=5",
+                                "debug.epoch_sleep_s=1.5")  # the node must go while the trial still trains
     proc = subprocess.run([sys.executable, "-c", NODE_LOSS_SCRIPT, json.dumps(overrides), str(tmp_path / "stages")],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr

@@ -91,7 +91,7 @@ def test_metrics_of_an_outage_that_outlives_the_trial_are_kept_and_replayed(serv
 
 def test_sweep_keeps_training_through_a_tracking_outage(ray_session, server, sweep_overrides, tmp_path):
     overrides = sweep_overrides("ablation=group_size", "ablation.values=[10]", "phase2.epochs=6",
-                                f"tracking.uri={server.uri}")
+                                f"tracking.uri={server.uri}", "debug.epoch_sleep_s=1")
     outcome = {}
     worker = threading.Thread(target=lambda: outcome.update(rc=run_sweep(compose_config(overrides))))
     worker.start()
