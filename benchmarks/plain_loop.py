@@ -1,6 +1,7 @@
 """The plain way to run an ablation's trials: one process, a for-loop over run_phase, no Ray, no MLflow.
 
     python -m benchmarks.plain_loop --workdir DIR <hydra overrides, as for orchestration/sweep.py>
+    python -m benchmarks.plain_loop --prepare-only <overrides>   # only pretrain (or find) the demo backbone
 
 Runs what a cached sweep of the same overrides runs: the (single, shared) phase 1 once, then phase 2 of every
 row of the ablation on top of it, one after the other. Prints one JSON line with the wall seconds of each stage.
@@ -16,6 +17,8 @@ from pathlib import Path
 START = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+
 from experiments.ablations import RUN_UNTIL, get_ablation  # noqa: E402
 from experiments.settings import apply_overrides, build_lpt, compose_config, resolve_backbone, split  # noqa: E402
 from lpt_core.train import PhaseHooks, run_phase  # noqa: E402
@@ -28,16 +31,24 @@ class QuietHooks(PhaseHooks):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--workdir")
+    parser.add_argument("--prepare-only", action="store_true", help="resolve the demo backbone and exit")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
+    if not (args.workdir or args.prepare_only):
+        parser.error("--workdir is required")
     imported = time.perf_counter() - START
     spec = split(compose_config(args.overrides))
     ablation = get_ablation(spec.rest["ablation"]["name"])
     wanted = spec.rest["ablation"].get("values")  # ablation.values: the rows a sweep would keep
     points = [p for p in ablation.points_for(spec.name) if wanted is None or p.label in map(str, wanted)]
-    hooks, stages, workdir = QuietHooks(), [], Path(args.workdir)
-    base = resolve_backbone(build_lpt(spec.lpt), spec.pretrain, log=hooks.log)
+    hooks, stages = QuietHooks(), []
+    if spec.lpt.get("threads"):  # the demo pins one thread; pretraining, if needed, runs with it as well
+        torch.set_num_threads(spec.lpt["threads"])
+    base = resolve_backbone(build_lpt(spec.lpt), spec.pretrain, log=hooks.log)  # the sweep's driver does the same
+    if args.prepare_only:
+        return
+    workdir = Path(args.workdir)
     base_values = apply_overrides(spec.lpt, {"backbone.weights_file": base.backbone.weights_file})
     phase1_ckpt = None
     for i, point in enumerate(points):

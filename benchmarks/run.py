@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fixed-costs", action=argparse.BooleanOptionalAction, default=None,
                         help="run the fixed-cost probe of measure 3 (default: in full mode only)")
     parser.add_argument("--keep-work", action="store_true", help="keep the scratch folder (logs, sweep folders)")
+    parser.add_argument("--merge", action="store_true",
+                        help="re-measure only the --only measures and keep the other sections of <out>/results.json "
+                             "(same mode and device), saying so in the notes")
     args = parser.parse_args(argv)
     unknown = set(args.only.split(",")) - set(MEASURES)
     if unknown:
@@ -76,6 +79,23 @@ def notes(ctx: Context) -> list[str]:
     ]
 
 
+def keep_earlier(out: Path, mode: str, device: str, selected: list[str]) -> tuple[dict, list[str]]:
+    """--merge: the sections of the earlier results.json that this run does not re-measure, and a note."""
+    path = out / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"--merge: no earlier {path} to merge into")
+    earlier = json.loads(path.read_text())
+    run = earlier["run"]
+    if (run["mode"], run["device"]) != (mode, device):
+        raise SystemExit(f"--merge: {path} holds a {run['mode']} run on {run['device']}; this is a {mode} run "
+                         f"on {device}")
+    kept = {name: section for name, section in earlier["sections"].items() if name not in selected}
+    load = earlier["machine"].get("load_average_1_5_15")
+    note = (f"Sections {', '.join(kept)} are kept from an earlier run (`{run['command']}`, {run['date']}, load "
+            f"average {load}); {', '.join(selected)} were measured by this one.")
+    return kept, [note] if kept else []
+
+
 def write(out: Path, results: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
@@ -83,6 +103,9 @@ def write(out: Path, results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    selected = args.only.split(",")
+    mode = "quick" if args.quick else "full"
+    kept, merge_notes = keep_earlier(args.out, mode, args.device, selected) if args.merge else ({}, [])
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -92,12 +115,13 @@ def main(argv: list[str] | None = None) -> int:
                   cache_dir=args.cache_dir,
                   fixed_costs=not args.quick if args.fixed_costs is None else args.fixed_costs)
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    results = {"run": {"command": command.strip(), "mode": "quick" if args.quick else "full",
+    ctx.sections.update(kept)
+    results = {"run": {"command": command.strip(), "mode": mode,
                        "device": str(device), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
                        "warmup": plan.warmup, "repeats": plan.repeats},
-               "machine": describe(args.threads), "sections": ctx.sections, "notes": notes(ctx)}
+               "machine": describe(args.threads), "sections": ctx.sections, "notes": notes(ctx) + merge_notes}
     try:
-        for name in args.only.split(","):
+        for name in selected:
             ctx.stamp(f"measure {name}")
             try:
                 ctx.sections[name] = MEASURES[name].run(ctx)

@@ -104,13 +104,14 @@ class SweepRunner:
         return [ABLATION, *values, f"data.cache_dir={self.cache_dir}", *self.ctx.plan.demo_overrides]
 
     def prepare_backbone(self) -> float:
-        """Pretrains (or finds) the demo's micro ViT in the shared cache, resolved from the very config the sweeps
-        get (same cache key); returns the seconds it took."""
-        from experiments.settings import build_lpt, compose_config, resolve_backbone, split
-
+        """Pretrains (or finds) the demo's micro ViT in the shared cache; returns the seconds it took. A fresh
+        process, like the sweeps: it resolves the backbone from the code and config on disk now, so it finds the
+        very cache key the sweeps will look for."""
         start = time.perf_counter()
-        spec = split(compose_config(self.common()))
-        resolve_backbone(build_lpt(spec.lpt), spec.pretrain, log=self.ctx.log)
+        cmd = [sys.executable, "-m", "benchmarks.plain_loop", "--prepare-only", *self.common()]
+        run = run_process(cmd, self.root / "pretrain.log", self.timeout_s)
+        if run.returncode != 0:
+            raise RuntimeError(f"demo pretraining failed:\n{run.tail()}")
         return time.perf_counter() - start
 
     def sweep(self, name: str, cache: bool, rows: tuple[int, ...] | None = None, extra: tuple[str, ...] = (),

@@ -203,12 +203,10 @@ def _layout(rng: np.random.Generator, count: int, size: int) -> tuple[np.ndarray
     return centres, radius
 
 
-def render(shape, texture, hue, count, orientation, filled, rendering: Rendering, size: int,
-           rng: np.random.Generator) -> np.ndarray:
-    """Draws N images from per-image attribute arrays [N] (indices; filled bool) -> uint8 [N, size, size, 3]."""
-    n, px = len(shape), size / 32
-    xs = np.arange(size) + 0.5
-    gy, gx = np.meshgrid(xs, xs, indexing="ij")  # [S, S]
+def _objects_alpha(shape, count, orientation, filled, rendering: Rendering, gx, gy, rng) -> np.ndarray:
+    """Coverage [N, S, S, 1] in [0, 1] of each image's objects, antialiased over one pixel."""
+    n, size = len(shape), gx.shape[0]
+    px = size / 32
     layouts = [_layout(rng, int(c), size) for c in count]
     centres = np.stack([c for c, _ in layouts])  # [N, 3, 2]
     radius = np.array([r for _, r in layouts])[:, None, None, None]  # [N, 1, 1, 1]
@@ -217,34 +215,46 @@ def render(shape, texture, hue, count, orientation, filled, rendering: Rendering
     mirror = rng.choice([-1.0, 1.0], n)[:, None, None, None]
     dx = gx - centres[:, :, 0, None, None]  # [N, 3, S, S]
     dy = centres[:, :, 1, None, None] - gy
-    x = mirror * (np.cos(angle) * dx + np.sin(angle) * dy) / radius
+    x = mirror * (np.cos(angle) * dx + np.sin(angle) * dy) / radius  # object units, upright
     y = (np.cos(angle) * dy - np.sin(angle) * dx) / radius
     dist = np.empty_like(x)
     for s in np.unique(shape):
         dist[shape == s] = SHAPES[s](x[shape == s], y[shape == s]) * radius[shape == s]  # pixels
     half_stroke = np.where(filled, np.inf, rendering.stroke * px / 2)[:, None, None, None]
-    edge = np.maximum(dist, np.abs(dist) - half_stroke)
-    alpha = np.clip(0.5 - edge / px, 0, 1).max(axis=1)[..., None]  # [N, S, S, 1]
+    edge = np.maximum(dist, np.abs(dist) - half_stroke)  # outlines keep a band of the stroke's width
+    return np.clip(0.5 - edge / px, 0, 1).max(axis=1)[..., None]  # unused slots lie far outside the image
 
+
+def _background(texture, rendering: Rendering, gx, gy, rng) -> np.ndarray:
+    """Textured background [N, S, S, 3]: two close colours mixed by the group's pattern."""
+    n, size = len(texture), gx.shape[0]
     theta = rng.uniform(0, np.pi, (n, 1, 1))
     u, v = np.cos(theta) * gx + np.sin(theta) * gy, np.cos(theta) * gy - np.sin(theta) * gx
     ring_centre = rng.uniform(0.25, 0.75, (2, n, 1, 1)) * size
     r = np.hypot(gx - ring_centre[0], gy - ring_centre[1])
-    period = np.where(texture // 5 == 0, 9.0, 4.5)[:, None, None] * px * rng.uniform(0.85, 1.15, (n, 1, 1))
+    period = np.where(texture // 5 == 0, 9.0, 4.5)[:, None, None] * size / 32 * rng.uniform(0.85, 1.15, (n, 1, 1))
     phase = rng.uniform(0, 2 * np.pi, (n, 1, 1))
     pattern = np.empty((n, size, size))
     for family in range(5):
         m = texture % 5 == family
         pattern[m] = _texture(family, u[m], v[m], r[m], phase[m], period[m])
-    bg_hue = rng.uniform(0, 1, n)
-    bg_low = _hsv_to_rgb(bg_hue, np.full(n, rendering.bg_saturation), rng.uniform(*rendering.bg_value, n))
-    bg_high = np.clip(bg_low + rendering.bg_contrast, 0, 1)
-    background = bg_low[:, None, None] + pattern[..., None] * (bg_high - bg_low)[:, None, None]
+    low = _hsv_to_rgb(rng.uniform(0, 1, n), np.full(n, rendering.bg_saturation), rng.uniform(*rendering.bg_value, n))
+    high = np.clip(low + rendering.bg_contrast, 0, 1)
+    return low[:, None, None] + pattern[..., None] * (high - low)[:, None, None]
 
+
+def render(shape, texture, hue, count, orientation, filled, rendering: Rendering, size: int,
+           rng: np.random.Generator) -> np.ndarray:
+    """Draws N images from per-image attribute arrays [N] (indices; filled bool) -> uint8 [N, size, size, 3]."""
+    xs = np.arange(size) + 0.5
+    gy, gx = np.meshgrid(xs, xs, indexing="ij")  # [S, S] pixel centres
+    alpha = _objects_alpha(shape, count, orientation, filled, rendering, gx, gy, rng)
+    background = _background(texture, rendering, gx, gy, rng)
+    n = len(shape)
     fg_hue = (hue * 360 / NUM_HUES + rendering.hue_offset + rng.uniform(-1, 1, n) * rendering.hue_jitter) / 360
     foreground = _hsv_to_rgb(fg_hue % 1.0, rng.uniform(*rendering.saturation, n), rng.uniform(0.8, 1.0, n))
     image = background * (1 - alpha) + foreground[:, None, None] * alpha
-    image = _blur(image, rendering.blur * px) + rng.normal(0, rendering.noise, image.shape)
+    image = _blur(image, rendering.blur * size / 32) + rng.normal(0, rendering.noise, image.shape)
     return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 

@@ -83,9 +83,10 @@ def test_groups_share_shape_and_texture_and_classes_differ_within_a_group() -> N
 
 
 def test_group_is_visible_in_the_pixels(tmp_path: Path) -> None:
-    """Nearest group centroid of the background spectrum beats chance: the group is in the images, not only the label."""
+    """Nearest group centroid of the image spectrum beats chance: the group is in the pixels, not only the label."""
     splits = synthetic.target_splits(data_config(tmp_path, num_classes=8, num_groups=4, n_max=40, tau=1,
                                                  test_per_class=10))
+
     def spectrum(images: torch.Tensor) -> torch.Tensor:
         grey = images.float().mean(-1)
         return torch.fft.rfft2(grey - grey.mean((1, 2), keepdim=True)).abs().flatten(1).log1p()
