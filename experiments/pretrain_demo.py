@@ -38,6 +38,8 @@ DEMO_BACKBONE = BackboneConfig(
 
 @dataclass
 class DemoPretrainConfig:
+    """The recipe: 5 epochs over the 18,000 default source images reach ~79% source test accuracy (chance 1.7%)."""
+
     epochs: int = 5
     batch_size: int = 64
     lr: float = 1e-3  # AdamW peak learning rate
@@ -45,7 +47,7 @@ class DemoPretrainConfig:
     warmup_epochs: float = 0.5  # linear warm-up, then cosine to 0, per step
     label_smoothing: float = 0.1
     crop_min_scale: float = 0.5  # random resized crop (area fraction) of each source image
-    flip: bool = True  # source labels (shape, hue) are mirror invariant
+    flip: bool = True  # the source label (texture, hue) is mirror invariant
     seed: int = 0
 
 
@@ -131,11 +133,11 @@ def pretrain_micro_vit(backbone: BackboneConfig, images: torch.Tensor, labels: t
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     model = timm.create_model(backbone.name, pretrained=False, num_classes=num_classes, **backbone.model_kwargs)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n
-                                                               and "token" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    # weight decay on matrices only: not on biases, norms, the class token or the position embedding
+    decays = {n: p.ndim > 1 and "pos_embed" not in n and "token" not in n for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in model.named_parameters() if decays[n]], "weight_decay": cfg.weight_decay},
+         {"params": [p for n, p in model.named_parameters() if not decays[n]], "weight_decay": 0.0}], lr=cfg.lr)
     x_all = _to_input(images)
     steps_per_epoch = math.ceil(len(labels) / cfg.batch_size)
     total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)

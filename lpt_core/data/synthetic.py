@@ -17,7 +17,10 @@ blur, noise, shifted and paler hues and brighter backgrounds (`shift` in [0, 1] 
 features transfer, imperfectly: a linear probe of the pretrained micro ViT gets ~44% on the target (chance 2%),
 ~68% with shift=0.
 
-Splits are deterministic in their options and cached as uint8 tensors under `cache_dir/demo/<hash>.pt`.
+Options (`data.options`, defaults in DemoOptions): num_classes 50, num_groups 10, tau 100, n_max 200,
+test_per_class 20, val_per_class 0, source_per_class 300, source_test_per_class 20, shift 1.0, image_size 32, seed 0.
+Splits are deterministic in their options and cached as uint8 tensors under `cache_dir/demo/<hash>.pt`
+(target-* and source-*: each file's hash names only the options that change it).
 """
 from __future__ import annotations
 
@@ -277,11 +280,11 @@ TARGET_KEYS = ("num_classes", "num_groups", "tau", "n_max", "test_per_class", "v
                "seed")
 SOURCE_KEYS = ("source_per_class", "source_test_per_class", "image_size", "seed")
 SPLIT_STREAMS = {"classes": 0, "train": 1, "test": 2, "val": 3, "source_train": 4, "source_test": 5}
-CHUNK = 512  # images drawn at once: bounds the [N, 3, S, S] float buffers
+CHUNK = 512  # images drawn at once: bounds the [N, 3 objects, S, S] float buffers
 
 
 def group_identity(group: int) -> tuple[int, int]:
-    """(shape, texture) of a group: distinct for the first 100 groups, neither index equal to the other."""
+    """(shape, texture) of a group: distinct pairs for the first 100 groups (10 shapes x 10 textures)."""
     return group % NUM_SHAPES, (3 * (group % NUM_SHAPES) + group // NUM_SHAPES) % NUM_TEXTURES
 
 

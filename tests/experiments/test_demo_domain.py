@@ -86,6 +86,7 @@ def test_parallel_callers_train_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~2.5 min on two idle cores; torch threads slow down badly when the cores are shared
 def test_default_pretraining_reaches_the_source_accuracy_bar(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     threads = torch.get_num_threads()
     try:
