@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -104,12 +105,21 @@ def resolve_backbones(plan: SweepPlan, log=print) -> None:
             overrides["backbone.weights_file"] = resolved.backbone.weights_file
 
 
+def _absolute_paths(lpt: dict[str, Any]) -> None:
+    """Tune runs each trial in its own folder: relative paths from the command line must not move with it."""
+    for section, key in (("data", "cache_dir"), ("data", "root"), ("backbone", "weights_file")):
+        value = lpt[section].get(key)
+        if value and "://" not in value:
+            lpt[section][key] = str(Path(value).expanduser().resolve())
+
+
 def build_plan(cfg: DictConfig | dict) -> SweepPlan:
     """Validated plan; the demo backbones are resolved later (resolve_backbones), after the cheap checks."""
     spec = split(cfg)
     settings = parse_settings(spec.rest)
     ablation = get_ablation(settings.ablation.name)
     build_lpt(spec.lpt)  # the base config alone must be valid
+    _absolute_paths(spec.lpt)
     name = settings.sweep.name or f"{ablation.name}-{spec.name}"
     if settings.search.name == "optuna" and settings.ablation.values is not None:
         raise ConfigError("ablation.values selects grid rows; it has no meaning with search=optuna")
