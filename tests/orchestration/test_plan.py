@@ -194,3 +194,9 @@ def test_prepare_folder_refuses_low_disk(group_size: SweepPlan, tmp_path: Path,
     with pytest.raises(SweepError, match=r"only 0\.25 GiB free.*min_free_disk_gb=1"):
         _prepare_folder(with_root(group_size, tmp_path))
     _prepare_folder(with_root(group_size, tmp_path, min_free_disk_gb=0.1))
+
+
+def test_relative_paths_become_absolute_before_trials_change_folder(plan_for, monkeypatch, tmp_path) -> None:
+    monkeypatch.chdir(tmp_path)
+    plan = plan_for("ablation=group_size", "data.cache_dir=outputs/cache")
+    assert plan.base_lpt["data"]["cache_dir"] == str(tmp_path / "outputs" / "cache")
