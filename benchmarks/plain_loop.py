@@ -29,6 +29,12 @@ class QuietHooks(PhaseHooks):
         print(message, file=sys.stderr, flush=True)
 
 
+def training(history: list[dict[str, float]]) -> dict[str, float]:
+    """Seconds spent in training epochs and images trained, from a stage's per-epoch history."""
+    return {"train_s": sum(h["epoch_time_s"] for h in history),
+            "images": sum(round(h["train_images_per_s"] * h["epoch_time_s"]) for h in history)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir")
@@ -56,11 +62,13 @@ def main(argv: list[str] | None = None) -> None:
         cfg = build_lpt(apply_overrides(base_values, overrides))
         if phase1_ckpt is None:  # the rows differ in phase-2 fields only: one phase 1 serves them all
             start = time.perf_counter()
-            phase1_ckpt = run_phase(cfg, "phase1", workdir / "phase1", hooks).checkpoint_dir
-            stages.append({"stage": "phase1", "wall_s": time.perf_counter() - start})
+            result = run_phase(cfg, "phase1", workdir / "phase1", hooks)
+            stages.append({"stage": "phase1", "wall_s": time.perf_counter() - start, **training(result.history)})
+            phase1_ckpt = result.checkpoint_dir
         start = time.perf_counter()
-        run_phase(cfg, "phase2", workdir / f"phase2-{i}", hooks, init_from=phase1_ckpt)
-        stages.append({"stage": "phase2", "row": point.label, "wall_s": time.perf_counter() - start})
+        result = run_phase(cfg, "phase2", workdir / f"phase2-{i}", hooks, init_from=phase1_ckpt)
+        stages.append({"stage": "phase2", "row": point.label, "wall_s": time.perf_counter() - start,
+                       **training(result.history)})
     print(json.dumps({"import_s": imported, "stages": stages, "total_s": time.perf_counter() - START}), flush=True)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.context import Context
+from benchmarks.plain_loop import training
 
 REPO = Path(__file__).resolve().parents[1]
 ABLATION = "ablation=group_size"
@@ -60,11 +61,12 @@ class SweepRun(ProcessRun):
             times.append((start if start <= end else None, end))
         return sorted(times, key=lambda t: t[1])
 
-    def images_trained(self, stage: str) -> int:
-        total = 0
+    def training(self, stage: str) -> dict[str, float]:
+        """Seconds in training epochs and images trained by the stages of this kind (their result.json)."""
+        total = {"train_s": 0.0, "images": 0}
         for p in self.stage_folders(stage):
-            history = json.loads((p / "result.json").read_text())["history"]
-            total += sum(round(h["train_images_per_s"] * h["epoch_time_s"]) for h in history)
+            for key, value in training(json.loads((p / "result.json").read_text())["history"]).items():
+                total[key] += value
         return total
 
 

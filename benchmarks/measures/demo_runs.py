@@ -3,6 +3,10 @@
 (b) the plain in-process loop over run_phase (benchmarks/plain_loop.py) doing the same stages,
 (c) the same sweep with stages.cache=false (every trial trains its own phase 1),
 each a fresh process (Ray starts cold), after the demo's micro ViT has been pretrained into the shared cache.
+
+The runs take minutes each, so on a shared machine the training speed itself can drift between them (other
+tenants' load). `normalized_wall` removes that drift: each run's training epochs are re-timed at the images/s of
+all runs together, leaving everything else (start-up, evaluation, orchestration) as measured.
 """
 from __future__ import annotations
 
@@ -22,6 +26,22 @@ class DemoRuns:
     uncached: list[SweepRun] = field(default_factory=list)
     loops: list[tuple[ProcessRun, dict[str, Any]]] = field(default_factory=list)
     fixed_costs: dict[str, float] | None = None
+
+    def training(self) -> list[dict[str, float]]:
+        """train_s and images of every run."""
+        sweeps = [{k: sum(r.training(st)[k] for st in ("phase1", "phase2")) for k in ("train_s", "images")}
+                  for r in self.cached + self.uncached]
+        loops = [{k: sum(st[k] for st in result["stages"]) for k in ("train_s", "images")}
+                 for _, result in self.loops]
+        return sweeps + loops
+
+    def common_rate(self) -> float:
+        """images/s of the training epochs of all runs together."""
+        runs = self.training()
+        return sum(r["images"] for r in runs) / sum(r["train_s"] for r in runs)
+
+    def normalized_wall(self, wall_s: float, train: dict[str, float]) -> float:
+        return wall_s - train["train_s"] + train["images"] / self.common_rate()
 
 
 def demo_runs(ctx: Context) -> DemoRuns:

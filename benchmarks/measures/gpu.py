@@ -52,7 +52,7 @@ def packing(ctx: Context) -> dict[str, Any]:
     for name, extra in order.items():
         runs[name] = runner.sweep(name, cache=True, rows=(5, 10, 20, 40), extra=extra, reuse_phase1=True)
     windows = {name: run.trial_window("phase2") for name, run in runs.items()}
-    images = runs["packed"].images_trained("phase2")
+    images = runs["packed"].training("phase2")["images"]
     return {"trials": 4, "images_trained": images,
             "window_s": windows, "sweep_wall_s": {name: run.wall_s for name, run in runs.items()},
             "aggregate_images_per_s": {name: images / w for name, w in windows.items()},
