@@ -117,8 +117,9 @@ class SweepRunner:
         return time.perf_counter() - start
 
     def sweep(self, name: str, cache: bool, rows: tuple[int, ...] | None = None, extra: tuple[str, ...] = (),
-              reuse_phase1: bool = False, entry: tuple[str, ...] = ("orchestration/sweep.py",)) -> SweepRun:
-        """One sweep in a fresh process; `entry` is the script (and its own flags) that takes the overrides."""
+              concurrent: int = 1, reuse_phase1: bool = False) -> SweepRun:
+        """One sweep in a fresh process, `concurrent` trials at a time; `reuse_phase1` starts it with the phase 1
+        of prime_phase1() already in its stage store."""
         self._count += 1
         folder = self.root / f"{self._count:02d}-{name}"
         stage_root = folder / "stages"
@@ -129,16 +130,17 @@ class SweepRunner:
             for stage in self._phase1_store.glob("phase1-*"):
                 shutil.copytree(stage, stage_root / stage.name)
         overrides = [*self.common(rows), f"sweep.root={folder / 'sweeps'}", f"sweep.name={name}",
-                     f"stages.root={stage_root}", f"stages.cache={str(cache).lower()}", "max_concurrent_trials=1",
-                     *extra]
-        run = run_process([sys.executable, *entry, *overrides], folder.with_suffix(".log"), self.timeout_s)
+                     f"stages.root={stage_root}", f"stages.cache={str(cache).lower()}",
+                     f"max_concurrent_trials={concurrent}", *extra]
+        run = run_process([sys.executable, "orchestration/sweep.py", *overrides], folder.with_suffix(".log"),
+                          self.timeout_s)
         if run.returncode != 0:
             raise RuntimeError(f"sweep {name} failed (exit {run.returncode}):\n{run.tail()}")
         return SweepRun(**vars(run), stage_root=stage_root, overrides=overrides)
 
-    def prime_phase1(self) -> None:
+    def prime_phase1(self, extra: tuple[str, ...] = ()) -> None:
         """Trains the shared phase 1 once (a one-row sweep), to be copied into later runs' stage folders."""
-        run = self.sweep("prime", cache=True, rows=(5,))
+        run = self.sweep("prime", cache=True, rows=(5,), extra=extra)
         self._phase1_store = run.stage_root
 
     def plain_loop(self, rows: tuple[int, ...] | None = None) -> tuple[ProcessRun, dict[str, Any]]:

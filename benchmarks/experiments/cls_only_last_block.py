@@ -70,6 +70,11 @@ def patch(model: LPTModel) -> LPTModel:
     return model
 
 
+def print_flops(phase: str, steps: dict, unit) -> None:
+    flops = {name: count_flops(lambda s=s: s(unit)) / unit.size / 1e9 for name, s in steps.items()}
+    print(f"{phase} GFLOP/image: " + ", ".join(f"{name} {f:.3g}" for name, f in flops.items()))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="vit_s")
@@ -91,20 +96,17 @@ def main(argv: list[str] | None = None) -> None:
              "naive": DualStep(naive, naive.lpt.set_trainable("phase2"), device)}
     naive.lpt.train()
     unit = random_batch(args.shape, 1, device)
-    flops = {name: count_flops(lambda s=s: s(unit)) / unit.size / 1e9 for name, s in steps.items()}
-    print("GFLOP/image: " + ", ".join(f"{name} {f:.3g}" for name, f in flops.items()))
-    for phase in ("phase1",):
-        p1 = {name: lpt_step(m, phase, device) for name, m in (("current", current), ("cls_only", candidate))}
-        p1_flops = {name: count_flops(lambda s=s: s(unit)) / unit.size / 1e9 for name, s in p1.items()}
-        print(f"{phase} GFLOP/image: " + ", ".join(f"{name} {f:.3g}" for name, f in p1_flops.items()))
-        for m in (current, candidate):
-            m.set_trainable("phase2")
+    print_flops("phase2", steps, unit)
+    print_flops("phase1", {"current": lpt_step(current, "phase1", device),
+                           "cls_only": lpt_step(candidate, "phase1", device)}, unit)
+    for model in (current, candidate):  # back to the phase-2 parameters the timed steps optimise
+        model.set_trainable("phase2")
     samples = interleaved({name: (lambda s=s: s(batch)) for name, s in steps.items()}, args.repeats, warmup=1)
     for name, secs in samples.items():
         print(f"{name:9s} {Stats.of(secs).fmt()} s/step")
-    print(f"speed-up cls_only / current: {Stats.of(ratios(samples['current'], samples['cls_only'])).fmt()}")
-    print(f"vs naive: current {Stats.of(ratios(samples['naive'], samples['current'])).fmt()}, "
-          f"cls_only {Stats.of(ratios(samples['naive'], samples['cls_only'])).fmt()}")
+    print(f"speed-up cls_only / current: {Stats.of(ratios(samples['current'], samples['cls_only'])).fmt_ratio()}")
+    print(f"vs naive: current {Stats.of(ratios(samples['naive'], samples['current'])).fmt_ratio()}, "
+          f"cls_only {Stats.of(ratios(samples['naive'], samples['cls_only'])).fmt_ratio()}")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,7 @@ from benchmarks.sweeps import SweepRunner
 from benchmarks.timing import Stats, interleaved, throughput
 
 TITLE = "6. GPU: ViT-B/16 bf16 and trial packing"
-PACKED = ("resources.gpu=0.25", "max_concurrent_trials=4")
-SERIAL = ("resources.gpu=1", "max_concurrent_trials=1")
+RUNS = {"serial": (("resources.gpu=1",), 1), "packed": (("resources.gpu=0.25",), 4)}  # overrides, concurrent
 
 
 def vit_b(ctx: Context) -> list[dict[str, Any]]:
@@ -46,11 +45,10 @@ def vit_b(ctx: Context) -> list[dict[str, Any]]:
 
 def packing(ctx: Context) -> dict[str, Any]:
     runner = SweepRunner(ctx, "packing")
-    runner.prime_phase1()
-    runs = {}
-    order = {"serial": SERIAL, "packed": PACKED}
-    for name, extra in order.items():
-        runs[name] = runner.sweep(name, cache=True, rows=(5, 10, 20, 40), extra=extra, reuse_phase1=True)
+    runner.prime_phase1(extra=RUNS["serial"][0])
+    runs = {name: runner.sweep(name, cache=True, rows=(5, 10, 20, 40), extra=extra, concurrent=concurrent,
+                               reuse_phase1=True)
+            for name, (extra, concurrent) in RUNS.items()}
     windows = {name: run.trial_window("phase2") for name, run in runs.items()}
     images = runs["packed"].training("phase2")["images"]
     return {"trials": 4, "images_trained": images,
