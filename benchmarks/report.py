@@ -19,6 +19,20 @@ def _machine(m: dict[str, Any]) -> list[str]:
             f"| platform | {m['platform']} |"]
 
 
+def _provenance(results: dict[str, Any]) -> list[str]:
+    """Where sections kept by --merge from earlier runs were measured (nothing when one run measured all)."""
+    runs: dict[tuple, list[str]] = {}
+    for name in REPORT_ORDER:
+        measured = results["sections"].get(name, {}).get("measured")
+        if measured:
+            runs.setdefault((measured["command"], measured["date"], str(measured.get("load_average_1_5_15"))),
+                            []).append(name)
+    if len(runs) < 2:
+        return []
+    return [f"Sections {', '.join(names)} were measured by `{command}` on {date} (load average {load})."
+            for (command, date, load), names in runs.items()]
+
+
 def _met(value: Any) -> str:
     return {True: "yes", False: "**no**", None: "-"}.get(value, str(value)) if not isinstance(value, str) else value
 
@@ -51,6 +65,7 @@ def render(results: dict[str, Any]) -> str:
             lines += ["Failed:", "", "```", section["error"].rstrip(), "```"]
         else:
             lines.append(MEASURES[name].markdown(section))
-    if results.get("notes"):
-        lines += ["", "## Notes", "", *[f"- {note}" for note in results["notes"]]]
+    notes = [*results.get("notes", []), *_provenance(results)]
+    if notes:
+        lines += ["", "## Notes", "", *[f"- {note}" for note in notes]]
     return "\n".join(lines) + "\n"

@@ -79,8 +79,9 @@ def notes(ctx: Context) -> list[str]:
     ]
 
 
-def keep_earlier(out: Path, mode: str, device: str, selected: list[str]) -> tuple[dict, list[str]]:
-    """--merge: the sections of the earlier results.json that this run does not re-measure, and a note."""
+def keep_earlier(out: Path, mode: str, device: str, selected: list[str]) -> dict:
+    """--merge: the sections of the earlier results.json that this run does not re-measure (each carries where
+    and when it was measured, which the report lists)."""
     path = out / "results.json"
     if not path.is_file():
         raise SystemExit(f"--merge: no earlier {path} to merge into")
@@ -89,11 +90,7 @@ def keep_earlier(out: Path, mode: str, device: str, selected: list[str]) -> tupl
     if (run["mode"], run["device"]) != (mode, device):
         raise SystemExit(f"--merge: {path} holds a {run['mode']} run on {run['device']}; this is a {mode} run "
                          f"on {device}")
-    kept = {name: section for name, section in earlier["sections"].items() if name not in selected}
-    load = earlier["machine"].get("load_average_1_5_15")
-    note = (f"Sections {', '.join(kept)} are kept from an earlier run (`{run['command']}`, {run['date']}, load "
-            f"average {load}); {', '.join(selected)} were measured by this one.")
-    return kept, [note] if kept else []
+    return {name: section for name, section in earlier["sections"].items() if name not in selected}
 
 
 def write(out: Path, results: dict) -> None:
@@ -105,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     selected = args.only.split(",")
     mode = "quick" if args.quick else "full"
-    kept, merge_notes = keep_earlier(args.out, mode, args.device, selected) if args.merge else ({}, [])
+    kept = keep_earlier(args.out, mode, args.device, selected) if args.merge else {}
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -119,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"run": {"command": command.strip(), "mode": mode,
                        "device": str(device), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
                        "warmup": plan.warmup, "repeats": plan.repeats},
-               "machine": describe(args.threads), "sections": ctx.sections, "notes": notes(ctx) + merge_notes}
+               "machine": describe(args.threads), "sections": ctx.sections, "notes": notes(ctx)}
     try:
         for name in selected:
             ctx.stamp(f"measure {name}")
@@ -128,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             except Exception:  # one measure failing must not lose the others
                 ctx.sections[name] = {"title": MEASURES[name].TITLE, "error": traceback.format_exc(limit=8)}
                 ctx.log(ctx.sections[name]["error"])
+            ctx.sections[name]["measured"] = {"command": results["run"]["command"],
+                                              "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+                                              "load_average_1_5_15": load_average()}
             results["run"]["wall_s"] = time.perf_counter() - started
             write(args.out, results)
     finally:
