@@ -128,7 +128,7 @@ register(Ablation(
     ),
     demo_points=(
         Point("micro_s", {"backbone.model_kwargs.embed_dim": 64, "backbone.model_kwargs.num_heads": 2}),
-        Point("micro_m", {"backbone.model_kwargs.embed_dim": 96, "backbone.model_kwargs.num_heads": 3}),
+        Point("micro_m", {"backbone.model_kwargs.embed_dim": 128, "backbone.model_kwargs.num_heads": 4}),
         Point("micro_l", {"backbone.model_kwargs.embed_dim": 192, "backbone.model_kwargs.num_heads": 6}),
     ),
     stages=("pretrain", "phase1", "phase2"), paper={"vit_t": 37.40, "vit_s": 44.66, "vit_b": 50.07},

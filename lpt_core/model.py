@@ -83,13 +83,17 @@ class LPTModel(nn.Module):
         return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))  # [B, 1 + N, D]
 
     def run_blocks(self, x: Tensor, start: int, end: int, group: Tensor | None = None) -> Tensor:
-        """Blocks start..end-1 with the shared prompt and, from block K on, the per-image group prompt."""
+        """Blocks start..end-1 with the shared prompt and, from block K on, the per-image group prompt.
+
+        A run that ends at the last block returns the class token alone ([B, 1, D]): nothing reads the others.
+        """
+        last = len(self.backbone.blocks) - 1
         for i in range(start, end):
             prompts = self.shared_prompt(i) if self.shared_prompt is not None else None
             if group is not None and i >= self.block_k:
                 r = group[:, i - self.block_k]  # [B, P', D]
                 prompts = r if prompts is None else torch.cat([prompts.expand(r.shape[0], -1, -1), r], dim=1)
-            x = prompted_block(self.backbone.blocks[i], x, prompts)
+            x = prompted_block(self.backbone.blocks[i], x, prompts, cls_only=i == last)
         return x
 
     def cls_feature(self, x: Tensor) -> Tensor:

@@ -66,31 +66,47 @@ def _prompt_keys_values(attn: Attention, prompts: Tensor) -> tuple[Tensor, Tenso
     return k, _heads(v, attn.num_heads, attn.head_dim)
 
 
-def prompted_block(block: Block, x: Tensor, prompts: Tensor | None) -> Tensor:
+def _queries_keys_values(attn: Attention, h: Tensor, cls_only: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Q, K, V in heads layout. cls_only: queries for the class token alone (one third of the qkv GEMM's rows
+    spared for every other token), keys and values for all tokens."""
+    b, n, _ = h.shape
+    if not cls_only:
+        q, k, v = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+    dim, weight, bias = attn.attn_dim, attn.qkv.weight, attn.qkv.bias
+    q = F.linear(h[:, :1], weight[:dim], bias[:dim] if bias is not None else None)  # [B, 1, D]
+    k, v = F.linear(h, weight[dim:], bias[dim:] if bias is not None else None).split(dim, dim=-1)
+    return tuple(_heads(t, attn.num_heads, attn.head_dim) for t in (q, k, v))
+
+
+def prompted_block(block: Block, x: Tensor, prompts: Tensor | None, cls_only: bool = False) -> Tensor:
     """One pre-norm ViT block whose keys/values are [x, prompts] and whose queries are x.
 
     x: [B, N, D] image tokens (class token first); prompts: [P, D] shared by the batch or [B, P, D] per image.
+    cls_only (the last block, whose only consumer is the classifier's class token): the attention queries, the
+    projection and the MLP run for the class token alone and the result is [B, 1, D]; the output of the other
+    tokens would be computed, back-propagated through and thrown away.
     """
-    if prompts is None or prompts.shape[-2] == 0:
+    if (prompts is None or prompts.shape[-2] == 0) and not cls_only:
         return block(x)
     attn: Attention = block.attn
     h = block.norm1(x)
-    b, n, _ = h.shape
-    q, k, v = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    b = h.shape[0]
+    q, k, v = _queries_keys_values(attn, h, cls_only)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    k_p, v_p = _prompt_keys_values(attn, block.norm1(prompts if prompts.dim() == 3 else prompts.unsqueeze(0)))
-    k_p, v_p = k_p.to(k.dtype), v_p.to(v.dtype)
-    if k_p.shape[0] != b:  # one prompt for the whole batch: broadcast without copying
-        k_p, v_p = k_p.expand(b, -1, -1, -1), v_p.expand(b, -1, -1, -1)
-    out = F.scaled_dot_product_attention(
-        q, torch.cat([k, k_p], dim=2), torch.cat([v, v_p], dim=2),
-        dropout_p=attn.attn_drop.p if attn.training else 0.0,
-    )
+    if prompts is not None and prompts.shape[-2] > 0:
+        k_p, v_p = _prompt_keys_values(attn, block.norm1(prompts if prompts.dim() == 3 else prompts.unsqueeze(0)))
+        k_p, v_p = k_p.to(k.dtype), v_p.to(v.dtype)
+        if k_p.shape[0] != b:  # one prompt for the whole batch: broadcast without copying
+            k_p, v_p = k_p.expand(b, -1, -1, -1), v_p.expand(b, -1, -1, -1)
+        k, v = torch.cat([k, k_p], dim=2), torch.cat([v, v_p], dim=2)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    n = q.shape[2]
     out = attn.norm(out.transpose(1, 2).reshape(b, n, attn.attn_dim))
     if attn.gate is not None:
-        out = out * attn.gate(h).sigmoid()
+        out = out * attn.gate(h[:, :n]).sigmoid()
     out = attn.proj_drop(attn.proj(out))
-    x = x + block.drop_path1(block.ls1(out))
+    x = x[:, :n] + block.drop_path1(block.ls1(out))
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 

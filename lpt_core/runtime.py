@@ -24,6 +24,19 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; the CPU allocator raises a RuntimeError that says so."""
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """After an out-of-memory error: hand the caching allocator's blocks back (a packed neighbour may need them)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def seed_everything(seed: int, threads: int | None = None) -> None:
     random.seed(seed)
     torch.manual_seed(seed)

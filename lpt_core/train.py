@@ -27,13 +27,17 @@ from lpt_core.data import DatasetBundle, Normalization, build_dataset
 from lpt_core.evaluate import EvalOutput, evaluate, feature_statistics
 from lpt_core.losses import build_classification_loss, matching_loss
 from lpt_core.model import LPTModel
-from lpt_core.runtime import autocast, resolve_device, seed_everything
+from lpt_core.runtime import autocast, is_out_of_memory, release_cached_memory, resolve_device, seed_everything
 from lpt_core.sampling import ClassAwareSampler, InstanceSampler, branch_weight, branches_for, steps_per_epoch
 from lpt_core.schedule import build_optimizer, lr_at
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN/inf; raised at the end of the epoch in which it happened."""
+
+
+class PhaseOutOfMemoryError(MemoryError):
+    """The device ran out of memory during a stage; deterministic for a given batch size and device share."""
 
 
 class PhaseHooks:
@@ -206,18 +210,25 @@ def run_phase(cfg: LPTConfig, phase: str, workdir: str | Path, hooks: PhaseHooks
     meta = {"phase": phase, "backbone": vars(setup.identity), "num_classes": setup.bundle.num_classes,
             "config": to_dict(cfg), "init_from": str(init_from) if init_from else None}
     metrics, ckpt_dir, out = {}, None, None
-    for epoch in range(start_epoch, pcfg.epochs):
-        metrics = {"epoch": epoch, **_train_epoch(cfg, phase, pcfg, setup, state, epoch, hooks)}
-        last = epoch == pcfg.epochs - 1
-        if last or (epoch + 1) % cfg.eval.every_epochs == 0:
-            eval_metrics, out = _evaluate_metrics(cfg, phase, setup)
-            metrics.update(eval_metrics)
-        history.append(metrics)
-        ckpt_dir = save_checkpoint(workdir / "checkpoints" / f"epoch_{epoch:04d}",
-                                   _checkpoint_state(setup, state, epoch, history), {**meta, "epoch": epoch})
-        _prune_checkpoints(workdir / "checkpoints", keep=keep_checkpoints)
-        hooks.log(_progress_line(phase, epoch, pcfg.epochs, metrics))
-        hooks.on_epoch_end(epoch, metrics, ckpt_dir)
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, pcfg.epochs):
+            metrics = {"epoch": epoch, **_train_epoch(cfg, phase, pcfg, setup, state, epoch, hooks)}
+            last = epoch == pcfg.epochs - 1
+            if last or (epoch + 1) % cfg.eval.every_epochs == 0:
+                eval_metrics, out = _evaluate_metrics(cfg, phase, setup)
+                metrics.update(eval_metrics)
+            history.append(metrics)
+            ckpt_dir = save_checkpoint(workdir / "checkpoints" / f"epoch_{epoch:04d}",
+                                       _checkpoint_state(setup, state, epoch, history), {**meta, "epoch": epoch})
+            _prune_checkpoints(workdir / "checkpoints", keep=keep_checkpoints)
+            hooks.log(_progress_line(phase, epoch, pcfg.epochs, metrics))
+            hooks.on_epoch_end(epoch, metrics, ckpt_dir)
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        release_cached_memory(setup.device)
+        raise _out_of_memory(err, cfg, phase, epoch, setup.device) from err
     if out is None:  # resumed after the last epoch: evaluate what the checkpoint holds
         ckpt_dir = Path(resume_from)
         eval_metrics, out = _evaluate_metrics(cfg, phase, setup)
@@ -225,6 +236,18 @@ def run_phase(cfg: LPTConfig, phase: str, workdir: str | Path, hooks: PhaseHooks
     result = _finish(cfg, phase, setup, out, metrics, history, ckpt_dir)
     result.extras["resumed_after_epoch"] = start_epoch - 1 if resume_from else None
     return result
+
+
+def _out_of_memory(err: BaseException, cfg: LPTConfig, phase: str, epoch: int,
+                   device: torch.device) -> PhaseOutOfMemoryError:
+    """The allocator's words plus the knobs that decide the memory a stage needs."""
+    pcfg = cfg.phase_config(phase)
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    return PhaseOutOfMemoryError(
+        f"{phase} epoch {epoch}: out of memory on {device} ({reason}); lower {phase}.batch_size (now "
+        f"{pcfg.batch_size} per branch, {len(branches_for(pcfg.sampling))} branches a step) or "
+        f"data.eval_batch_size (now {cfg.data.eval_batch_size}), or give each trial more of the device "
+        f"(resources.gpu in a sweep)")
 
 
 def _prune_checkpoints(folder: Path, keep: int) -> None:

@@ -64,6 +64,8 @@ class DebugSettings:
     fail_at_epoch: int | None = None
     fail_stage: Literal["phase1", "phase2", "joint"] = "phase2"
     fail_times: int = 1
+    oom_at_epoch: int | None = None  # a real allocator failure (an impossible allocation) after this epoch
+    fail_row: str | int | float | None = None  # inject faults into this row's trials only (None: every trial)
     epoch_sleep_s: float = 0.0  # stretch every epoch (tests that must catch a trial mid-training)
 
 

@@ -12,13 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from ray import tune
 
 from experiments.ablations import RUN_UNTIL
 from experiments.settings import apply_overrides
 from lpt_core.checkpoint import CheckpointError, read_meta, verify_checkpoint
 from lpt_core.config import flatten, from_dict
-from lpt_core.train import NonFiniteLossError, PhaseHooks, run_phase
+from lpt_core.runtime import resolve_device
+from lpt_core.train import NonFiniteLossError, PhaseHooks, PhaseOutOfMemoryError, run_phase
 from orchestration.stages import StageOutput, StageSpec, StageStore, stage_chain
 from orchestration.tracking import Tracker, is_outage, redact
 
@@ -56,10 +58,11 @@ class TrialHooks(PhaseHooks):
     """Reports each epoch to MLflow (once per step) and, for the trial's final stage, to Tune with a checkpoint."""
 
     def __init__(self, tracker: Tracker, run_id: str, spec: StageSpec, report_to_tune: bool,
-                 context: dict[str, Any], store: StageStore) -> None:
+                 debug: dict[str, Any], store: StageStore, device: torch.device) -> None:
         self.tracker, self.run_id, self.spec = tracker, run_id, spec
-        self.report_to_tune, self.context, self.store = report_to_tune, context, store
+        self.report_to_tune, self.debug, self.store = report_to_tune, debug, store
         self.last_eval: dict[str, float] = {"acc": float("nan"), "few": float("nan")}
+        self.device = device
 
     def log(self, message: str) -> None:
         print(f"[{self.spec.key}] {message}", flush=True)
@@ -74,9 +77,11 @@ class TrialHooks(PhaseHooks):
         self._maybe_fail(epoch)
 
     def _maybe_fail(self, epoch: int) -> None:
-        debug = self.context["debug"]
+        debug = self.debug
         if debug["epoch_sleep_s"]:
             time.sleep(debug["epoch_sleep_s"])
+        if debug["oom_at_epoch"] == epoch and debug["fail_stage"] == self.spec.stage:
+            torch.empty(1 << 62, dtype=torch.uint8, device=self.device)  # 4 EiB: the allocator itself refuses
         if debug["fail_at_epoch"] != epoch or debug["fail_stage"] != self.spec.stage:
             return
         marker = self.store.folder(self.spec.key) / "injected_failures"
@@ -84,6 +89,13 @@ class TrialHooks(PhaseHooks):
         if count < debug["fail_times"]:
             marker.write_text(str(count + 1))
             raise InjectedFault(f"debug.fail_at_epoch={epoch}: injected failure {count + 1}/{debug['fail_times']}")
+
+
+def _faults_for(debug: dict[str, Any], row: str) -> dict[str, Any]:
+    """The injected faults of debug.* apply to every trial, or to debug.fail_row's trials alone."""
+    if debug["fail_row"] is None or str(debug["fail_row"]) == row:
+        return debug
+    return {**debug, "fail_at_epoch": None, "oom_at_epoch": None}
 
 
 def _resume_point(store: StageStore, spec: StageSpec, log) -> Path | None:
@@ -124,7 +136,8 @@ def run_stage(context: dict[str, Any], trial: Trial, spec: StageSpec, upstream: 
         name = f"{spec.stage} {context['axis']}={trial.row} seed={trial.seed}"
         run_id = tracker.stage_run(context["parent_run_id"], context["sweep"], spec.key, name,
                                    flatten(trial.lpt), _stage_tags(context, trial, spec, upstream))
-        hooks = TrialHooks(tracker, run_id, spec, final, context, store)
+        hooks = TrialHooks(tracker, run_id, spec, final, _faults_for(context["debug"], trial.row), store,
+                           resolve_device(cfg.device))
         try:
             result = run_phase(cfg, spec.stage, store.work_dir(spec.key), hooks,
                                init_from=upstream.checkpoint_dir if upstream else None,
@@ -170,7 +183,7 @@ def lpt_trainable(config: dict[str, Any], context: dict[str, Any]) -> None:
     try:
         for i, spec in enumerate(chain):
             output = run_stage(context, trial, spec, output, i == len(chain) - 1, store, tracker)
-    except NonFiniteLossError as err:  # deterministic: a retry would diverge again, so end the trial here
+    except (NonFiniteLossError, PhaseOutOfMemoryError) as err:  # deterministic: a retry would fail the same way
         tune.report({"trial_failed": f"{type(err).__name__}: {err}", "row": trial.row, "seed": trial.seed,
                      "lpt_trial": trial.trial_id, "acc": float("nan")})
         return

@@ -63,7 +63,7 @@ def test_imagenet_sketch_needs_the_sketch_root() -> None:
 def test_every_model_composes_and_validates(model: str, experiment: str) -> None:
     cfg = validated([f"experiment={experiment}", f"model={model}", *required(experiment)])
     if model == "micro":
-        assert cfg.backbone.model_kwargs["embed_dim"] == 96 and not cfg.backbone.pretrained
+        assert cfg.backbone.model_kwargs["embed_dim"] == 128 and not cfg.backbone.pretrained
     else:
         assert cfg.backbone.name == f"vit_{SIZES[model]}_patch16_224.augreg_in21k" and cfg.backbone.pretrained
         assert cfg.backbone.model_kwargs == {}

@@ -160,6 +160,40 @@ def test_reuse_block_k_equals_recomputing(micro_vit, prompt: dict, phase: str) -
     torch.testing.assert_close(a.topk_sim, b.topk_sim, atol=1e-6, rtol=1e-6)
 
 
+def _literal_logits(model: LPTModel, images: torch.Tensor, phase: str) -> torch.Tensor:
+    """lpt-method.md done literally: every block run whole on [tokens, prompts], prompt outputs dropped, the
+    final CLS classified; phase 2's group prompt is the mean of the top-k matched by the literal phase-1 CLS."""
+    vit = model.backbone
+
+    def run(group: torch.Tensor | None) -> torch.Tensor:
+        x = model.embed(images)
+        for i, block in enumerate(vit.blocks):
+            prompts = model.shared_prompt(i).expand(x.shape[0], -1, -1)
+            if group is not None and i >= model.block_k:
+                prompts = torch.cat([prompts, group[:, i - model.block_k]], dim=1)
+            x = block(torch.cat([x, prompts], dim=1))[:, : x.shape[1]]
+        return vit.norm(x)[:, 0]
+
+    feature = run(None)
+    if phase == "phase2":
+        similarity = F.normalize(feature, dim=-1) @ F.normalize(model.group_pool.keys, dim=-1).t()
+        group = model.group_pool.prompts[similarity.topk(model.cfg.top_k, dim=-1).indices].mean(dim=1)
+        feature = run(group)
+    return F.normalize(feature, dim=-1) @ F.normalize(model.head.weight, dim=-1).t()
+
+
+@pytest.mark.parametrize("phase", ["phase1", "phase2"])
+def test_logits_equal_the_literal_full_sequence_model(micro_vit, phase: str) -> None:
+    """Prompts as keys/values only, block-K reuse and the class-token-only last block change no logit."""
+    model = _model(micro_vit).eval()
+    with torch.no_grad():
+        model.shared_prompt.tokens.normal_()
+        model.group_pool.prompts.normal_()
+        images = _images()
+        torch.testing.assert_close(model(images, phase).logits, _literal_logits(model, images, phase),
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_group_prompts_change_phase2_logits(micro_vit) -> None:
     model = _model(micro_vit).eval()
     images = _images()

@@ -94,6 +94,45 @@ def test_prompted_block_gradient_reaches_prompts_only_through_keys_values() -> N
     torch.testing.assert_close(prompts.grad, ref_prompts.grad, atol=1e-4, rtol=1e-4)
 
 
+PROMPTS = {
+    "none": lambda: None,
+    "shared_PD": lambda: torch.randn(P, DIM),
+    "per_image_BPD": lambda: torch.randn(BATCH, P, DIM),
+}
+
+
+@pytest.mark.parametrize("prompts", list(PROMPTS), ids=list(PROMPTS))
+@pytest.mark.parametrize("kwargs", list(BLOCKS.values()), ids=list(BLOCKS))
+def test_cls_only_block_is_the_class_token_row_of_the_full_block(kwargs: dict, prompts: str) -> None:
+    block = _block(kwargs, seed=5)
+    x, p = torch.randn(BATCH, TOKENS, DIM), PROMPTS[prompts]()
+    full = block(x) if p is None else _reference(block, x, p)
+    out = prompted_block(block, x, p, cls_only=True)
+    assert out.shape == (BATCH, 1, DIM)
+    torch.testing.assert_close(out, full[:, :1], atol=1e-5, rtol=1e-5)
+
+
+def test_cls_only_gated_attention() -> None:
+    block = Block(DIM, HEADS, qkv_bias=True)
+    block.attn = Attention(DIM, HEADS, qkv_bias=True, qk_norm=True, gated=True, norm_layer=LayerNorm)
+    _randomize(block, 4)
+    x, prompts = torch.randn(BATCH, TOKENS, DIM), torch.randn(BATCH, P, DIM)
+    out = prompted_block(block, x, prompts, cls_only=True)
+    torch.testing.assert_close(out, _reference(block, x, prompts)[:, :1], atol=1e-5, rtol=1e-5)
+
+
+def test_cls_only_gradients_equal_the_full_blocks() -> None:
+    """Input and prompt gradients of a class-token loss are those of the full block (the other rows had none)."""
+    block = _block(BLOCKS["qk_norm"], seed=6)
+    x = torch.randn(BATCH, TOKENS, DIM, requires_grad=True)
+    prompts = torch.randn(BATCH, P, DIM, requires_grad=True)
+    prompted_block(block, x, prompts, cls_only=True)[:, 0].square().sum().backward()
+    x_ref, p_ref = x.detach().clone().requires_grad_(True), prompts.detach().clone().requires_grad_(True)
+    _reference(block, x_ref, p_ref)[:, 0].square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(prompts.grad, p_ref.grad, atol=1e-4, rtol=1e-4)
+
+
 def test_check_block_supported_refuses_other_blocks() -> None:
     check_block_supported(Block(DIM, HEADS))
     with pytest.raises(ValueError, match="Linear"):

@@ -16,7 +16,8 @@ from PIL import Image
 import lpt_core.train as train_module
 from lpt_core.checkpoint import STATE_FILE, CheckpointError, safe_torch_load, verify_checkpoint
 from lpt_core.config import ConfigError, LPTConfig
-from lpt_core.train import NonFiniteLossError, PhaseHooks, run_phase
+from lpt_core.runtime import is_out_of_memory
+from lpt_core.train import NonFiniteLossError, PhaseHooks, PhaseOutOfMemoryError, run_phase
 
 REPO = Path(__file__).resolve().parents[2]
 TIMING_KEYS = {"epoch_time_s", "train_images_per_s"}
@@ -234,6 +235,56 @@ def test_absurd_learning_rate_stops_with_non_finite_loss(make_config: Callable[.
     with pytest.raises(NonFiniteLossError, match=r"^phase1 epoch 0: training loss is nan \(lr "):
         run_phase(cfg, "phase1", tmp_path, quiet_hooks)
     assert not (tmp_path / "checkpoints").exists() or _epoch_folders(tmp_path) == []
+
+
+class AllocatingHooks(PhaseHooks):
+    """Asks the allocator for 4 EiB after epoch `at`: a real out-of-memory error, raised where training runs."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def log(self, message: str) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float], checkpoint_dir: Path) -> None:
+        if epoch == self.at:
+            torch.empty(1 << 62, dtype=torch.uint8)
+
+
+def test_out_of_memory_is_explained_with_the_knobs_to_turn(make_config: Callable[..., LPTConfig],
+                                                           tmp_path: Path) -> None:
+    cfg = make_config({"phase1": {"epochs": 3, "batch_size": 16}, "data": {"eval_batch_size": 64}})
+    with pytest.raises(PhaseOutOfMemoryError) as caught:
+        run_phase(cfg, "phase1", tmp_path, AllocatingHooks(at=1))
+    message = str(caught.value)
+    assert message.startswith("phase1 epoch 1: out of memory on cpu (")
+    assert "can't allocate memory" in message
+    assert "phase1.batch_size (now 16 per branch, 2 branches a step)" in message
+    assert "data.eval_batch_size (now 64)" in message
+    assert is_out_of_memory(caught.value.__cause__)
+    # the epochs before it are checkpointed and intact: a retry with a smaller batch can resume from them
+    assert verify_checkpoint(tmp_path / "checkpoints" / "epoch_0001")["epoch"] == 1
+
+
+def test_errors_other_than_out_of_memory_pass_through(make_config: Callable[..., LPTConfig], tmp_path: Path) -> None:
+    class Failing(PhaseHooks):
+        def on_epoch_end(self, epoch: int, metrics: dict[str, float], checkpoint_dir: Path) -> None:
+            raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="^disk on fire$"):
+        run_phase(make_config({"phase1": {"epochs": 1}}), "phase1", tmp_path, Failing())
+
+
+def test_is_out_of_memory_recognises_cuda_cpu_and_python_errors() -> None:
+    try:
+        torch.empty(1 << 62, dtype=torch.uint8)
+    except RuntimeError as err:
+        cpu_error = err
+    assert is_out_of_memory(cpu_error)
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not is_out_of_memory(ValueError("can't allocate memory"))
 
 
 # --- modes ------------------------------------------------------------------------------------------------------------
