@@ -38,9 +38,10 @@ DEMO_BACKBONE = BackboneConfig(
 
 @dataclass
 class DemoPretrainConfig:
-    """The recipe: 5 epochs over the 18,000 default source images reach ~79% source test accuracy (chance 1.7%)."""
+    """The recipe: 8 epochs over the 18,000 default source images reach 93% source test accuracy (chance 1.7%) in
+    about 3.5 min on two cores; 5 epochs reach 73%, and the demo's phase 1 / phase 2 lose 5 points with it."""
 
-    epochs: int = 5
+    epochs: int = 8
     batch_size: int = 64
     lr: float = 1e-3  # AdamW peak learning rate
     weight_decay: float = 0.05

@@ -19,9 +19,9 @@ TINY_BACKBONE = BackboneConfig(name="vit_tiny_patch16_224", pretrained=False,
                                model_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2,
                                              "num_heads": 2})
 TINY_PRETRAIN = DemoPretrainConfig(epochs=2, batch_size=32, warmup_epochs=0.5)
-# the default pretraining must reach this on the held-out source test split: 18x chance (1 / 60), with margin
-# below what the default recipe measures, so that thread counts and BLAS differences between machines pass
-SOURCE_ACCURACY_BAR = 0.3
+# the default pretraining must reach this on the held-out source test split: 48x chance (1 / 60), with margin
+# below the 93% the default recipe measures, so that thread counts and BLAS differences between machines pass
+SOURCE_ACCURACY_BAR = 0.8
 
 
 def tiny_data(cache_dir: Path) -> DataConfig:
@@ -88,7 +88,7 @@ def test_parallel_callers_train_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_default_pretraining_reaches_the_source_accuracy_bar(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """~3.3 min. One thread: two torch threads run 10-20x slower, not 2x faster, once another process shares the
+    """~3.5 min. One thread: two torch threads run 10-20x slower, not 2x faster, once another process shares the
     two cores (OpenMP threads spin at every barrier), and CI machines are shared."""
     threads = torch.get_num_threads()
     try:
