@@ -38,7 +38,8 @@ def _fingerprint(folder: Path) -> dict[str, bytes]:
 
 def test_driver_killed_mid_sweep_resumes_without_duplicates(sweep_overrides, tmp_path):
     overrides = sweep_overrides("ablation=group_size", "ablation.values=[5,10]", "phase2.epochs=4",
-                                "max_concurrent_trials=1", "seeds=[0]")
+                                "max_concurrent_trials=1", "seeds=[0]",
+                                "debug.epoch_sleep_s=1")  # the kill must land while a phase-2 trial trains
     stages, folder = tmp_path / "stages", tmp_path / "sweeps" / "group_size-demo"
     with open(tmp_path / "driver.log", "w") as log:
         proc = subprocess.Popen([sys.executable, str(REPO / "orchestration" / "sweep.py"), *overrides], cwd=REPO,
