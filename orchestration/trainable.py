@@ -6,6 +6,7 @@ the newer one in the stage store (Tune's experiment snapshot can lag behind the 
 """
 from __future__ import annotations
 
+import logging
 import time
 import traceback
 from dataclasses import dataclass
@@ -174,6 +175,9 @@ def _close_run(tracker: Tracker, run_id: str, history: list, output: StageOutput
 def lpt_trainable(config: dict[str, Any], context: dict[str, Any]) -> None:
     """Tune entry point. config = {'trial': {'row', 'seed'}} (grid) or Optuna's sampled keys and 'seed';
     context = the sweep-wide constants (bound with tune.with_parameters, kept out of every trial's config)."""
+    # Tune logs "Checkpoint successfully created at ..." for every epoch of every trial: noise between the
+    # progress lines; its warnings and errors still come through
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     trial = make_trial(context, {**config, **config.get("trial", {})})
     chain = trial.chain[:-1] if context.get("upstream_only") and len(trial.chain) > 1 else trial.chain
     store = StageStore(context["stage_root"])

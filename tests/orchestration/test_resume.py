@@ -59,6 +59,8 @@ def test_driver_killed_mid_sweep_resumes_without_duplicates(sweep_overrides, tmp
 
     resumed = run_sweep_cli([*overrides, "resume=true"])
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "Checkpoint successfully created" not in resumed.stdout + resumed.stderr  # one per epoch: muted
+    assert "[phase2] epoch 4/4" in resumed.stdout + resumed.stderr  # our progress lines stay
     assert before["plan.json"] == _fingerprint(folder)["plan.json"]
     assert json.loads((folder / "state.json").read_text())["status"] == "complete"
     assert (phase1_dir / "DONE").stat().st_mtime_ns == phase1_done  # the cached phase 1 was not retrained
