@@ -4,9 +4,10 @@ stages.cache=false: phase 1 must be trained exactly once against four times; the
 stage done, which leaves out the start-up and the report that both pay alike).
 
 The benchmark's demo stages are short (two epochs of 20 steps: seconds to half a minute on CPU), so the fixed
-costs both sweeps pay weigh more than they would at the trial length the target is meant for. The projection keeps each sweep's measured non-training time
-(start-up, Tune runs, evaluation, MLflow, report) and stretches every trained stage to two minutes, as measure 3
-does: saved = 1 - (other_cached + (1 + rows) * 120 s) / (other_uncached + 2 * rows * 120 s).
+costs both sweeps pay weigh more than they would at the trial length the target is meant for. The projection
+keeps each sweep's measured non-training time (start-up, Tune runs, evaluation, MLflow, report) and stretches
+every trained stage to two minutes, as measure 3 does:
+saved = 1 - (other_cached + (1 + rows) * 120 s) / (other_uncached + 2 * rows * 120 s).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from benchmarks.timing import Stats
 
 TITLE = "4. Stage reuse (phase-1 cache)"
 TARGET = 0.35
+TARGET_ROWS = 4  # the target is for the four group sizes; --quick runs two, where at most 25 % can be saved
 
 
 def training_window(run: SweepRun) -> float:
@@ -49,7 +51,7 @@ def run(ctx: Context) -> dict[str, Any]:
                           "uncached": Stats.of([u.wall_s for u in runs.uncached]).as_dict()},
                "saved_wall_fraction": saved_wall.as_dict(), "saved_window_fraction": saved_window.as_dict(),
                "saved_normalized_fraction": saved_norm.as_dict(),
-               "target": TARGET, "met": exact and projected >= TARGET}
+               "target": TARGET, "met": exact and projected >= TARGET if rows == TARGET_ROWS else None}
     ctx.stamp(f"stage reuse: phase 1 trained {counts}, saved {saved_wall.fmt_ratio()} of the wall")
     return section
 
@@ -58,6 +60,7 @@ def markdown(section: dict[str, Any]) -> str:
     c = section["phase1_trained"]
     w, f, g = section["wall_s"], section["saved_wall_fraction"], section["saved_window_fraction"]
     n = section["saved_normalized_fraction"]
+    verdict = {True: "met", False: "missed", None: f"not judged (the target is for {TARGET_ROWS} rows)"}[section["met"]]
     return "\n".join([
         f"Phase-1 stages trained: cached {c['cached']}, cache off {c['uncached']} "
         f"({'exactly' if section['phase1_exact'] else 'NOT'} 1 vs {section['rows']}, one per group size).", "",
@@ -72,7 +75,7 @@ def markdown(section: dict[str, Any]) -> str:
         f"{section['non_training_s']['uncached']:.1f} cache off) | | | "
         f"**{100 * section['projected_saved_2min']:.0f} %** |", "",
         f"Target: saved wall >= {100 * section['target']:.0f} % at two-minute stages (projected): "
-        f"{'met' if section['met'] else 'missed'}. "
+        f"{verdict}. "
         "The cache saves all but one phase-1 training and costs one more Tune run (the upstream one) and one more "
         "trial start; the most it can save with phase 1 as long as phase 2 is (rows - 1) / (2 rows) of the "
         "training (37.5 % for four rows), less the fixed costs both sweeps pay."])
