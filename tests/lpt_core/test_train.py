@@ -19,6 +19,8 @@ from lpt_core.config import ConfigError, LPTConfig
 from lpt_core.runtime import is_out_of_memory
 from lpt_core.train import NonFiniteLossError, PhaseHooks, PhaseOutOfMemoryError, run_phase
 
+from .conftest import QuietHooks
+
 REPO = Path(__file__).resolve().parents[2]
 TIMING_KEYS = {"epoch_time_s", "train_images_per_s"}
 NUM_CLASSES = 5  # test_blobs default
@@ -237,16 +239,15 @@ def test_absurd_learning_rate_stops_with_non_finite_loss(make_config: Callable[.
     assert not (tmp_path / "checkpoints").exists() or _epoch_folders(tmp_path) == []
 
 
-class AllocatingHooks(PhaseHooks):
+class AllocatingHooks(QuietHooks):
     """Asks the allocator for 4 EiB after epoch `at`: a real out-of-memory error, raised where training runs."""
 
     def __init__(self, at: int) -> None:
+        super().__init__()
         self.at = at
 
-    def log(self, message: str) -> None:
-        pass
-
     def on_epoch_end(self, epoch: int, metrics: dict[str, float], checkpoint_dir: Path) -> None:
+        super().on_epoch_end(epoch, metrics, checkpoint_dir)
         if epoch == self.at:
             torch.empty(1 << 62, dtype=torch.uint8)
 
@@ -254,8 +255,10 @@ class AllocatingHooks(PhaseHooks):
 def test_out_of_memory_is_explained_with_the_knobs_to_turn(make_config: Callable[..., LPTConfig],
                                                            tmp_path: Path) -> None:
     cfg = make_config({"phase1": {"epochs": 3, "batch_size": 16}, "data": {"eval_batch_size": 64}})
+    hooks = AllocatingHooks(at=1)
     with pytest.raises(PhaseOutOfMemoryError) as caught:
-        run_phase(cfg, "phase1", tmp_path, AllocatingHooks(at=1))
+        run_phase(cfg, "phase1", tmp_path, hooks)
+    assert [epoch for epoch, _, _ in hooks.epochs] == [0, 1]  # it failed in epoch 1, not before
     message = str(caught.value)
     assert message.startswith("phase1 epoch 1: out of memory on cpu (")
     assert "can't allocate memory" in message
