@@ -99,7 +99,8 @@ def check_compatible(meta: dict[str, Any], backbone: BackboneIdentity | None, nu
         saved = meta.get("backbone", {})
         if saved.get("name") != backbone.name or saved.get("weights_digest") != backbone.weights_digest:
             raise CheckpointError(
-                f"{source}: trained on backbone {saved.get('name')!r} (weights {str(saved.get('weights_digest'))[:12]}), "
+                f"{source}: trained on backbone {saved.get('name')!r} "
+                f"(weights {str(saved.get('weights_digest'))[:12]}), "
                 f"not on {backbone.name!r} (weights {backbone.weights_digest[:12]})"
             )
     if num_classes is not None and meta.get("num_classes") != num_classes:

@@ -92,7 +92,8 @@ def markdown_tables(plan: dict, rows: list[dict], paper: dict[str, float]) -> st
         title = "authors' split (many > 100, 20 < medium <= 100, few <= 20)" if rule == "authors" else \
             "standard split (many > 100, 20 <= medium <= 100, few < 20)"
         lines += ["", f"### {title}", "",
-                  f"| {plan['axis']} | stage | overall | many | medium | few | paper |", "|---|---|---|---|---|---|---|"]
+                  f"| {plan['axis']} | stage | overall | many | medium | few | paper |",
+                  "|---|---|---|---|---|---|---|"]
         for row in rows:
             cells = " | ".join(_cell(row, k) for k in keys)
             lines.append(f"| {row['row']} | {row['stage']} | {cells} | {paper.get(row['row'], '')} |")

@@ -75,7 +75,8 @@ class Tracker:
         self.uri, self.outage_wait_s = uri, outage_wait_s
         self.client = MlflowClient(tracking_uri=uri)
         found = self._call(lambda: self.client.get_experiment_by_name(experiment))
-        self.experiment_id = found.experiment_id if found else self._call(lambda: self.client.create_experiment(experiment))
+        self.experiment_id = (found.experiment_id if found is not None
+                              else self._call(lambda: self.client.create_experiment(experiment)))
         self._logged_steps: dict[str, set[int]] = {}
         self.spool = Path(spool) if spool is not None else None
         self._pending: list[tuple[str, int, list[Metric]]] = []
