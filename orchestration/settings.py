@@ -67,6 +67,8 @@ class DebugSettings:
     oom_at_epoch: int | None = None  # a real allocator failure (an impossible allocation) after this epoch
     fail_row: str | int | float | None = None  # inject faults into this row's trials only (None: every trial)
     epoch_sleep_s: float = 0.0  # stretch every epoch (tests that must catch a trial mid-training)
+    event_dir: str | None = None  # a trial writes <stage>.<row>.seed<s>.epoch<n> here after each epoch's checkpoint
+    hold_at_epoch: int | None = None  # after that event (fail_stage, fail_row), wait for <event_dir>/release
 
 
 @dataclass
@@ -101,6 +103,9 @@ def parse_settings(values: dict[str, Any]) -> SweepSettings:
         raise ConfigError(f"resources: cpu must be > 0 and gpu >= 0, got {settings.resources}")
     if settings.max_failures < 0 or settings.max_concurrent_trials < 0:
         raise ConfigError("max_failures and max_concurrent_trials must be >= 0")
+    if settings.debug.hold_at_epoch is not None and not settings.debug.event_dir:
+        raise ConfigError("debug.hold_at_epoch needs debug.event_dir (where the trial signals it holds and waits "
+                          "for the release file)")
     if settings.search.num_samples < 1 or settings.search.max_concurrent < 1:
         raise ConfigError("search.num_samples and search.max_concurrent must be >= 1")
     return settings

@@ -7,6 +7,7 @@ the newer one in the stage store (Tune's experiment snapshot can lag behind the 
 from __future__ import annotations
 
 import logging
+import re
 import time
 import traceback
 from dataclasses import dataclass
@@ -59,11 +60,11 @@ class TrialHooks(PhaseHooks):
     """Reports each epoch to MLflow (once per step) and, for the trial's final stage, to Tune with a checkpoint."""
 
     def __init__(self, tracker: Tracker, run_id: str, spec: StageSpec, report_to_tune: bool,
-                 debug: dict[str, Any], store: StageStore, device: torch.device) -> None:
+                 debug: dict[str, Any], store: StageStore, device: torch.device, trial: Trial) -> None:
         self.tracker, self.run_id, self.spec = tracker, run_id, spec
         self.report_to_tune, self.debug, self.store = report_to_tune, debug, store
         self.last_eval: dict[str, float] = {"acc": float("nan"), "few": float("nan")}
-        self.device = device
+        self.device, self.trial = device, trial
 
     def log(self, message: str) -> None:
         print(f"[{self.spec.key}] {message}", flush=True)
@@ -75,7 +76,21 @@ class TrialHooks(PhaseHooks):
         if self.report_to_tune:
             report = {**self.last_eval, **metrics, "stage": self.spec.stage, "stage_key": self.spec.key}
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+        self._signal(epoch)
         self._maybe_fail(epoch)
+
+    def _signal(self, epoch: int) -> None:
+        """Tests act on these events instead of guessing with sleeps: one file per finished epoch, and, where
+        asked, a hold until the test writes `release` (e.g. after it has killed the driver or a node)."""
+        event_dir = self.debug["event_dir"]
+        if not event_dir:
+            return
+        folder = Path(event_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / event_name(self.spec.stage, self.trial.row, self.trial.seed, epoch)).write_text(self.spec.key)
+        if self.debug["hold_at_epoch"] == epoch and self.debug["fail_stage"] == self.spec.stage:
+            while not (folder / "release").exists():
+                time.sleep(0.05)
 
     def _maybe_fail(self, epoch: int) -> None:
         debug = self.debug
@@ -92,11 +107,17 @@ class TrialHooks(PhaseHooks):
             raise InjectedFault(f"debug.fail_at_epoch={epoch}: injected failure {count + 1}/{debug['fail_times']}")
 
 
+def event_name(stage: str, row: str, seed: int, epoch: int) -> str:
+    """The file a trial writes into debug.event_dir after an epoch (row labels made safe as file names)."""
+    safe_row = re.sub(r"[^A-Za-z0-9_.=-]", "_", row)
+    return f"{stage}.{safe_row}.seed{seed}.epoch{epoch}"
+
+
 def _faults_for(debug: dict[str, Any], row: str) -> dict[str, Any]:
-    """The injected faults of debug.* apply to every trial, or to debug.fail_row's trials alone."""
+    """The injected faults (and the hold) of debug.* apply to every trial, or to debug.fail_row's trials alone."""
     if debug["fail_row"] is None or str(debug["fail_row"]) == row:
         return debug
-    return {**debug, "fail_at_epoch": None, "oom_at_epoch": None}
+    return {**debug, "fail_at_epoch": None, "oom_at_epoch": None, "hold_at_epoch": None}
 
 
 def _resume_point(store: StageStore, spec: StageSpec, log) -> Path | None:
@@ -138,7 +159,7 @@ def run_stage(context: dict[str, Any], trial: Trial, spec: StageSpec, upstream: 
         run_id = tracker.stage_run(context["parent_run_id"], context["sweep"], spec.key, name,
                                    flatten(trial.lpt), _stage_tags(context, trial, spec, upstream))
         hooks = TrialHooks(tracker, run_id, spec, final, _faults_for(context["debug"], trial.row), store,
-                           resolve_device(cfg.device))
+                           resolve_device(cfg.device), trial)
         try:
             result = run_phase(cfg, spec.stage, store.work_dir(spec.key), hooks,
                                init_from=upstream.checkpoint_dir if upstream else None,

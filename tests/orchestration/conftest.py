@@ -52,6 +52,22 @@ def ray_session():
     ray.shutdown()
 
 
+def wait_for_event(event_dir: Path, name: str, proc: subprocess.Popen, timeout: float = 900) -> None:
+    """Waits for the file a trial writes after an epoch (debug.event_dir); fails at once if the process exits.
+
+    The trial holds after that event (debug.hold_at_epoch) until the test writes `release`, so a slow machine
+    changes how long this takes, never what the test sees."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (event_dir / name).exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited (rc {proc.returncode}) before the event {name}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no event {name} in {event_dir} after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 def run_sweep_cli(overrides: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
     """`python orchestration/sweep.py ...` in a fresh process, as a user types it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
