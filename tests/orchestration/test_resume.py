@@ -16,6 +16,10 @@ from .conftest import REPO, mlflow_runs, run_sweep_cli, stage_runs, steps, wait_
 pytestmark = pytest.mark.slow
 
 
+def _phase2_checkpoints(stages: Path) -> list[Path]:
+    return sorted(stages.glob("phase2-*/work/checkpoints/epoch_0001"))
+
+
 def _fingerprint(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.suffix == ".json"}
 
