@@ -13,6 +13,7 @@ from pathlib import Path
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from lpt_core.config import BackboneConfig, ConfigError
 
@@ -43,8 +44,28 @@ def create_backbone(cfg: BackboneConfig) -> VisionTransformer:
         raise ConfigError(f"backbone.name={cfg.name!r}: LPT needs a timm VisionTransformer with a class token")
     if model.num_prefix_tokens != 1 or model.global_pool != "token":
         raise ConfigError(f"backbone.name={cfg.name!r}: register tokens / non-token pooling are not supported")
+    if cfg.norm_eps is not None and not set_norm_eps(model, cfg.norm_eps):
+        raise ConfigError(f"backbone.norm_eps={cfg.norm_eps!r}: {cfg.name!r} has no LayerNorm to apply it to")
     model.requires_grad_(False)
     return model.eval()
+
+
+def set_norm_eps(model: nn.Module, eps: float) -> list[str]:
+    """Sets `eps` on every LayerNorm of `model`; returns their names (empty: the model has none).
+
+    Setting the attribute after construction equals building the model with `norm_layer=LayerNorm(eps=eps)`:
+    torch's and timm's LayerNorm both pass `self.eps` to the kernel at every call, and eps is not a weight, so
+    the loaded weights (and their digest) stay as they are.
+    """
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.LayerNorm)]
+    for name in names:
+        model.get_submodule(name).eps = eps
+    return names
+
+
+def norm_eps_values(model: nn.Module) -> set[float]:
+    """The distinct eps of `model`'s LayerNorms (one value for a ViT built by create_backbone)."""
+    return {module.eps for module in model.modules() if isinstance(module, nn.LayerNorm)}
 
 
 def normalization(model: VisionTransformer) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -30,8 +30,16 @@ class CheckpointError(RuntimeError):
 
 @dataclass(frozen=True)
 class BackboneIdentity:
+    """What fixes the frozen function under the prompts: the timm name, the exact weights and the LayerNorm eps.
+
+    norm_eps is `backbone.norm_eps` (None = timm's default): the same weights with another eps compute another
+    function, so prompts trained on one are not resumed or continued on the other. A checkpoint written before
+    the option existed has no entry, which reads as None, the only setting there was.
+    """
+
     name: str
     weights_digest: str
+    norm_eps: float | None = None
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -103,8 +111,22 @@ def check_compatible(meta: dict[str, Any], backbone: BackboneIdentity | None, nu
                 f"(weights {str(saved.get('weights_digest'))[:12]}), "
                 f"not on {backbone.name!r} (weights {backbone.weights_digest[:12]})"
             )
+        if saved.get("norm_eps") != backbone.norm_eps:
+            raise CheckpointError(
+                f"{source}: trained with backbone.norm_eps={_eps_text(saved.get('norm_eps'))}, this run has "
+                f"backbone.norm_eps={_eps_text(backbone.norm_eps)} (the LayerNorm eps changes the backbone's "
+                f"function); set backbone.norm_eps={_eps_value(saved.get('norm_eps'))} to continue from it"
+            )
     if num_classes is not None and meta.get("num_classes") != num_classes:
         raise CheckpointError(f"{source}: has {meta.get('num_classes')} classes, the dataset has {num_classes}")
+
+
+def _eps_value(eps: float | None) -> str:
+    return "null" if eps is None else repr(eps)
+
+
+def _eps_text(eps: float | None) -> str:
+    return "null (timm's default)" if eps is None else repr(eps)
 
 
 def load_checkpoint(directory: str | Path, backbone: BackboneIdentity | None = None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ class BackboneConfig:
     weights_file: str | None = None
     # architecture overrides passed to timm.create_model (the demo's micro ViT uses these)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # eps of every LayerNorm of the ViT (block norms, final norm); None = timm's default (1e-6 for its ViTs). The
+    # authors' model passes torch's nn.LayerNorm to timm, so their function (and released checkpoint) uses 1e-5.
+    norm_eps: float | None = None
 
 
 @dataclass
@@ -248,6 +252,9 @@ def _validate_phase(name: str, phase: PhaseConfig) -> None:
 
 
 def _validate(cfg: LPTConfig) -> None:
+    eps = cfg.backbone.norm_eps
+    if eps is not None:
+        _check(math.isfinite(eps) and eps > 0, "backbone.norm_eps", eps, "must be a finite number > 0 (or null)")
     p = cfg.prompt
     _check(p.length >= 1, "prompt.length", p.length, "P must be >= 1")
     _check(p.pool_size >= 1, "prompt.pool_size", p.pool_size, "m must be >= 1")

@@ -11,22 +11,34 @@ Their file is a torch pickle of one state dict (possibly under "state_dict" or "
 
 Anything else is ignored and listed in `OfficialCheckpoint.ignored_keys`. Only tensors are ever unpickled
 (`safe_torch_load`); `.safetensors` files are read with safetensors.
+
+Their model builds timm's ViT with `norm_layer=nn.LayerNorm`, i.e. torch's LayerNorm eps 1e-5 where timm's own
+default is 1e-6; `load_official_into` sets 1e-5 on the model's norms so that it computes their function.
+`evaluate_official` is the whole path from the file to the accuracy table (`experiments/run.py evaluate=<file>`).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import pyarrow as pa
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from torch import Tensor
+from torch import Tensor, nn
 
+from lpt_core import metrics as M
+from lpt_core.backbone import create_backbone, norm_eps_values, normalization, set_norm_eps
 from lpt_core.checkpoint import CheckpointError, safe_torch_load
+from lpt_core.config import LPTConfig
+from lpt_core.data import Normalization, build_dataset
+from lpt_core.evaluate import evaluate
 from lpt_core.model import LPTModel
+from lpt_core.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +48,8 @@ OURS = {SHARED: "shared_prompt.tokens", POOL: "group_pool.prompts", KEYS: "group
 # a backbone prefix is whatever stands before both of these timm names
 BACKBONE_ANCHORS = ("cls_token", "blocks.0.attn.qkv.weight")
 NESTED = ("state_dict", "model")
+# torch's nn.LayerNorm default, which the authors' ViT uses for every norm (timm's ViT default is 1e-6)
+AUTHORS_NORM_EPS = 1e-5
 # top-level parameter/module names of timm's VisionTransformer (its classifier "head" deliberately absent)
 TIMM_VIT_NAMES = frozenset({"cls_token", "reg_token", "pos_embed", "patch_embed", "norm_pre", "blocks", "norm",
                             "fc_norm", "attn_pool"})
@@ -52,6 +66,8 @@ class OfficialCheckpoint:
 
 
 def _read_file(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path), device="cpu")
@@ -177,6 +193,13 @@ def _check_model(model: LPTModel, ckpt: OfficialCheckpoint) -> None:
     if (depth, dim) != (ckpt.depth, ckpt.dim):
         raise CheckpointError(f"backbone: model has depth {depth}, width {dim}; checkpoint depth {ckpt.depth}, "
                               f"width {ckpt.dim}; {hint}")
+    blocks = model.backbone.blocks
+    norms = [model.backbone.norm] + [getattr(b, name) for b in blocks for name in ("norm1", "norm2")]
+    if not all(isinstance(norm, nn.LayerNorm) for norm in norms):
+        kinds = sorted({type(norm).__name__ for norm in norms})
+        raise CheckpointError(f"backbone: the authors' ViT normalises with LayerNorm (eps {AUTHORS_NORM_EPS}), this "
+                              f"one with {kinds}; build it without a norm_layer in backbone.model_kwargs and with "
+                              f"backbone.norm_eps={AUTHORS_NORM_EPS}")
     if model.shared_prompt is None:
         raise CheckpointError(f"shared_prompt.tokens: the checkpoint has a shared prompt, the model none; {hint}")
     if model.block_k != ckpt.prompt_overrides["block_k"]:
@@ -194,6 +217,82 @@ def _check_model(model: LPTModel, ckpt: OfficialCheckpoint) -> None:
 
 
 def load_official_into(model: LPTModel, ckpt: OfficialCheckpoint) -> None:
-    """Checks that `model` has the checkpoint's shapes, then loads every tensor strictly, backbone included."""
+    """Checks that `model` has the checkpoint's shapes, loads every tensor strictly (backbone included) and sets
+    the authors' LayerNorm eps on every norm of the backbone, so that `model` computes what their model computes.
+
+    A model built with timm's default eps 1e-6 would change the query, hence possibly the matched prompts, and the
+    logits; the change is logged (build with backbone.norm_eps=1e-5 to have it from the start).
+    """
     _check_model(model, ckpt)
     model.load_state_dict(ckpt.model_state, strict=True)
+    before = norm_eps_values(model.backbone)
+    names = set_norm_eps(model.backbone, AUTHORS_NORM_EPS)
+    if before != {AUTHORS_NORM_EPS}:
+        log.info("set LayerNorm eps %s -> %g on the backbone's %d norms: the authors' model uses torch's default "
+                 "(backbone.norm_eps=%g builds it so)", sorted(before), AUTHORS_NORM_EPS, len(names),
+                 AUTHORS_NORM_EPS)
+
+
+@dataclass
+class OfficialEvaluation:
+    dataset: str
+    num_images: int
+    prompt: dict[str, Any]  # P, m, K (from the checkpoint), k, ensemble, query (from the config)
+    metrics: dict[str, float]  # accuracy_report (both split rules) and the matching statistics
+    counts: dict[str, tuple[int, int]]  # "acc", "many", ..., "few_std" -> (correct, images)
+    per_class: pa.Table
+
+
+def evaluate_official(cfg: LPTConfig, path: str | Path, log_line: Callable[[str], None] = print,
+                      ) -> OfficialEvaluation:
+    """The authors' checkpoint evaluated on `cfg.data`'s eval split, as their model computes it.
+
+    Everything that fixes the function comes from the file: backbone weights (so nothing is downloaded:
+    `backbone.pretrained` and `backbone.weights_file` are not used), P, m and K; the architecture is
+    `backbone.name` + `model_kwargs`; top-k, ensemble and query come from `cfg.prompt` (defaults: the authors').
+    """
+    ckpt = read_official(path)
+    prompt = dataclasses.replace(cfg.prompt, shared=True, **ckpt.prompt_overrides)
+    cfg = dataclasses.replace(cfg, prompt=prompt).validate()
+    backbone = create_backbone(dataclasses.replace(cfg.backbone, pretrained=False, weights_file=None))
+    device = resolve_device(cfg.device)
+    bundle = build_dataset(cfg.data, Normalization(*normalization(backbone)))
+    if bundle.num_classes != ckpt.num_classes:
+        raise CheckpointError(f"{path}: classifier for {ckpt.num_classes} classes, dataset {bundle.name} has "
+                              f"{bundle.num_classes}")
+    model = LPTModel(backbone, bundle.num_classes, cfg.prompt)
+    load_official_into(model, ckpt)
+    summary = {"P": prompt.length, "m": prompt.pool_size, "K": model.block_k, "k": prompt.top_k,
+               "ensemble": prompt.ensemble, "query": prompt.query}
+    log_line(f"{path}: {summary}; {bundle.name} {cfg.data.eval_split} split, {len(bundle.test)} images, "
+             f"on {device}, precision {cfg.precision}")
+    out = evaluate(model.to(device), bundle.test, "phase2", device, cfg)
+    metrics = M.accuracy_report(out.preds, out.labels, bundle.class_counts)
+    metrics.update(M.match_stats(out.labels, out.topk_idx, bundle.num_classes, prompt.pool_size))
+    per_class = M.per_class_table(out.preds, out.labels, bundle.class_counts, bundle.class_names)
+    return OfficialEvaluation(bundle.name, len(bundle.test), summary, metrics, _group_counts(per_class), per_class)
+
+
+def _group_counts(per_class: pa.Table) -> dict[str, tuple[int, int]]:
+    """(correct, images) overall and per shot group under both rules, keyed like accuracy_report."""
+    rows = per_class.to_pylist()
+    counts = {"acc": (sum(r["correct"] for r in rows), sum(r["test_count"] for r in rows))}
+    for column, suffix in (("shot_authors", ""), ("shot_standard", "_std")):
+        for group in ("many", "medium", "few"):
+            members = [r for r in rows if r[column] == group]
+            counts[group + suffix] = (sum(r["correct"] for r in members), sum(r["test_count"] for r in members))
+    return counts
+
+
+SPLIT_RULE_LABELS = (("", "authors' rule, few n <= 20"), ("_std", "standard rule, few n < 20"))
+
+
+def format_evaluation(result: OfficialEvaluation) -> str:
+    """The paper's table: overall / many / medium / few, each as percent (correct/images), under both rules."""
+    lines = []
+    for suffix, label in SPLIT_RULE_LABELS:
+        keys = {"overall": "acc", "many": "many" + suffix, "medium": "medium" + suffix, "few": "few" + suffix}
+        cells = [f"{name} {result.metrics[key]:.2f} ({result.counts[key][0]}/{result.counts[key][1]})"
+                 for name, key in keys.items()]
+        lines.append(f"{label:<26} " + " | ".join(cells))
+    return "\n".join(lines)

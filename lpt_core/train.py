@@ -72,7 +72,7 @@ class _Setup:
 def _setup(cfg: LPTConfig, phase: str, hooks: PhaseHooks) -> _Setup:
     device = resolve_device(cfg.device)
     backbone = create_backbone(cfg.backbone)
-    identity = BackboneIdentity(cfg.backbone.name, weights_digest(backbone))
+    identity = BackboneIdentity(cfg.backbone.name, weights_digest(backbone), cfg.backbone.norm_eps)
     bundle = build_dataset(cfg.data, Normalization(*normalization(backbone)))
     model = LPTModel(backbone, bundle.num_classes, cfg.prompt).to(device)
     hooks.log(f"[{phase}] {bundle.name}: {len(bundle.train)} train / {len(bundle.test)} eval images, "

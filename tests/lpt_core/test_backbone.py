@@ -1,15 +1,17 @@
 """create_backbone: local weights load bit-identically, names and files are validated, the result is frozen."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
-from lpt_core.backbone import create_backbone, normalization, weights_digest
-from lpt_core.config import BackboneConfig, ConfigError
+from lpt_core.backbone import create_backbone, norm_eps_values, normalization, weights_digest
+from lpt_core.config import BackboneConfig, ConfigError, from_dict
 
 NAME = "vit_tiny_patch16_224"
 KWARGS = dict(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2)
@@ -114,3 +116,49 @@ def test_normalization_reads_the_pretrained_config() -> None:
     assert mean == tuple(model.pretrained_cfg["mean"]) and std == tuple(model.pretrained_cfg["std"])
     model.pretrained_cfg = {}
     assert normalization(model) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def _layer_norm_names(model: nn.Module) -> dict[str, float]:
+    return {name: m.eps for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
+
+
+def test_norm_eps_reaches_every_layernorm(micro_vit_file: Path) -> None:
+    default = create_backbone(_cfg(micro_vit_file))
+    authors = create_backbone(_cfg(micro_vit_file, norm_eps=1e-5))
+    expected_names = {"norm"} | {f"blocks.{i}.{n}" for i in range(KWARGS["depth"]) for n in ("norm1", "norm2")}
+    assert set(_layer_norm_names(authors)) == expected_names  # block norms and the final norm, nothing missed
+    assert norm_eps_values(default) == {1e-6} and norm_eps_values(authors) == {1e-5}
+    assert weights_digest(authors) == weights_digest(default)  # eps is not a weight: same file, same digest
+
+
+def test_norm_eps_computes_what_a_timm_model_built_with_that_eps_computes(micro_vit_file: Path) -> None:
+    """Setting eps after construction must equal building with norm_layer=nn.LayerNorm(eps) (the authors' way)."""
+    ours = create_backbone(_cfg(micro_vit_file, norm_eps=1e-5))
+    built = timm.create_model(NAME, pretrained=False, num_classes=0, norm_layer=partial(nn.LayerNorm, eps=1e-5),
+                              **KWARGS).eval()
+    built.load_state_dict(load_file(str(micro_vit_file)))
+    default = create_backbone(_cfg(micro_vit_file))
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        expected = built.forward_features(images)
+        assert torch.equal(ours.forward_features(images), expected)
+        assert not torch.allclose(default.forward_features(images), expected, rtol=0, atol=1e-5)
+
+
+def test_norm_eps_without_layernorm_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"backbone.norm_eps=1e-05: 'vit_tiny_patch16_224' has no LayerNorm"):
+        create_backbone(BackboneConfig(name=NAME, pretrained=False, norm_eps=1e-5,
+                                       model_kwargs={**KWARGS, "norm_layer": "rmsnorm"}))
+
+
+@pytest.mark.parametrize("value", [0, -1e-5, float("inf"), float("nan")])
+def test_norm_eps_must_be_positive_and_finite(value: float) -> None:
+    with pytest.raises(ConfigError, match=r"backbone.norm_eps=.*must be a finite number > 0"):
+        from_dict({"backbone": {"norm_eps": value}})
+
+
+def test_norm_eps_accepts_null_and_numbers() -> None:
+    assert from_dict({}).backbone.norm_eps is None  # timm's own default
+    assert from_dict({"backbone": {"norm_eps": 1e-5}}).backbone.norm_eps == 1e-5
+    with pytest.raises(ConfigError, match=r"backbone.norm_eps: expected float"):
+        from_dict({"backbone": {"norm_eps": "1e-5"}})

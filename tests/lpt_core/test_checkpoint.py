@@ -130,6 +130,27 @@ def test_backbone_weights_mismatch_names_both_digests(tmp_path: Path) -> None:
     assert IDENTITY.weights_digest[:12] in str(err.value) and other.weights_digest[:12] in str(err.value)
 
 
+def test_backbone_norm_eps_mismatch_names_both_and_the_key(tmp_path: Path) -> None:
+    authors = BackboneIdentity(IDENTITY.name, IDENTITY.weights_digest, 1e-5)
+    folder = save_checkpoint(tmp_path / "ck", _state(), {**_meta(), "backbone": vars(authors)})
+    assert load_checkpoint(folder, authors, 5)[1]["backbone"]["norm_eps"] == 1e-5
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(folder, IDENTITY, 5)
+    assert str(err.value) == (
+        f"{folder}: trained with backbone.norm_eps=1e-05, this run has backbone.norm_eps=null (timm's default) "
+        f"(the LayerNorm eps changes the backbone's function); set backbone.norm_eps=1e-05 to continue from it")
+
+
+def test_checkpoint_from_before_norm_eps_reads_as_timm_default(tmp_path: Path) -> None:
+    """Meta written before the option existed has no norm_eps: those runs all used timm's default (null)."""
+    old_meta = {**_meta(), "backbone": {"name": IDENTITY.name, "weights_digest": IDENTITY.weights_digest}}
+    folder = save_checkpoint(tmp_path / "ck", _state(), old_meta)
+    assert load_checkpoint(folder, IDENTITY, 5)[0]["epoch"] == 3
+    with pytest.raises(CheckpointError, match=r"trained with backbone.norm_eps=null \(timm's default\), this run "
+                                              r"has backbone.norm_eps=1e-05"):
+        load_checkpoint(folder, BackboneIdentity(IDENTITY.name, IDENTITY.weights_digest, 1e-5), 5)
+
+
 def test_class_count_mismatch_names_both(tmp_path: Path) -> None:
     folder = _save(tmp_path / "ck")
     with pytest.raises(CheckpointError, match=r"has 5 classes, the dataset has 7"):
@@ -287,3 +308,15 @@ def test_replace_directory(tmp_path: Path) -> None:
     fresh = _save(tmp_path / "tmp_fresh", epoch=5)
     replace_directory(fresh, tmp_path / "elsewhere")
     assert read_meta(tmp_path / "elsewhere")["epoch"] == 5
+
+
+def test_trainer_records_norm_eps_and_refuses_to_continue_on_another(make_config, quiet_hooks, tmp_path: Path) -> None:
+    """The identity the trainer writes carries backbone.norm_eps; phase 2 on the other eps is refused."""
+    from lpt_core.train import run_phase
+
+    authors = make_config({"backbone": {"norm_eps": 1e-5}, "phase1": {"epochs": 1}})
+    phase1 = run_phase(authors, "phase1", tmp_path / "p1", quiet_hooks).checkpoint_dir
+    assert read_meta(phase1)["backbone"]["norm_eps"] == 1e-5
+    with pytest.raises(CheckpointError, match=r"trained with backbone.norm_eps=1e-05, this run has "
+                                              r"backbone.norm_eps=null \(timm's default\)"):
+        run_phase(make_config(), "phase2", tmp_path / "p2", quiet_hooks, init_from=phase1)
