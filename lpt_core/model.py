@@ -22,6 +22,14 @@ TRAINABLE = {
     "phase2": ("group_pool", "head"),
     "joint": ("shared_prompt", "group_pool", "head"),
 }
+# What a stage's checkpoint holds: what it trains, what its evaluation runs (phase 2 runs the frozen u) and what the
+# next stage inherits (phase 2 starts from phase 1's u and classifier). Never more: a phase-1 stage is shared by
+# every pool size, so a pool in its checkpoint would be [m, ...] of whichever trial happened to train it.
+STAGE_PARTS = {
+    "phase1": ("shared_prompt", "head"),
+    "phase2": ("shared_prompt", "group_pool", "head"),
+    "joint": ("shared_prompt", "group_pool", "head"),
+}
 
 
 class CosineClassifier(nn.Module):
@@ -67,15 +75,20 @@ class LPTModel(nn.Module):
         self.backbone.eval()
         return self
 
+    def _parts(self, names: tuple[str, ...]) -> dict[str, nn.Module]:
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def trained_parameters(self, phase: str) -> dict[str, nn.Parameter]:
+        """The parameters `phase` trains, by state-dict name, in the order the optimizer holds them."""
+        return {f"{part}.{name}": p for part, module in self._parts(TRAINABLE[phase]).items()
+                for name, p in module.named_parameters()}
+
     def set_trainable(self, phase: str) -> list[nn.Parameter]:
         """Freezes everything but the phase's trainable parts and returns their parameters (for the optimizer)."""
         self.requires_grad_(False)
-        params = []
-        for name in TRAINABLE[phase]:
-            module = getattr(self, name)
-            if module is not None:
-                module.requires_grad_(True)
-                params.extend(module.parameters())
+        params = list(self.trained_parameters(phase).values())
+        for p in params:
+            p.requires_grad_(True)
         return params
 
     def embed(self, images: Tensor) -> Tensor:
@@ -142,5 +155,10 @@ class LPTModel(nn.Module):
         return self.forward_grouped(images, joint=phase == "joint")
 
     def trainable_state(self) -> dict[str, Tensor]:
-        """The tensors a checkpoint stores: every non-backbone tensor (all phases' parts, so phase 2 inherits u)."""
+        """Every non-backbone tensor: the parts of all phases (a checkpoint holds `stage_state(phase)` instead)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def stage_state(self, phase: str) -> dict[str, Tensor]:
+        """The tensors a checkpoint of `phase` holds (STAGE_PARTS), by state-dict name."""
+        return {f"{part}.{name}": t for part, module in self._parts(STAGE_PARTS[phase]).items()
+                for name, t in module.state_dict().items()}

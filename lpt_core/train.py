@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from lpt_core import metrics as M
 from lpt_core.backbone import create_backbone, normalization, weights_digest
-from lpt_core.checkpoint import BackboneIdentity, CheckpointError, load_checkpoint, save_checkpoint
+from lpt_core.checkpoint import META_FILE, BackboneIdentity, CheckpointError, load_checkpoint, save_checkpoint
 from lpt_core.config import PHASES, LPTConfig, PhaseConfig, from_dict, to_dict
 from lpt_core.data import DatasetBundle, Normalization, build_dataset
 from lpt_core.evaluate import EvalOutput, evaluate, feature_statistics
@@ -30,6 +30,17 @@ from lpt_core.model import LPTModel
 from lpt_core.runtime import autocast, is_out_of_memory, release_cached_memory, resolve_device, seed_everything
 from lpt_core.sampling import ClassAwareSampler, InstanceSampler, branch_weight, branches_for, steps_per_epoch
 from lpt_core.schedule import build_optimizer, lr_at
+
+
+# Dotted LPTConfig fields a stage's result depends on (device and threads change speed, not results). The stage
+# store keys a stage by exactly these (plus its upstream's key); a checkpoint records exactly these, so one shared
+# by trials that differ elsewhere says the same whichever trial wrote it.
+STAGE_FIELDS: dict[str, tuple[str, ...]] = {
+    "phase1": ("backbone", "data", "eval", "seed", "precision", "phase1", "prompt.length", "prompt.shared",
+               "prompt.init_std", "prompt.head_dropout"),
+    "phase2": ("backbone", "data", "eval", "seed", "precision", "phase2", "prompt"),
+    "joint": ("backbone", "data", "eval", "seed", "precision", "joint", "prompt"),
+}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -80,14 +91,36 @@ def _setup(cfg: LPTConfig, phase: str, hooks: PhaseHooks) -> _Setup:
     return _Setup(model, bundle, identity, device)
 
 
+def stage_config(cfg: LPTConfig, phase: str) -> dict[str, Any]:
+    """The config a checkpoint of `phase` records: the STAGE_FIELDS of that phase, nested as in LPTConfig."""
+    full, picked = to_dict(cfg), {}
+    for dotted in STAGE_FIELDS[phase]:
+        *parents, leaf = dotted.split(".")
+        source, target = full, picked
+        for part in parents:
+            source, target = source[part], target.setdefault(part, {})
+        target[leaf] = source[leaf]
+    return picked
+
+
+def _load_parts(model: LPTModel, phase: str, saved: dict[str, Any], source: str | Path, remedy: str) -> None:
+    """Loads exactly the tensors a `phase` checkpoint holds; a missing one or another shape is refused by name."""
+    expected = model.stage_state(phase)
+    missing = [k for k in expected if k not in saved]
+    if missing:
+        raise CheckpointError(f"{source}: lacks {missing}, which a {phase} checkpoint holds; {remedy}")
+    for name, tensor in expected.items():
+        if saved[name].shape != tensor.shape:
+            raise CheckpointError(f"{source}: tensor {name} has shape {list(saved[name].shape)} in the checkpoint "
+                                  f"but {list(tensor.shape)} in this model; {remedy}")
+    model.load_state_dict({k: saved[k] for k in expected}, strict=False)
+
+
 def _init_from(setup: _Setup, checkpoint: str | Path, hooks: PhaseHooks) -> None:
     """Phase 2 starts from phase 1's shared prompt and classifier (the pool keeps its fresh init)."""
     state, meta = load_checkpoint(checkpoint, setup.identity, setup.bundle.num_classes)
-    inherited = {k: v for k, v in state["model"].items() if not k.startswith("group_pool.")}
-    missing = [k for k in setup.model.trainable_state() if k not in state["model"] and not k.startswith("group_pool.")]
-    if missing:
-        raise CheckpointError(f"{checkpoint}: lacks {missing} (is it a phase-1 checkpoint of this prompt config?)")
-    setup.model.load_state_dict(inherited, strict=False)
+    _load_parts(setup.model, "phase1", state["model"], checkpoint,
+                "init_from must be a phase-1 checkpoint trained with this run's prompt.length and prompt.shared")
     hooks.log(f"initialised from {meta.get('phase')} checkpoint {checkpoint} (epoch {meta.get('epoch')})")
 
 
@@ -151,10 +184,11 @@ def _evaluate_metrics(cfg: LPTConfig, phase: str, setup: _Setup) -> tuple[dict[s
     return metrics, out
 
 
-def _checkpoint_state(setup: _Setup, state: dict, epoch: int, history: list) -> dict[str, Any]:
+def _checkpoint_state(setup: _Setup, phase: str, state: dict, epoch: int, history: list) -> dict[str, Any]:
     return {
-        "model": setup.model.trainable_state(),
+        "model": setup.model.stage_state(phase),
         "optimizer": state["optimizer"].state_dict(),
+        "optimizer_params": list(setup.model.trained_parameters(phase)),  # the names of its state's slots, in order
         "samplers": {name: s.state_dict() for name, s in state["samplers"].items()},
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if setup.device.type == "cuda" else []},
@@ -169,7 +203,10 @@ def _restore(setup: _Setup, state: dict, resume_from: str | Path, phase: str,
     if meta.get("phase") != phase:
         raise CheckpointError(f"{resume_from}: is a {meta.get('phase')} checkpoint; cannot resume {phase} from it "
                               f"(phase 2 starts from a phase-1 checkpoint with init_from)")
-    setup.model.load_state_dict(saved["model"], strict=False)
+    remedy = (f"resume it with the config that wrote it ('config' in its {META_FILE}), or train this {phase} from "
+              f"its first epoch: without resume_from, or in a sweep after removing {Path(resume_from).parent}")
+    _load_parts(setup.model, phase, saved["model"], resume_from, remedy)
+    _check_optimizer_fits(saved, setup.model.trained_parameters(phase), resume_from, remedy)
     state["optimizer"].load_state_dict(saved["optimizer"])
     for name, sampler in state["samplers"].items():
         sampler.load_state_dict(saved["samplers"][name])
@@ -178,6 +215,23 @@ def _restore(setup: _Setup, state: dict, resume_from: str | Path, phase: str,
         torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
     hooks.log(f"resumed from {resume_from} after epoch {saved['epoch']}")
     return saved["epoch"] + 1, list(saved["history"])
+
+
+def _check_optimizer_fits(saved: dict[str, Any], trained: dict[str, torch.nn.Parameter], source: str | Path,
+                          remedy: str) -> None:
+    """The saved optimizer state must be over the parameters this stage trains, in the same order and shapes."""
+    names = list(trained)
+    saved_names = saved.get("optimizer_params")  # absent in checkpoints written before the names were recorded
+    saved_count = sum(len(group["params"]) for group in saved["optimizer"]["param_groups"])
+    if saved_count != len(names) or saved_names not in (None, names):
+        over = saved_names if saved_names is not None else f"{saved_count} parameters"
+        raise CheckpointError(f"{source}: its optimizer state is over {over}, this stage trains {names}; {remedy}")
+    slots = saved["optimizer"]["state"]
+    for index, (name, param) in enumerate(trained.items()):
+        for key, value in slots.get(index, {}).items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                raise CheckpointError(f"{source}: optimizer {key} of {name} has shape {list(value.shape)} in the "
+                                      f"checkpoint but {list(param.shape)} in this model; {remedy}")
 
 
 def run_phase(cfg: LPTConfig, phase: str, workdir: str | Path, hooks: PhaseHooks | None = None, *,
@@ -208,7 +262,7 @@ def run_phase(cfg: LPTConfig, phase: str, workdir: str | Path, hooks: PhaseHooks
     }
     start_epoch, history = (_restore(setup, state, resume_from, phase, hooks) if resume_from else (0, []))
     meta = {"phase": phase, "backbone": vars(setup.identity), "num_classes": setup.bundle.num_classes,
-            "config": to_dict(cfg), "init_from": str(init_from) if init_from else None}
+            "config": stage_config(cfg, phase), "init_from": str(init_from) if init_from else None}
     metrics, ckpt_dir, out = {}, None, None
     epoch = start_epoch
     try:
@@ -220,7 +274,7 @@ def run_phase(cfg: LPTConfig, phase: str, workdir: str | Path, hooks: PhaseHooks
                 metrics.update(eval_metrics)
             history.append(metrics)
             ckpt_dir = save_checkpoint(workdir / "checkpoints" / f"epoch_{epoch:04d}",
-                                       _checkpoint_state(setup, state, epoch, history), {**meta, "epoch": epoch})
+                                       _checkpoint_state(setup, phase, state, epoch, history), {**meta, "epoch": epoch})
             _prune_checkpoints(workdir / "checkpoints", keep=keep_checkpoints)
             hooks.log(_progress_line(phase, epoch, pcfg.epochs, metrics))
             hooks.on_epoch_end(epoch, metrics, ckpt_dir)

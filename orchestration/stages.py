@@ -22,15 +22,8 @@ import pyarrow.parquet as pq
 
 from lpt_core.checkpoint import (CheckpointError, atomic_write_bytes, latest_valid_checkpoint, replace_directory,
                                  verify_checkpoint)
-from lpt_core.train import PhaseResult
+from lpt_core.train import STAGE_FIELDS, PhaseResult  # the fields a stage depends on; its checkpoint records them
 
-# dotted LPTConfig fields each stage depends on (device and threads change speed, not results)
-STAGE_FIELDS: dict[str, tuple[str, ...]] = {
-    "phase1": ("backbone", "data", "eval", "seed", "precision", "phase1", "prompt.length", "prompt.shared",
-               "prompt.init_std", "prompt.head_dropout"),
-    "phase2": ("backbone", "data", "eval", "seed", "precision", "phase2", "prompt"),
-    "joint": ("backbone", "data", "eval", "seed", "precision", "joint", "prompt"),
-}
 KEY_LENGTH = 16
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import lpt_core.train as train_module
 from lpt_core.config import ConfigError, LPTConfig, PromptConfig
 from lpt_core.losses import matching_loss
-from lpt_core.model import TRAINABLE, LPTModel
+from lpt_core.model import STAGE_PARTS, TRAINABLE, LPTModel
 
 NUM_CLASSES, DEPTH, DIM, P, M = 5, 4, 32, 2, 4
 
@@ -100,6 +100,35 @@ def test_trainable_state_excludes_backbone(micro_vit) -> None:
     state = _model(micro_vit).trainable_state()
     assert state and not any(k.startswith("backbone.") for k in state)
     assert {"shared_prompt.tokens", "group_pool.keys", "group_pool.prompts", "head.weight"} <= set(state)
+
+
+def test_stage_state_holds_what_the_stage_trains_and_hands_on(micro_vit) -> None:
+    model = _model(micro_vit)
+    assert list(model.stage_state("phase1")) == ["shared_prompt.tokens", "head.weight"]
+    for phase in ("phase2", "joint"):  # phase 2 evaluates with the frozen u, so its checkpoint carries it
+        assert list(model.stage_state(phase)) == ["shared_prompt.tokens", "group_pool.keys", "group_pool.prompts",
+                                                  "head.weight"]
+    for phase in STAGE_PARTS:
+        assert all(torch.equal(t, model.state_dict()[k]) for k, t in model.stage_state(phase).items())
+        assert set(model.trained_parameters(phase)) <= set(model.stage_state(phase))
+    assert list(_model(micro_vit, shared=False, query="pretrained").stage_state("phase1")) == ["head.weight"]
+
+
+def test_phase1_state_does_not_depend_on_the_pool(micro_vit) -> None:
+    small, large = _model(micro_vit, pool_size=5, top_k=1, block_k=1), _model(micro_vit, pool_size=20, top_k=3)
+    a, b = small.stage_state("phase1"), large.stage_state("phase1")
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)  # same seed: same u and classifier
+
+
+def test_trained_parameters_are_the_optimizer_order(micro_vit) -> None:
+    model = _model(micro_vit)
+    expected = {"phase1": ["shared_prompt.tokens", "head.weight"],
+                "phase2": ["group_pool.keys", "group_pool.prompts", "head.weight"],
+                "joint": ["shared_prompt.tokens", "group_pool.keys", "group_pool.prompts", "head.weight"]}
+    for phase, names in expected.items():
+        named = model.trained_parameters(phase)
+        assert list(named) == names
+        assert all(a is b for a, b in zip(named.values(), model.set_trainable(phase), strict=True)), phase
 
 
 # --- forward -----------------------------------------------------------------------------------------------------
