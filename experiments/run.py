@@ -3,6 +3,7 @@
     python experiments/run.py phase=1                                   # phase 1 on the demo
     python experiments/run.py phase=2 init_from=<phase-1 checkpoint>   # phase 2 on top of it
     python experiments/run.py training=joint                            # joint training, one stage
+    python experiments/run.py experiment=places_lt data.root=<places365> evaluate=<released checkpoint>
 """
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ import hydra
 from omegaconf import DictConfig
 
 from experiments.settings import CONF_DIR, build_lpt, register_configs, resolve_backbone, split
-from lpt_core.config import ConfigError
+from lpt_core.checkpoint import CheckpointError
+from lpt_core.config import ConfigError, LPTConfig
+from lpt_core.data.manifest import DatasetError
+from lpt_core.official import evaluate_official, format_evaluation
 from lpt_core.train import run_phase
 
 PHASE_NAMES = {1: "phase1", 2: "phase2", "1": "phase1", "2": "phase2", "phase1": "phase1", "phase2": "phase2"}
@@ -31,6 +35,8 @@ def stage_name(phase, training: str) -> str:
 
 def run(cfg: DictConfig) -> dict:
     spec = split(cfg)
+    if spec.rest["evaluate"]:
+        return evaluate_release(build_lpt(spec.lpt), spec.rest["evaluate"], spec.rest["workdir"])
     lpt = resolve_backbone(build_lpt(spec.lpt), spec.pretrain)
     stage = stage_name(spec.rest["phase"], lpt.training)
     if stage == "phase2" and not spec.rest["init_from"]:
@@ -41,6 +47,25 @@ def run(cfg: DictConfig) -> dict:
     summary = {"stage": stage, "checkpoint": str(result.checkpoint_dir), **result.metrics}
     (workdir / "result.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
+    return summary
+
+
+def evaluate_release(lpt: LPTConfig, checkpoint: str, workdir: str | None) -> dict:
+    """`evaluate=<file>`: the authors' released checkpoint on the experiment's eval split, nothing trained; prints
+    overall / many / medium / few under both split rules (and writes result.json, per_class.csv to workdir=)."""
+    try:
+        result = evaluate_official(lpt, checkpoint)
+    except CheckpointError as err:  # its message starts with the file
+        raise ConfigError(f"evaluate: {err}") from err
+    except DatasetError as err:  # its message names the dataset and the data.* key
+        raise ConfigError(str(err)) from err
+    print(format_evaluation(result))
+    summary = {"evaluate": checkpoint, "dataset": result.dataset, "images": result.num_images, **result.prompt,
+               **result.metrics, "counts": result.counts}
+    if workdir:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        result.per_class.to_pandas().to_csv(Path(workdir) / "per_class.csv", index=False)
+        (Path(workdir) / "result.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 

@@ -90,6 +90,7 @@ class SweepSettings:
     # experiments/run.py's keys, ignored by the sweep
     phase: Any = 1
     init_from: str | None = None
+    evaluate: str | None = None  # the authors' released checkpoint: evaluate it instead of training
     workdir: str | None = None
 
 
