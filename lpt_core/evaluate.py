@@ -4,6 +4,7 @@ No noise and no margin at evaluation: predictions are the argmax of the cosine l
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,10 +43,19 @@ def evaluate(model: LPTModel, dataset: Dataset, phase: str, device: torch.device
 
 
 def feature_statistics(model: LPTModel, bundle: DatasetBundle, test: EvalOutput, phase: str,
-                       device: torch.device, cfg: LPTConfig) -> dict[str, float]:
-    """K-NN accuracy (train -> eval split) and gamma of the query features (Tab. 2 / Tab. 10)."""
+                       device: torch.device, cfg: LPTConfig) -> tuple[dict[str, float], torch.Tensor]:
+    """K-NN accuracy (train -> eval split) and gamma of the query features (Tab. 2 / Tab. 10), and the K-NN
+    predictions [N] behind that accuracy (stored per image, so the K-NN accuracy gets an interval too)."""
     train = evaluate(model, bundle.train_eval, phase, device, cfg)
-    return {
-        "query_knn_acc": M.knn_accuracy(train.query, train.labels, test.query, test.labels, k=cfg.eval.knn_k),
-        "query_gamma": M.gamma_ratio(test.query, test.labels),
-    }
+    knn_preds = M.knn_predict(train.query, train.labels, test.query, k=cfg.eval.knn_k)
+    knn_acc = 100.0 * int((knn_preds == test.labels).sum()) / len(knn_preds) if len(knn_preds) else math.nan
+    return {"query_knn_acc": knn_acc, "query_gamma": M.gamma_ratio(test.query, test.labels)}, knn_preds
+
+
+def image_paths(dataset: Dataset) -> list[str] | None:
+    """The evaluation images' file paths in evaluation order, where the dataset reads files (None for generated
+    data, whose images are identified by their index alone)."""
+    paths = getattr(dataset, "paths", None)
+    if paths is None:
+        return None
+    return [str(p) for p in (paths.to_pylist() if hasattr(paths, "to_pylist") else paths)]

@@ -126,6 +126,47 @@ def per_class_table(preds: Tensor, labels: Tensor, class_counts: Tensor,
     })
 
 
+def image_groups(labels: Tensor, class_counts: Tensor) -> dict[str, Tensor]:
+    """[N] boolean masks over test images for every accuracy of `accuracy_report` ("acc" = all, "many"... under the
+    authors' rule, "many_std"... under the standard one): intervals resample exactly the images each one averages."""
+    labels, class_counts = torch.as_tensor(labels).long(), torch.as_tensor(class_counts)
+    _check_index("labels", labels, len(class_counts), "num_classes")
+    groups = {"acc": torch.ones(len(labels), dtype=torch.bool)}
+    for rule, suffix in (("authors", ""), ("standard", "_std")):
+        for group, mask in shot_masks(class_counts, rule).items():
+            groups[group + suffix] = mask[labels]
+    return groups
+
+
+def prediction_table(preds: Tensor, labels: Tensor, class_counts: Tensor, topk_indices: Tensor | None = None,
+                     knn_preds: Tensor | None = None, paths: list[str] | None = None) -> pa.Table:
+    """One row per evaluated image, in evaluation order: what every interval and paired comparison is computed from.
+
+    image_id is the index in the evaluation split (the same images in the same order for every stage of a dataset);
+    path where the dataset has files; train_count is n_c of the image's class, so shot groups need no other file;
+    topk the matched prompts (phase 2 / joint); knn_pred the K-NN prediction from the query feature (Tab. 2 / 10).
+    """
+    class_counts = torch.as_tensor(class_counts)
+    _check_predictions(preds, labels, class_counts)
+    n = len(labels)
+    for name, values in (("topk_indices", topk_indices), ("knn_preds", knn_preds), ("paths", paths)):
+        if values is not None and len(values) != n:
+            raise ValueError(f"{name} has {len(values)} entries but labels has {n}")
+    columns = {
+        "image_id": pa.array(range(n), pa.int64()),
+        "label": pa.array(labels.long().tolist(), pa.int32()),
+        "pred": pa.array(preds.long().tolist(), pa.int32()),
+        "train_count": pa.array(class_counts.long()[labels.long()].tolist(), pa.int64()),
+    }
+    if paths is not None:
+        columns["path"] = pa.array([str(p) for p in paths], pa.string())
+    if topk_indices is not None:
+        columns["topk"] = pa.array(topk_indices.long().tolist(), pa.list_(pa.int32()))
+    if knn_preds is not None:
+        columns["knn_pred"] = pa.array(knn_preds.long().tolist(), pa.int32())
+    return pa.table(columns)
+
+
 # --------------------------------------------------------------------------------------- prompt matching (phase 2)
 def _check_matching(labels: Tensor, topk_indices: Tensor, num_classes: int, pool_size: int) -> None:
     if labels.dim() != 1 or topk_indices.dim() != 2 or len(labels) != len(topk_indices):
@@ -198,27 +239,24 @@ def _check_features(feats: Tensor, labels: Tensor, name: str) -> None:
                          f"{tuple(feats.shape)} and {tuple(labels.shape)}")
 
 
-def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor,
-                 k: int = 10, chunk: int = 1024) -> float:
-    """K-NN top-1 accuracy (percent) with cosine similarity.
+def knn_predict(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, k: int = 10,
+                chunk: int = 1024) -> Tensor:
+    """K-NN top-1 predictions [N_test] with cosine similarity.
 
     Each test sample takes the majority label of its k most similar training samples; a tie in votes goes to the
     class with the larger summed similarity. Test rows are processed `chunk` at a time: memory is O(chunk * N_train).
     """
     _check_features(train_feats, train_labels, "train")
-    _check_features(test_feats, test_labels, "test")
-    if train_feats.shape[1] != test_feats.shape[1]:
-        raise ValueError(f"feature widths differ: train {train_feats.shape[1]}, test {test_feats.shape[1]}")
+    if test_feats.dim() != 2 or train_feats.shape[1] != test_feats.shape[1]:
+        raise ValueError(f"feature widths differ: train {tuple(train_feats.shape)}, test {tuple(test_feats.shape)}")
     if not 1 <= k <= len(train_feats):
         raise ValueError(f"k={k} must lie in [1, number of training samples={len(train_feats)}]")
     if chunk < 1:
         raise ValueError(f"chunk={chunk} must be >= 1")
-    if len(test_feats) == 0:
-        return math.nan
     train = F.normalize(train_feats.float(), dim=1)
     train_labels = train_labels.long()
     num_classes = int(train_labels.max()) + 1
-    correct = 0
+    preds = []
     for start in range(0, len(test_feats), chunk):
         test = F.normalize(test_feats[start:start + chunk].float(), dim=1)
         sim, idx = (test @ train.T).topk(k, dim=1)  # [b, k]
@@ -226,9 +264,18 @@ def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
         votes = test.new_zeros(len(test), num_classes).scatter_add_(1, neighbours, torch.ones_like(sim))  # [b, C]
         sim_sum = test.new_zeros(len(test), num_classes).scatter_add_(1, neighbours, sim)  # [b, C]
         top_vote = votes == votes.max(1, keepdim=True).values
-        pred = sim_sum.masked_fill(~top_vote, -math.inf).argmax(1)
-        correct += int((pred == test_labels[start:start + chunk].long()).sum())
-    return 100.0 * correct / len(test_feats)
+        preds.append(sim_sum.masked_fill(~top_vote, -math.inf).argmax(1))
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+
+def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor,
+                 k: int = 10, chunk: int = 1024) -> float:
+    """K-NN top-1 accuracy (percent) of `knn_predict`; nan without test samples."""
+    _check_features(test_feats, test_labels, "test")
+    preds = knn_predict(train_feats, train_labels, test_feats, k, chunk)
+    if len(preds) == 0:
+        return math.nan
+    return 100.0 * int((preds == test_labels.long()).sum()) / len(preds)
 
 
 def gamma_ratio(feats: Tensor, labels: Tensor) -> float:

@@ -24,7 +24,7 @@ from lpt_core.backbone import create_backbone, normalization, weights_digest
 from lpt_core.checkpoint import META_FILE, BackboneIdentity, CheckpointError, load_checkpoint, save_checkpoint
 from lpt_core.config import PHASES, LPTConfig, PhaseConfig, from_dict, to_dict
 from lpt_core.data import DatasetBundle, Normalization, build_dataset
-from lpt_core.evaluate import EvalOutput, evaluate, feature_statistics
+from lpt_core.evaluate import EvalOutput, evaluate, feature_statistics, image_paths
 from lpt_core.losses import build_classification_loss, matching_loss
 from lpt_core.model import LPTModel
 from lpt_core.runtime import autocast, is_out_of_memory, release_cached_memory, resolve_device, seed_everything
@@ -70,6 +70,7 @@ class PhaseResult:
     match: pa.Table | None
     checkpoint_dir: Path
     extras: dict[str, Any] = field(default_factory=dict)
+    predictions: pa.Table | None = None  # one row per evaluated image (metrics.prediction_table): intervals
 
 
 @dataclass
@@ -312,15 +313,18 @@ def _prune_checkpoints(folder: Path, keep: int) -> None:
 
 def _finish(cfg: LPTConfig, phase: str, setup: _Setup, out: EvalOutput, metrics: dict, history: list,
             ckpt_dir: Path) -> PhaseResult:
-    final = dict(metrics)
+    final, knn_preds = dict(metrics), None
     if cfg.eval.feature_stats and setup.bundle.train_eval is not None:
-        final.update(feature_statistics(setup.model, setup.bundle, out, phase, setup.device, cfg))
+        stats, knn_preds = feature_statistics(setup.model, setup.bundle, out, phase, setup.device, cfg)
+        final.update(stats)
     per_class = M.per_class_table(out.preds, out.labels, setup.bundle.class_counts, setup.bundle.class_names)
     match = None
     if out.topk_idx is not None:
         hist = M.match_histogram(out.labels, out.topk_idx, setup.bundle.num_classes, cfg.prompt.pool_size)
         match = M.match_table(hist)
-    return PhaseResult(phase, final, history, per_class, match, ckpt_dir)
+    predictions = M.prediction_table(out.preds, out.labels, setup.bundle.class_counts, out.topk_idx, knn_preds,
+                                     image_paths(setup.bundle.test))
+    return PhaseResult(phase, final, history, per_class, match, ckpt_dir, predictions=predictions)
 
 
 def _progress_line(phase: str, epoch: int, epochs: int, m: dict[str, float]) -> str:

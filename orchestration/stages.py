@@ -3,8 +3,9 @@
 A stage's key is the hash of exactly the config fields it depends on plus its upstream key, so every trial of a
 group-size sweep maps to the same phase-1 key and the store trains that phase 1 once, for this sweep and for any
 later sweep. A stage folder holds the run's epoch checkpoints while it trains (work/), and once it is done its
-verified final checkpoint (final/), results (result.json, per_class.parquet, match.parquet) and a DONE marker
-written last. A DONE stage whose checkpoint fails its checksum is rebuilt, never reused.
+verified final checkpoint (final/), results (result.json, per_class.parquet, match.parquet, predictions.parquet:
+one row per test image, what report intervals are computed from) and a DONE marker written last. A DONE stage
+whose checkpoint fails its checksum is rebuilt, never reused.
 """
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ class StageOutput:
     run_id: str | None
     files: dict[str, Path] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    upstream: str | None = None  # key of the stage this one was initialised from (phase 1 under a phase 2)
 
 
 class StageStore:
@@ -109,13 +111,16 @@ class StageStore:
         folder = self.folder(key)
         result = json.loads((folder / "result.json").read_text())
         return StageOutput(key, result["metrics"], result["history"], folder / "final", result.get("run_id"),
-                           {"per_class": folder / "per_class.parquet", "match": folder / "match.parquet"},
-                           result.get("extras", {}))
+                           {"per_class": folder / "per_class.parquet", "match": folder / "match.parquet",
+                            "predictions": folder / "predictions.parquet"},
+                           result.get("extras", {}), result.get("upstream"))
 
     def latest_checkpoint(self, key: str, log=print) -> Path | None:
         return latest_valid_checkpoint(sorted((self.work_dir(key) / "checkpoints").glob("epoch_*")), log=log)
 
-    def finalize(self, key: str, result: PhaseResult, run_id: str | None) -> StageOutput:
+    def finalize(self, key: str, result: PhaseResult, run_id: str | None, upstream: str | None = None) -> StageOutput:
+        """Publishes a trained stage; `upstream` (the key it was initialised from) lets a report find the phase 1
+        under a phase 2 without the tracking server."""
         folder = self.folder(key)
         tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".final-"))
         shutil.copytree(result.checkpoint_dir, tmp, dirs_exist_ok=True)
@@ -124,8 +129,10 @@ class StageStore:
         pq.write_table(result.per_class, folder / "per_class.parquet")
         if result.match is not None:
             pq.write_table(result.match, folder / "match.parquet")
+        if result.predictions is not None:
+            pq.write_table(result.predictions, folder / "predictions.parquet")
         payload = {"metrics": result.metrics, "history": result.history, "run_id": run_id, "phase": result.phase,
-                   "extras": result.extras}
+                   "extras": result.extras, "upstream": upstream}
         atomic_write_bytes(folder / "result.json", json.dumps(payload, indent=1, default=float).encode())
         atomic_write_bytes(folder / "DONE", key.encode())
         return self.load(key)

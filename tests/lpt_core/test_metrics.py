@@ -13,11 +13,14 @@ from lpt_core.metrics import (
     SPLIT_RULES,
     accuracy_report,
     gamma_ratio,
+    image_groups,
     knn_accuracy,
+    knn_predict,
     match_histogram,
     match_stats,
     match_table,
     per_class_table,
+    prediction_table,
     shot_masks,
 )
 
@@ -140,6 +143,35 @@ def test_per_class_table():
         per_class_table(PREDS, LABELS, COUNTS, class_names=["a", "b"])
 
 
+def test_image_groups_average_to_the_accuracy_report():
+    groups = image_groups(LABELS, COUNTS)
+    assert set(groups) == {"acc", "many", "medium", "few", "many_std", "medium_std", "few_std"}
+    assert groups["few"].tolist() == [False] * 4 + [True] * 5  # classes 1 and 2 are few under the authors' rule
+    assert groups["few_std"].tolist() == [False] * 6 + [True] * 3
+    right = (PREDS == LABELS).double()
+    report = accuracy_report(PREDS, LABELS, COUNTS)
+    for key, mask in groups.items():
+        expected = 100 * right[mask].mean().item() if mask.any() else math.nan
+        assert report[key] == pytest.approx(expected, nan_ok=True), key
+
+
+def test_prediction_table_one_row_per_image():
+    topk = torch.tensor([[0, 1]] * 9)
+    knn = torch.tensor([0, 1, 0, 0, 1, 1, 2, 2, 0])
+    paths = [f"img/{i}.jpg" for i in range(9)]
+    table = prediction_table(PREDS, LABELS, COUNTS, topk, knn, paths)
+    assert table.schema.names == ["image_id", "label", "pred", "train_count", "path", "topk", "knn_pred"]
+    rows = table.to_pydict()
+    assert rows["image_id"] == list(range(9))
+    assert rows["label"] == LABELS.tolist() and rows["pred"] == PREDS.tolist()
+    assert rows["train_count"] == [200] * 4 + [20] * 2 + [10] * 3
+    assert rows["path"][4] == "img/4.jpg" and rows["topk"][0] == [0, 1] and rows["knn_pred"] == knn.tolist()
+    bare = prediction_table(PREDS, LABELS, COUNTS)
+    assert bare.schema.names == ["image_id", "label", "pred", "train_count"]
+    with pytest.raises(ValueError, match="knn_preds has 2 entries but labels has 9"):
+        prediction_table(PREDS, LABELS, COUNTS, knn_preds=torch.tensor([0, 1]))
+
+
 # ------------------------------------------------------------------------------------------ prompt matching
 # 3 classes (class 2 has no samples), pool of m = 5 prompts, top-2.
 M_LABELS = torch.tensor([0, 0, 0, 1, 1])
@@ -198,6 +230,8 @@ def test_knn_majority_then_similarity_tiebreak():
     # test (1, 0.1) normalised: sim to (1,0) = 0.995, to (0.6,0.8) = 0.677 -> class 0
     test = torch.tensor([[0.8, 0.6], [1.0, 0.1]])
     assert knn_accuracy(two, two_labels, test, torch.tensor([1, 0]), k=2, chunk=1) == 100.0
+    assert knn_predict(two, two_labels, test, k=2, chunk=1).tolist() == [1, 0]
+    assert knn_predict(two, two_labels, test[:0], k=2).tolist() == []
     with pytest.raises(ValueError, match="k=4"):
         knn_accuracy(train, train_labels, test, torch.tensor([1, 0]), k=4)
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import timm
 import torch
@@ -150,7 +151,7 @@ def test_unfinished_stage_is_not_done(tmp_path: Path) -> None:
 
 def test_finalize_then_done_and_load(finished) -> None:
     store, key, result = finished
-    out = store.finalize(key, result, run_id="run-123")
+    out = store.finalize(key, result, run_id="run-123", upstream="phase0-up")
     assert store.is_done(key)
     loaded = store.load(key)
     assert loaded.metrics == pytest.approx(result.metrics, nan_ok=True) and out.metrics == loaded.metrics
@@ -159,6 +160,11 @@ def test_finalize_then_done_and_load(finished) -> None:
     assert (loaded.checkpoint_dir / "state.pt").is_file() and (loaded.checkpoint_dir / "meta.json").is_file()
     assert loaded.files["per_class"].is_file()
     assert (store.folder(key) / "DONE").read_text() == key
+    assert loaded.upstream == "phase0-up"  # a report finds the phase 1 under a phase 2 without MLflow
+    predictions = pq.read_table(loaded.files["predictions"]).to_pydict()  # one row per test image, for intervals
+    assert len(predictions["image_id"]) == sum(result.per_class.column("test_count").to_pylist())
+    right = sum(p == y for p, y in zip(predictions["pred"], predictions["label"]))
+    assert 100.0 * right / len(predictions["pred"]) == pytest.approx(result.metrics["acc"])
 
 
 def test_latest_checkpoint_skips_a_corrupted_newest(finished) -> None:
