@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = demo_checkpoint(work / "checkpoint")
     from lpt_core.checkpoint import verify_checkpoint
     from orchestration.cluster import connect
-    from orchestration.settings import ClusterSettings
+    from experiments.settings import ClusterSettings
 
     def finalize_copy() -> None:
         tmp = Path(tempfile.mkdtemp(dir=work))

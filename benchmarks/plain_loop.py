@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--workdir is required")
     imported = time.perf_counter() - START
     spec = split(compose_config(args.overrides))
-    ablation = get_ablation(spec.rest["ablation"]["name"])
-    wanted = spec.rest["ablation"].get("values")  # ablation.values: the rows a sweep would keep
+    ablation = get_ablation(spec.settings.ablation.name)
+    wanted = spec.settings.ablation.values  # ablation.values: the rows a sweep would keep
     points = [p for p in ablation.points_for(spec.name) if wanted is None or p.label in map(str, wanted)]
     hooks, stages = QuietHooks(), []
     if spec.lpt.get("threads"):  # the demo pins one thread; pretraining, if needed, runs with it as well

@@ -67,7 +67,11 @@ def ensure_demo_backbone(backbone: BackboneConfig, data: DataConfig, pretrain: D
         return weights
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the weights
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process is training it: wait, then find its weights
+            log(f"waiting for another process to finish pretraining the backbone in {folder}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if not weights.is_file():
             _pretrain_and_save(backbone, data, pretrain, folder, log)
     return weights

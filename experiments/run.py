@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from experiments.settings import CONF_DIR, build_lpt, register_configs, resolve_backbone, split
+from experiments.settings import CONF_DIR, build_lpt, resolve_backbone, split, start_cli
 from lpt_core.checkpoint import CheckpointError
 from lpt_core.config import ConfigError, LPTConfig
 from lpt_core.data.manifest import DatasetError
@@ -34,15 +34,16 @@ def stage_name(phase, training: str) -> str:
 
 
 def run(cfg: DictConfig) -> dict:
-    spec = split(cfg)
-    if spec.rest["evaluate"]:
-        return evaluate_release(build_lpt(spec.lpt), spec.rest["evaluate"], spec.rest["workdir"])
-    lpt = resolve_backbone(build_lpt(spec.lpt), spec.pretrain)
-    stage = stage_name(spec.rest["phase"], lpt.training)
-    if stage == "phase2" and not spec.rest["init_from"]:
+    spec = split(cfg)  # the same checks as sweep.py's, all before any work
+    settings, lpt = spec.settings, build_lpt(spec.lpt)
+    if settings.evaluate:
+        return evaluate_release(lpt, settings.evaluate, settings.workdir)
+    stage = stage_name(settings.phase, lpt.training)
+    if stage == "phase2" and not settings.init_from:
         raise ConfigError("phase=2 needs init_from=<phase-1 checkpoint folder> (printed at the end of phase 1)")
-    workdir = Path(spec.rest["workdir"] or f"outputs/runs/{spec.name}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
-    result = run_phase(lpt, stage, workdir, init_from=spec.rest["init_from"])
+    lpt = resolve_backbone(lpt, spec.pretrain)
+    workdir = Path(settings.workdir or f"outputs/runs/{spec.name}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = run_phase(lpt, stage, workdir, init_from=settings.init_from)
     result.per_class.to_pandas().to_csv(workdir / "per_class.csv", index=False)
     summary = {"stage": stage, "checkpoint": str(result.checkpoint_dir), **result.metrics}
     (workdir / "result.json").write_text(json.dumps(summary, indent=1))
@@ -79,5 +80,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    register_configs()
-    main()
+    start_cli(main, sys.argv[1:])

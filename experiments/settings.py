@@ -1,27 +1,127 @@
-"""From a composed Hydra config to lpt_core's typed LPTConfig: the edge where everything is validated once.
+"""From a composed Hydra config to typed settings: the edge where everything is validated once.
 
 The composed config holds the LPTConfig fields at the top level (so `data.root=...` works on the command line)
-next to the run/sweep keys. `split` separates them; `apply_overrides` applies an ablation point's dotted keys and
-refuses any key the config does not have.
+next to the keys of the sweep and of experiments/run.py, whose schema is `SweepSettings` below. Both command lines
+start with `start_cli`, which refuses an override whose key the config does not have (naming the closest valid
+one) before Hydra composes anything; `split` separates the composed config and types everything but the LPTConfig
+fields (an unknown key from a yaml file is refused there); `apply_overrides` applies an ablation point's dotted keys.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import difflib
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from lpt_core.config import ConfigError, LPTConfig, build_dataclass, from_dict, to_dict
 
+if TYPE_CHECKING:
+    from experiments.pretrain_demo import DemoPretrainConfig
+
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 LPT_KEYS = tuple(f.name for f in dataclasses.fields(LPTConfig))
+# config groups chosen on the command line (`model=vit_b`); "pretrain" is registered by register_configs
+CONFIG_GROUPS = frozenset({*(p.name for p in CONF_DIR.iterdir() if p.is_dir()), "pretrain"})
+
+
+@dataclass
+class AblationChoice:
+    name: str
+    values: list[Any] | None = None  # row labels to keep (None = all)
+
+
+@dataclass
+class SearchSettings:
+    name: Literal["grid", "optuna"] = "grid"
+    num_samples: int = 8
+    sampler: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+    max_concurrent: int = 2
+    mode: Literal["max", "min"] = "max"
+
+
+@dataclass
+class ClusterSettings:
+    name: Literal["local", "ray"] = "local"
+    address: str | None = None
+    num_cpus: int | None = None
+    num_gpus: float | None = None
+    dashboard: bool = False
+    connect_timeout_s: float = 60.0
+
+
+@dataclass
+class SweepLocation:
+    name: str | None = None
+    root: str = "outputs/sweeps"
+    storage: str | None = None
+
+
+@dataclass
+class StageSettings:
+    cache: bool = True
+    root: str = "outputs/stages"
+
+
+@dataclass
+class TrackingSettings:
+    uri: str | None = None
+    experiment: str = "lpt"
+    flush_timeout_s: float = 120.0  # how long a finished stage waits for an unreachable server before moving on
+
+
+@dataclass
+class Resources:
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+
+@dataclass
+class DebugSettings:
+    fail_at_epoch: int | None = None
+    fail_stage: Literal["phase1", "phase2", "joint"] = "phase2"
+    fail_times: int = 1
+    oom_at_epoch: int | None = None  # a real allocator failure (an impossible allocation) after this epoch
+    fail_row: str | int | float | None = None  # inject faults into this row's trials only (None: every trial)
+    epoch_sleep_s: float = 0.0  # stretch every epoch (tests that must catch a trial mid-training)
+    event_dir: str | None = None  # a trial writes <stage>.<row>.seed<s>.epoch<n> here after each epoch's checkpoint
+    hold_at_epoch: int | None = None  # after that event (fail_stage, fail_row), wait for <event_dir>/release
+
+
+@dataclass
+class SweepSettings:
+    """Every key of the composed config that is not an LPTConfig field (nor experiment_name / pretrain): the
+    schema both command lines check. orchestration/settings.py adds the sweep's own checks on top."""
+
+    ablation: AblationChoice | None = None
+    search: SearchSettings = field(default_factory=SearchSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    sweep: SweepLocation = field(default_factory=SweepLocation)
+    stages: StageSettings = field(default_factory=StageSettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    resources: Resources = field(default_factory=Resources)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    resume: bool = False
+    max_concurrent_trials: int = 0
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    max_failures: int = 2
+    min_free_disk_gb: float = 1.0
+    debug: DebugSettings = field(default_factory=DebugSettings)
+    # experiments/run.py's keys, ignored by the sweep
+    phase: Any = 1
+    init_from: str | None = None
+    evaluate: str | None = None  # the authors' released checkpoint: evaluate it instead of training
+    workdir: str | None = None
 
 
 def register_configs() -> None:
@@ -60,16 +160,64 @@ def to_plain(cfg: DictConfig | dict) -> dict[str, Any]:
 class ExperimentSpec:
     name: str
     lpt: dict[str, Any]  # nested LPTConfig fields, not yet validated (ablation points still apply)
-    pretrain: dict[str, Any] | None  # demo micro-ViT pretraining, None for real backbones
-    rest: dict[str, Any]  # everything else (sweep, search, cluster, ...) for the orchestrator
+    pretrain: DemoPretrainConfig | None  # demo micro-ViT pretraining, None for real backbones
+    settings: SweepSettings  # everything else: the sweep's keys and experiments/run.py's
 
 
 def split(cfg: DictConfig | dict) -> ExperimentSpec:
+    """Separates the LPTConfig fields and types the rest; an unknown key outside LPTConfig is refused here."""
+    from experiments.pretrain_demo import DemoPretrainConfig
+
     plain = to_plain(cfg)
     lpt = {k: plain.pop(k) for k in LPT_KEYS if k in plain}
     name = plain.pop("experiment_name")
-    pretrain = plain.pop("pretrain", None) or None
-    return ExperimentSpec(name, lpt, pretrain, plain)
+    pretrain = plain.pop("pretrain", None)
+    return ExperimentSpec(name, lpt, build_dataclass(DemoPretrainConfig, pretrain, "pretrain") if pretrain else None,
+                          build_dataclass(SweepSettings, plain))
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Refuses a command-line override whose key the composed config cannot have, naming the closest valid key.
+
+    Hydra alone would refuse `resourses.cpu=1` without naming `resources`, and would accept `+model.not_a_key=3`
+    as a new key that nothing reads. Hydra's flags (`--multirun`, `--cfg job`), group choices (`model=vit_b`),
+    Hydra's own keys and overrides Hydra cannot parse are left to Hydra, which reports them itself.
+    """
+    parser, tree = OverridesParser.create(), _key_tree()
+    for arg in argv:
+        if arg.startswith("-") or not ("=" in arg or arg.startswith("~")):
+            continue
+        try:
+            key = parser.parse_override(arg).key_or_group
+        except HydraException:
+            continue
+        root = key.split(".")[0]
+        if key in CONFIG_GROUPS or root == "hydra" or "/" in key:
+            continue
+        if root in CONFIG_GROUPS and root not in tree:  # model, experiment: groups that set keys elsewhere
+            raise ConfigError(f"override '{key}': no config key '{root}'; '{root}' is a config group, chosen with "
+                              f"{root}=<name>, not a key")
+        apply_overrides(tree, {key: None})
+
+
+def _key_tree() -> dict[str, Any]:
+    """Every key the composed config can hold, as nested dicts (the optional sections filled in)."""
+    from experiments.pretrain_demo import DemoPretrainConfig
+
+    return {**to_dict(LPTConfig()), **dataclasses.asdict(SweepSettings(ablation=AblationChoice(name=""))),
+            "experiment_name": "", "pretrain": dataclasses.asdict(DemoPretrainConfig())}
+
+
+def start_cli(main: Callable[[], None], argv: list[str]) -> None:
+    """What experiments/run.py and orchestration/sweep.py run first: an unknown key ends the process with exit
+    code 2 and one `error: ...` line, before Hydra composes the config and before any work."""
+    try:
+        check_command_line(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    register_configs()
+    main()
 
 
 def apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -79,15 +227,23 @@ def apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[s
         node, parts = result, dotted.split(".")
         for i, part in enumerate(parts):
             if not isinstance(node, dict) or (part not in node and not _is_open_mapping(parts[:i])):
-                options = list(node) if isinstance(node, dict) else []
-                close = difflib.get_close_matches(part, options, n=1)
-                hint = f"; did you mean '{'.'.join(parts[:i] + [close[0]])}'?" if close else ""
-                raise ConfigError(f"override '{dotted}': no config key '{'.'.join(parts[:i + 1])}'{hint}")
+                raise ConfigError(f"override '{dotted}': no config key '{'.'.join(parts[:i + 1])}'"
+                                  f"{_closest(parts[:i], part, node)}")
             if i == len(parts) - 1:
                 node[part] = copy.deepcopy(value)
             else:
                 node = node[part]
     return result
+
+
+def _closest(path: list[str], part: str, node: Any) -> str:
+    """The closest valid key at that level, or all of them when none is close; nothing below a plain value."""
+    if not isinstance(node, dict):
+        return f"; '{'.'.join(path)}' holds a value, not keys"
+    close = difflib.get_close_matches(part, list(node), n=1)
+    if close:
+        return f"; did you mean '{'.'.join(path + [close[0]])}'?"
+    return f"; valid keys{' under ' + '.'.join(path) if path else ''}: {', '.join(node)}"
 
 
 def _is_open_mapping(path: list[str]) -> bool:
@@ -99,17 +255,11 @@ def build_lpt(values: dict[str, Any]) -> LPTConfig:
     return from_dict(values)
 
 
-def build_pretrain(values: dict[str, Any] | None):
-    from experiments.pretrain_demo import DemoPretrainConfig
-
-    return None if values is None else build_dataclass(DemoPretrainConfig, values, "pretrain")
-
-
-def resolve_backbone(cfg: LPTConfig, pretrain: dict[str, Any] | None, log=print) -> LPTConfig:
+def resolve_backbone(cfg: LPTConfig, pretrain: DemoPretrainConfig | None, log=print) -> LPTConfig:
     """The demo's backbone is pretrained by the project itself (cached by content hash); real ones load as is."""
     if pretrain is None or cfg.backbone.weights_file is not None:
         return cfg
     from experiments.pretrain_demo import ensure_demo_backbone
 
-    path = ensure_demo_backbone(cfg.backbone, cfg.data, build_pretrain(pretrain), Path(cfg.data.cache_dir), log=log)
+    path = ensure_demo_backbone(cfg.backbone, cfg.data, pretrain, Path(cfg.data.cache_dir), log=log)
     return dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, weights_file=str(path)))

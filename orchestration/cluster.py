@@ -9,8 +9,8 @@ import os
 import socket
 from pathlib import Path
 
+from experiments.settings import ClusterSettings
 from lpt_core.config import ConfigError
-from orchestration.settings import ClusterSettings
 
 RAY_DEFAULT_PORT, RAY_CLIENT_PORT = 6379, 10001
 

@@ -12,9 +12,10 @@ from typing import Any
 from omegaconf import DictConfig
 
 from experiments.ablations import RUN_UNTIL, Ablation, get_ablation
-from experiments.settings import apply_overrides, build_lpt, resolve_backbone, split
+from experiments.pretrain_demo import DemoPretrainConfig
+from experiments.settings import SweepSettings, apply_overrides, build_lpt, resolve_backbone, split
 from lpt_core.config import ConfigError
-from orchestration.settings import SweepSettings, parse_settings
+from orchestration.settings import check_sweep_settings
 from orchestration.stages import stage_chain
 
 
@@ -26,7 +27,7 @@ class SweepPlan:
     settings: SweepSettings
     base_lpt: dict[str, Any]  # weights_file resolved
     points: dict[str, dict[str, Any]]  # row label -> overrides (weights_file resolved per row where needed)
-    pretrain: dict[str, Any] | None
+    pretrain: DemoPretrainConfig | None
 
     @property
     def optuna(self) -> bool:
@@ -116,7 +117,7 @@ def _absolute_paths(lpt: dict[str, Any]) -> None:
 def build_plan(cfg: DictConfig | dict) -> SweepPlan:
     """Validated plan; the demo backbones are resolved later (resolve_backbones), after the cheap checks."""
     spec = split(cfg)
-    settings = parse_settings(spec.rest)
+    settings = check_sweep_settings(spec.settings)
     ablation = get_ablation(settings.ablation.name)
     build_lpt(spec.lpt)  # the base config alone must be valid
     _absolute_paths(spec.lpt)

@@ -15,7 +15,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from experiments.settings import CONF_DIR, register_configs
+from experiments.settings import CONF_DIR, start_cli
 from lpt_core.config import ConfigError
 from orchestration.cluster import ClusterError
 from orchestration.driver import SweepError, run_sweep
@@ -32,5 +32,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    register_configs()
-    main()
+    start_cli(main, sys.argv[1:])

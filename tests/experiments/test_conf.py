@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from experiments.ablations import ABLATIONS
-from experiments.run import stage_name
-from experiments.settings import CONF_DIR, apply_overrides, build_lpt, compose_config, split
+from experiments.pretrain_demo import DemoPretrainConfig
+from experiments.run import run, stage_name
+from experiments.settings import (CONF_DIR, AblationChoice, apply_overrides, build_lpt, check_command_line,
+                                  compose_config, split)
 from lpt_core.config import ConfigError, LPTConfig
 
 EXPERIMENTS = ("demo", "places_lt", "imagenet_lt", "imagenet_sketch", "inat18", "cifar100_lt")
@@ -84,15 +86,65 @@ def test_ablation_yamls_and_registry_match_one_to_one() -> None:
 @pytest.mark.parametrize("ablation", sorted(p.stem for p in (CONF_DIR / "ablation").glob("*.yaml")))
 def test_every_ablation_yaml_composes(ablation: str) -> None:
     spec = split(compose_config([f"ablation={ablation}"]))
-    assert spec.rest["ablation"] == {"name": ablation, "values": None}
-    assert spec.rest["ablation"]["name"] in ABLATIONS
+    assert spec.settings.ablation == AblationChoice(name=ablation, values=None)
+    assert spec.settings.ablation.name in ABLATIONS
     build_lpt(spec.lpt)
 
 
-def test_unknown_cli_key_fails_naming_it() -> None:
-    with pytest.raises(Exception) as info:
-        compose_config(["prompt.pool_sze=3"])
-    assert "prompt.pool_sze" in str(info.value)
+# the cases tests/orchestration/test_cli_errors.py also runs through both command lines
+UNKNOWN_KEYS = [
+    ("+model.not_a_key=3", "override 'model.not_a_key': no config key 'model'; 'model' is a config group, "
+                           "chosen with model=<name>, not a key"),
+    ("+data.not_a_key=1", "override 'data.not_a_key': no config key 'data.not_a_key'; valid keys under data: "
+                          "name, root, options, img_size,"),
+    ("resourses.cpu=1", "override 'resourses.cpu': no config key 'resourses'; did you mean 'resources'?"),
+    ("+resourses.cpu=1", "override 'resourses.cpu': no config key 'resourses'; did you mean 'resources'?"),
+    ("prompt.pool_sise=3", "override 'prompt.pool_sise': no config key 'prompt.pool_sise'; "
+                           "did you mean 'prompt.pool_size'?"),
+    ("++pretrain.epoch=3", "override 'pretrain.epoch': no config key 'pretrain.epoch'; "
+                           "did you mean 'pretrain.epochs'?"),
+    ("~debug.fail_rows", "override 'debug.fail_rows': no config key 'debug.fail_rows'; "
+                         "did you mean 'debug.fail_row'?"),
+    ("seed.x=1", "override 'seed.x': no config key 'seed.x'; 'seed' holds a value, not keys"),
+]
+
+
+@pytest.mark.parametrize("override, message", UNKNOWN_KEYS)
+def test_command_line_refuses_an_unknown_key_naming_the_closest(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        check_command_line(["phase=1", override])
+    assert str(info.value).startswith(message)
+
+
+def test_command_line_leaves_groups_flags_hydra_keys_and_open_mappings_alone() -> None:
+    check_command_line(["--multirun", "--cfg", "job", "model=vit_b", "experiment=places_lt", "ablation=group_size",
+                        "ablation.values=[5,10]", "pretrain=demo", "~pretrain", "hydra.run.dir=/x",
+                        "hydra/job_logging=stdout", "model@backbone=micro", "prompt.pool_size=5,10",
+                        "++data.options.tau=10", "backbone.model_kwargs.drop_path_rate=0.1", "seeds=[0,1]",
+                        "search.num_samples=4", "debug.hold_at_epoch=1", "init_from=/c", "phase=2"])
+
+
+def test_an_unknown_key_added_from_a_yaml_or_compose_is_refused_by_split() -> None:
+    """What check_command_line cannot see (a key added by a config file or the compose API) split refuses."""
+    with pytest.raises(ConfigError, match=r"unknown config key 'model'"):
+        split(compose_config(["+model.not_a_key=3"]))
+    with pytest.raises(ConfigError, match=r"unknown config key 'pretrain\.epoch'; did you mean 'epochs'"):
+        split(compose_config(["+pretrain.epoch=3"]))
+    with pytest.raises(ConfigError, match=r"unknown config key 'data\.not_a_key'"):
+        build_lpt(split(compose_config(["+data.not_a_key=1"])).lpt)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+model.not_a_key=3", "unknown config key 'model'"),
+    ("+data.not_a_key=1", "unknown config key 'data.not_a_key'"),
+    ("phase=3", "phase=3: expected 1 or 2"),
+    ("phase=2", "phase=2 needs init_from"),
+])
+def test_run_refuses_before_any_work(tmp_path, override: str, message: str) -> None:
+    cfg = compose_config([override, f"workdir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(ConfigError, match=message):
+        run(cfg)
+    assert list(tmp_path.iterdir()) == []  # no demo data, no pretrained backbone, no run folder
 
 
 @pytest.mark.parametrize("override, key", [
@@ -134,9 +186,8 @@ def test_apply_overrides_allows_new_keys_in_open_mappings(demo_lpt: dict) -> Non
 def test_demo_experiment_sets_name_and_pretraining() -> None:
     spec = split(compose_config([]))
     assert spec.name == "demo"
-    assert spec.pretrain is not None and spec.pretrain["epochs"] >= 1
+    assert spec.pretrain == DemoPretrainConfig()  # the demo yaml picks the recipe's defaults unchanged
     assert spec.lpt["data"]["name"] == "demo" and spec.lpt["backbone"]["weights_file"] is None
-    assert "experiment_name" not in spec.rest and "pretrain" not in spec.rest
 
 
 @pytest.mark.parametrize("phase, training, expected", [

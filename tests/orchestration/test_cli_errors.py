@@ -3,11 +3,13 @@ of an earlier sweep touched."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
 
-from .conftest import run_sweep_cli
+from .conftest import REPO, run_sweep_cli
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +47,30 @@ def test_bad_input_is_refused_before_anything_runs(sweep_overrides, tmp_path, ex
     assert result.returncode == code, result.stdout[-2000:] + result.stderr[-2000:]
     assert needle in result.stderr + result.stdout
     assert _unchanged(folder, files)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+model.not_a_key=3", "override 'model.not_a_key': no config key 'model'; 'model' is a config group, "
+                           "chosen with model=<name>, not a key"),
+    ("+data.not_a_key=1", "override 'data.not_a_key': no config key 'data.not_a_key'; valid keys under data: "
+                          "name, root, options, img_size, resize_size, crop_min_scale, num_workers, "
+                          "eval_batch_size, eval_split, download, skip_bad_images, cache_dir"),
+    ("resourses.cpu=1", "override 'resourses.cpu': no config key 'resourses'; did you mean 'resources'?"),
+    ("+resourses.cpu=1", "override 'resourses.cpu': no config key 'resourses'; did you mean 'resources'?"),
+    ("prompt.pool_sise=3", "override 'prompt.pool_sise': no config key 'prompt.pool_sise'; "
+                           "did you mean 'prompt.pool_size'?"),
+])
+def test_both_command_lines_refuse_an_unknown_key_alike_before_any_work(tmp_path, override, message):
+    """run.py and sweep.py get the same command line; both stop at the same check, before Hydra, Ray or data."""
+    args = ["ablation=group_size", "phase=1", f"workdir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
+            f"sweep.root={tmp_path / 'sweeps'}", f"stages.root={tmp_path / 'stages'}", override]
+    results = {script: subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, capture_output=True,
+                                      text=True, timeout=300)
+               for script in ("experiments/run.py", "orchestration/sweep.py")}
+    for script, result in results.items():
+        assert result.returncode == 2, (script, result.stdout[-2000:], result.stderr[-2000:])
+        assert [line for line in result.stderr.splitlines() if "error" in line.lower()] == [f"error: {message}"]
+    assert list(tmp_path.iterdir()) == []  # no run folder, demo cache, sweep folder or stage
 
 
 def test_a_sweep_with_another_configuration_under_the_same_name_is_refused(sweep_overrides, tmp_path):
