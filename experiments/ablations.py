@@ -13,6 +13,7 @@ from typing import Any
 from lpt_core.config import ConfigError
 
 STAGES = ("pretrain", "phase1", "phase2", "joint")
+PAPER_EXPERIMENT = "places_lt"  # the dataset of the paper's ablation numbers (`Ablation.paper`)
 RUN_UNTIL = "run_until"  # reserved point key: the last stage a row runs (Tab. 8 rows that stop after phase 1)
 
 
@@ -44,10 +45,20 @@ class Ablation:
     stages: tuple[str, ...] = ("phase2",)  # which stages the axis changes (upstream stages are shared)
     metric: str = "acc"
     demo_points: tuple[Point, ...] | None = None  # replaces `points` on the demo experiment (e.g. micro sizes)
-    paper: dict[str, float] = field(default_factory=dict)  # the paper's overall accuracy per row, for reports
+    paper: dict[str, float] = field(default_factory=dict)  # the paper's overall accuracy per row (PAPER_EXPERIMENT)
+    # the row every other row is compared with (paired differences): the paper's default configuration
+    reference: str | None = None
+    demo_reference: str | None = None  # the reference among demo_points (the demo's default model, ...)
+    # accuracies whose paired difference to the reference a report shows (report keys: acc, few, few_std, ...)
+    compare: tuple[str, ...] = ("acc", "few", "few_std")
 
     def points_for(self, experiment: str) -> tuple[Point, ...]:
         return self.demo_points if experiment == "demo" and self.demo_points is not None else self.points
+
+    def reference_for(self, experiment: str) -> str | None:
+        if experiment == "demo" and self.demo_points is not None:
+            return self.demo_reference
+        return self.reference
 
 
 def sweep(key: str, values: list[Any], label: str | None = None) -> list[Point]:
@@ -76,8 +87,20 @@ def register(ablation: Ablation) -> Ablation:
     unknown = set(ablation.stages) - set(STAGES)
     if unknown:
         raise ValueError(f"ablation {ablation.name!r}: unknown stages {sorted(unknown)}")
+    _check_reference(ablation, ablation.points, ablation.reference, "reference")
+    if ablation.demo_points is not None:
+        _check_reference(ablation, ablation.demo_points, ablation.demo_reference, "demo_reference")
     ABLATIONS[ablation.name] = ablation
     return ablation
+
+
+def _check_reference(ablation: Ablation, points: tuple[Point, ...], reference: str | None, field_name: str) -> None:
+    """A grid must name the row its other rows are compared with, and that row must be one of its rows."""
+    if not points:
+        return
+    labels = [p.label for p in points]
+    if reference not in labels:
+        raise ValueError(f"ablation {ablation.name!r}: {field_name}={reference!r} must be one of its rows {labels}")
 
 
 def get_ablation(name: str) -> Ablation:
@@ -90,34 +113,35 @@ def get_ablation(name: str) -> Ablation:
 
 register(Ablation(
     "group_size", "Group size m of the prompt pool (paper: best at m = 20, robust from 5 to 40)", "m",
-    points=tuple(sweep("prompt.pool_size", [5, 10, 20, 40])), paper={"20": 50.07},
+    points=tuple(sweep("prompt.pool_size", [5, 10, 20, 40])), paper={"20": 50.07}, reference="20",
 ))
 register(Ablation(
     "topk", "Number k of matched group prompts (Fig. 4 supports k = 2)", "k",
-    points=tuple(sweep("prompt.top_k", [1, 2, 3, 4])), paper={"2": 50.07},
+    points=tuple(sweep("prompt.top_k", [1, 2, 3, 4])), paper={"2": 50.07}, reference="2",
 ))
 register(Ablation(
     "ensemble", "How the k matched prompts are combined: mean (authors' code) or concatenation", "ensemble",
-    points=tuple(sweep("prompt.ensemble", ["mean", "concat"])),
+    points=tuple(sweep("prompt.ensemble", ["mean", "concat"])), reference="mean",
 ))
 register(Ablation(
     "query_function", "Query for prompt matching: phase-1 model (default) vs the plain pretrained ViT (Tab. 10)",
     "query", points=tuple(sweep("prompt.query", ["phase1", "pretrained"])), paper={"phase1": 50.07},
+    reference="phase1", compare=("acc", "few", "few_std", "query_knn_acc"),
 ))
 register(Ablation(
     "decoupled_vs_joint", "Decoupled two-phase training vs all prompts trained together (Tab. 9)", "training",
     points=tuple(sweep("training", ["decoupled", "joint"])), stages=("phase1", "phase2", "joint"),
-    paper={"decoupled": 50.07, "joint": 47.48},
+    paper={"decoupled": 50.07, "joint": 47.48}, reference="decoupled",
 ))
 register(Ablation(
     "prompt_length", "Prompt length P of the shared and group prompts", "P",
-    points=tuple(sweep("prompt.length", [1, 5, 10, 20])), stages=("phase1", "phase2"),
+    points=tuple(sweep("prompt.length", [1, 5, 10, 20])), stages=("phase1", "phase2"), reference="10",
 ))
 register(Ablation(
     "sampling", "Batch sampling in both phases: dual vs class-balanced only vs instance-balanced only", "sampling",
     points=tuple(zipit(sweep("phase1.sampling", ["dual", "class_balanced", "instance"]),
                        sweep("phase2.sampling", ["dual", "class_balanced", "instance"]))),
-    stages=("phase1", "phase2"),
+    stages=("phase1", "phase2"), reference="dual",
 ))
 register(Ablation(
     "model_size", "Backbone size (Tab. 7): ViT-T / S / B on the paper's data, micro widths on the demo", "model",
@@ -132,6 +156,7 @@ register(Ablation(
         Point("micro_l", {"backbone.model_kwargs.embed_dim": 192, "backbone.model_kwargs.num_heads": 6}),
     ),
     stages=("pretrain", "phase1", "phase2"), paper={"vit_t": 37.40, "vit_s": 44.66, "vit_b": 50.07},
+    reference="vit_b", demo_reference="micro_m",  # micro_m is the demo's default micro ViT (width 128)
 ))
 register(Ablation(
     "per_phase", "Contribution of each part (Tab. 8 rows, plus Tab. 1's VPT without class-balanced sampling)", "row",
@@ -143,12 +168,14 @@ register(Ablation(
         Point("full_lpt", {}),
     ),
     stages=("phase1", "phase2"), paper={"vpt_ce_instance": 37.52, "phase1_agcl": 49.41, "full_lpt": 50.07},
+    reference="full_lpt",
 ))
 register(Ablation(
     "loss", "A-GCL focusing and the instance-branch weight: lambda+, lambda- and eta (Optuna, or a small grid)",
     "lambda+/lambda-/eta",
     points=tuple(product(sweep("phase2.loss.lambda_pos_ib", [0.0, 0.5]), sweep("phase2.loss.lambda_neg_ib", [4.0, 8.0]),
                          sweep("phase2.loss.eta", [0.5]))),
+    reference="0.5,8.0,0.5",  # the code's instance-branch defaults; Optuna trials have no reference row
     space={
         "phase2.loss.lambda_pos_ib": Distribution(0.0, 2.0),
         "phase2.loss.lambda_neg_ib": Distribution(1.0, 12.0),

@@ -45,6 +45,7 @@ def run(cfg: DictConfig) -> dict:
     workdir = Path(settings.workdir or f"outputs/runs/{spec.name}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
     result = run_phase(lpt, stage, workdir, init_from=settings.init_from)
     result.per_class.to_pandas().to_csv(workdir / "per_class.csv", index=False)
+    result.predictions.to_pandas().to_parquet(workdir / "predictions.parquet", index=False)
     summary = {"stage": stage, "checkpoint": str(result.checkpoint_dir), **result.metrics}
     (workdir / "result.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))

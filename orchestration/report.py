@@ -1,32 +1,32 @@
 """Paper-style tables and plots of a sweep: `python orchestration/report.py sweep=<name> [root=outputs/sweeps]`.
 
 Rows are the ablation's axis values (or Optuna's trials, best first); columns overall / many / medium / few under
-the authors' split rule, then the same under the standard rule; mean +- std over seeds. Metrics are read from the
-trials' MLflow runs (falling back to trials.json when the tracking store is not reachable).
+the authors' split rule, then under the standard rule. Every accuracy carries a 95 % interval from the stored
+per-image predictions (test images resampled within class, and seeds where there are several), and every row is
+compared with the ablation's reference row by a paired difference, Holm-corrected across the table. Point
+estimates are the numbers MLflow holds for the trials' runs (trials.json when the tracking store is unreachable).
 """
 from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
-import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+from experiments.ablations import PAPER_EXPERIMENT, Ablation, get_ablation
+from lpt_core import uncertainty as U
+from orchestration import report_data as D
+from orchestration import report_optuna, report_plots
+from orchestration.report_stats import KEY_NAMES, POINT_KEYS, RULE_KEYS, Line, comparison_count, set_intervals, \
+    set_points
+from orchestration.tracking import Tracker, default_tracking_uri
 
-matplotlib.use("Agg")
-logging.getLogger("matplotlib").setLevel(logging.WARNING)  # Hydra sets INFO; matplotlib's INFO is noise
-import matplotlib.pyplot as plt  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-
-from experiments.ablations import get_ablation  # noqa: E402
-from orchestration.tracking import Tracker, default_tracking_uri  # noqa: E402
-
-RULES = {"authors": ("acc", "many", "medium", "few"), "standard": ("acc", "many_std", "medium_std", "few_std")}
-MAX_HEATMAPS = 6
+RULE_TITLES = {"authors": "authors' split (many > 100, 20 < medium <= 100, few <= 20)",
+               "standard": "standard split (many > 100, 20 <= medium <= 100, few < 20)"}
+PAPER_NAMES = {"places_lt": "Places-LT"}
+MAX_OPTUNA_ROWS = 10  # report.md lists the best trials; report.csv has them all
 
 
 @dataclass
@@ -36,141 +36,206 @@ class Report:
     files: list[Path] = field(default_factory=list)
 
 
-def _trial_metrics(records: list[dict], tracking_uri: str | None) -> list[dict]:
-    if tracking_uri is None:
-        return records
-    try:
-        client = Tracker(tracking_uri, "lpt", outage_wait_s=5).client
-    except Exception:  # an unreachable server must not lose the report: trials.json has the same numbers
-        return records
+@dataclass
+class Tables:
+    """Everything the tables and plots show."""
+
+    plan: dict
+    ablation: Ablation
+    lines: list[Line]  # in table order; the shared phase 1 (if any) last
+    reference: Line | None
+    row_upstreams: dict[str, Line]  # a row's own phase 1 where rows do not share one (plots only)
+    notes: list[str]
+
+
+def _grid_lines(plan: dict, ablation: Ablation, runs: list[D.Run]) -> list[Line]:
+    if plan["search"] == "optuna":
+        sign = -1 if plan.get("mode", "max") == "max" else 1
+        lines = [Line(r.row, r.stage, [r]) for r in runs]
+        return sorted(lines, key=lambda ln: sign * ln.runs[0].metrics.get(plan["metric"], -sign * math.inf))
+    reference = ablation.reference_for(plan["experiment"])
+    lines = [Line(row, "", [r for r in runs if r.row == row]) for row in plan["rows"]]
+    lines = [ln for ln in lines if ln.runs]
+    for line in lines:
+        line.stage = line.runs[0].stage
+        line.role = "reference" if line.label == reference else "row"
+    return lines
+
+
+def _upstream_lines(lines: list[Line], runs: dict[str, D.Run]) -> tuple[Line | None, dict[str, Line]]:
+    """The phase 1 shared by every phase-2 row (a line of the table), or each row's own phase 1 (plot markers)."""
+    phase2 = [ln for ln in lines if ln.stage == "phase2"]
+    keys = {ln.label: sorted(r.upstream for r in ln.runs if r.upstream in runs) for ln in phase2}
+    if not phase2 or any(len(k) != len(ln.runs) for ln, k in zip(phase2, keys.values())):
+        return None, {}
+    own_keys = {r.stage_key for ln in lines for r in ln.runs}
+    if len({tuple(k) for k in keys.values()}) == 1:
+        shared = keys[phase2[0].label]
+        if own_keys & set(shared):  # the phase 1 is a row of this table already (per_phase)
+            return None, {}
+        return Line("phase 1 (shared upstream)", "phase1", [runs[k] for k in shared], role="upstream"), {}
+    return None, {label: Line(f"phase 1 of {label}", "phase1", [runs[k] for k in ks]) for label, ks in keys.items()}
+
+
+def collect(folder: Path, sources: D.Sources, replicates: int = U.REPLICATES) -> Tables:
+    plan = json.loads((folder / "plan.json").read_text())
+    ablation = get_ablation(plan["ablation"])
+    runs = D.load_runs(folder, sources)
+    lines = _grid_lines(plan, ablation, runs)
+    shared, row_upstreams = _upstream_lines(lines, D.upstream_runs(runs, sources))
+    lines += [shared] if shared else []
+    reference = next((ln for ln in lines if ln.role == "reference"), None)
+    extra = list(row_upstreams.values())
+    set_points(lines + extra)
+    tables = {r.stage_key: t for ln in lines + extra for r in ln.runs
+              if (t := D.load_predictions(r, sources)) is not None}
+    notes = set_intervals(lines, tables, reference, ablation.compare, replicates)
+    set_intervals(extra, tables, None, (), replicates)
+    elsewhere = [f"{ln.label} (run {r.run_id})" for ln in lines for r in ln.runs if not r.in_tracking]
+    if sources.client is not None and elsewhere:
+        notes.insert(0, f"runs not in this tracking store (cached stages, tracked in the store of the sweep that "
+                        f"trained them), numbers from trials.json / the stage store: {', '.join(elsewhere)}")
+    return Tables(plan, ablation, lines, reference, row_upstreams, [sources.note, *notes])
+
+
+# ---------------------------------------------------------------------------------------------------- markdown
+def _cell(line: Line, key: str) -> str:
+    point = line.point.get(key, math.nan)
+    if math.isnan(point):
+        return "-"
+    interval = line.interval.get(key)
+    if interval is None or math.isnan(interval.low):
+        return f"{point:.1f}"
+    return f"{point:.1f} ± {interval.half_width:.1f}"
+
+
+def _delta_cell(line: Line, key: str) -> str:
+    comparison = line.delta.get(key)
+    if comparison is None:
+        return "-"
+    i = comparison.interval
+    return f"{i.estimate:+.1f} [{i.low:+.1f}, {i.high:+.1f}]" + (" *" if comparison.significant else "")
+
+
+def _label(line: Line) -> str:
+    return f"**{line.label}** (reference)" if line.role == "reference" else line.label
+
+
+def _method(plan: dict, tables: Tables) -> str:
+    seeds = len(plan["seeds"]) if plan["search"] == "grid" else 1
+    if seeds == 1:
+        how = "a stratified bootstrap over the test images, resampled within their class"
+        point = "the value the store holds"
+    else:
+        how = (f"a two-level bootstrap: the {seeds} seeds resampled with replacement and the test images within "
+               f"their class, the same images for every seed,")
+        point = f"the mean over the {seeds} seeds of the values the store holds"
+    return f"± = half-width of the 95 % percentile interval of {how} with {U.REPLICATES} replicates; point = {point}."
+
+
+def _main_tables(tables: Tables, lines: list[Line]) -> list[str]:
+    plan, ablation = tables.plan, tables.ablation
+    paper = PAPER_NAMES.get(plan["experiment"]) if plan["experiment"] == PAPER_EXPERIMENT else None
+    extra = [k for k in ablation.compare if k not in RULE_KEYS]
     out = []
-    for record in records:
-        try:
-            metrics = dict(client.get_run(record["run_id"]).data.metrics)
-        except Exception:
-            metrics = {}
-        out.append({**record, "metrics": {**record["metrics"], **metrics}})
+    for rule, keys in (("authors", RULE_KEYS[:4]), ("standard", ("acc", *RULE_KEYS[4:]))):
+        columns = keys + tuple(extra if rule == "authors" else ())
+        head = ["overall", "many", "medium", "few"] + [KEY_NAMES[k] for k in columns[4:]]
+        head += [f"paper, {paper}"] if paper and rule == "authors" else []
+        out += ["", f"### {RULE_TITLES[rule]}", "", f"| {plan['axis']} | stage | " + " | ".join(head) + " |",
+                "|" + "---|" * (len(head) + 2)]
+        for line in lines:
+            cells = [_cell(line, k) for k in columns]
+            cells += [str(ablation.paper.get(line.label, ""))] if paper and rule == "authors" else []
+            out.append(f"| {_label(line)} | {line.stage} | " + " | ".join(cells) + " |")
+        out += ["", _method(plan, tables)]
     return out
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def aggregate(plan: dict, records: list[dict]) -> list[dict]:
-    """One row per axis value (grid, in the ablation's order) or per trial (Optuna, best first)."""
+def _comparison_table(tables: Tables) -> list[str]:
+    plan, reference = tables.plan, tables.reference
     if plan["search"] == "optuna":
-        groups = {r["row"]: [r] for r in records}
-        order = sorted(groups, key=lambda k: -groups[k][0]["metrics"].get(plan["metric"], float("-inf")))
-    else:
-        groups = {row: [r for r in records if r["row"] == row] for row in plan["rows"]}
-        order = [row for row in plan["rows"] if groups[row]]
+        return ["", "Optuna trials have no reference row (a search has no grid default), so no paired comparison "
+                    "is made; the parameter importances below say which knob matters."]
+    if reference is None:
+        wanted = tables.ablation.reference_for(plan["experiment"])
+        return ["", f"The reference row {plan['axis']} = {wanted} is not in this sweep (ablation.values, or its "
+                    f"trials failed): no paired comparison."]
+    keys = tables.ablation.compare
+    out = ["", f"### paired differences to the reference row {plan['axis']} = {reference.label}", "",
+           f"| {plan['axis']} | " + " | ".join(f"Δ {KEY_NAMES[k]}" for k in keys) + " |",
+           "|" + "---|" * (len(keys) + 1)]
+    for line in tables.lines:
+        if line is not reference:
+            out.append(f"| {_label(line)} | " + " | ".join(_delta_cell(line, k) for k in keys) + " |")
+    out += ["", f"Δ = row - reference in points, 95 % paired bootstrap interval (the same resampled test images and "
+                f"seeds for both rows); * = the difference is significant after Holm's correction over the "
+                f"{comparison_count(tables.lines)} comparisons of this table (family-wise α = 0.05)."]
+    return out
+
+
+def markdown(tables: Tables, optuna_lines: list[str]) -> str:
+    plan = tables.plan
+    seeds = len(plan["seeds"]) if plan["search"] == "grid" else 1
+    lines = tables.lines
+    if plan["search"] == "optuna" and len(lines) > MAX_OPTUNA_ROWS:
+        lines = lines[:MAX_OPTUNA_ROWS] + [ln for ln in lines if ln.role == "upstream"]
+    out = [f"## {plan['name']}: ablation `{plan['ablation']}` on `{plan['experiment']}` "
+           f"({seeds} seed(s); top-1 %, 95 % intervals)", ""]
+    out += [f"- {note}" for note in tables.notes]
+    if len(lines) < len(tables.lines):
+        out.append(f"- the best {MAX_OPTUNA_ROWS} of {len(tables.lines)} trials by {plan['metric']}; report.csv "
+                   f"has them all")
+    return "\n".join(out + _main_tables(tables, lines) + _comparison_table(tables) + optuna_lines)
+
+
+# --------------------------------------------------------------------------------------------------------- csv
+def csv_rows(tables: Tables) -> list[dict]:
+    """One dict per table line: point estimates (MLflow's), interval ends, paired differences, run ids."""
     rows = []
-    for label in order:
-        trials = groups[label]
-        row = {"row": label, "n": len(trials), "stage": trials[0]["stage"]}
-        for key in {k for rule in RULES.values() for k in rule} | {"query_knn_acc", "match_consistency"}:
-            row[key], row[f"{key}_sd"] = _mean_std([t["metrics"].get(key, float("nan")) for t in trials])
+    for line in tables.lines:
+        row = {"row": line.label, "stage": line.stage, "role": line.role, "n": len(line.runs),
+               "run_ids": ";".join(str(r.run_id) for r in line.runs)}
+        if tables.plan["search"] == "optuna":
+            row.update(line.runs[0].config)
+        for key in POINT_KEYS:
+            row[key] = line.point.get(key, math.nan)
+            if key in line.interval:
+                row[f"{key}_lo"], row[f"{key}_hi"] = line.interval[key].low, line.interval[key].high
+        for key, comparison in line.delta.items():
+            i = comparison.interval
+            row.update({f"d_{key}": i.estimate, f"d_{key}_lo": i.low, f"d_{key}_hi": i.high,
+                        f"d_{key}_p": comparison.p, f"d_{key}_p_holm": comparison.p_holm})
         rows.append(row)
     return rows
 
 
-def _cell(row: dict, key: str) -> str:
-    mean, sd = row[key], row[f"{key}_sd"]
-    if math.isnan(mean):
-        return "-"
-    return f"{mean:.2f}" if row["n"] == 1 else f"{mean:.2f} ± {sd:.2f}"
-
-
-def markdown_tables(plan: dict, rows: list[dict], paper: dict[str, float]) -> str:
-    lines = [f"## {plan['name']}: ablation `{plan['ablation']}` on `{plan['experiment']}` "
-             f"({len(plan['seeds'])} seed(s); top-1 %, mean ± std over seeds)"]
-    for rule, keys in RULES.items():
-        title = "authors' split (many > 100, 20 < medium <= 100, few <= 20)" if rule == "authors" else \
-            "standard split (many > 100, 20 <= medium <= 100, few < 20)"
-        lines += ["", f"### {title}", "",
-                  f"| {plan['axis']} | stage | overall | many | medium | few | paper |",
-                  "|---|---|---|---|---|---|---|"]
-        for row in rows:
-            cells = " | ".join(_cell(row, k) for k in keys)
-            lines.append(f"| {row['row']} | {row['stage']} | {cells} | {paper.get(row['row'], '')} |")
-    return "\n".join(lines)
-
-
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    keys = ["row", "n", "stage"] + sorted(k for k in rows[0] if k not in ("row", "n", "stage")) if rows else []
+    keys = list(dict.fromkeys(k for row in rows for k in row))
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
 
 
-def _plot_axis(path: Path, plan: dict, rows: list[dict]) -> None:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    labels = [str(r["row"]) for r in rows]
-    left.errorbar(labels, [r["acc"] for r in rows], yerr=[r["acc_sd"] for r in rows], marker="o", capsize=3)
-    left.set(xlabel=plan["axis"], ylabel="overall top-1 (%)", title=f"{plan['ablation']}: overall accuracy")
-    width = 0.27
-    for i, shot in enumerate(("many", "medium", "few")):
-        xs = [j + (i - 1) * width for j in range(len(rows))]
-        right.bar(xs, [r[shot] for r in rows], width, yerr=[r[f"{shot}_sd"] for r in rows], label=shot, capsize=2)
-    right.set_xticks(range(len(rows)), labels)
-    right.set(xlabel=plan["axis"], ylabel="top-1 (%)", title="per-shot accuracy (authors' split)")
-    right.legend()
-    for axis in (left, right):
-        axis.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _plot_matches(path: Path, plan: dict, records: list[dict]) -> bool:
-    """Per-class share of samples choosing each prompt (Fig. 4), one panel per phase-2 row (first seed)."""
-    panels = []
-    for row in plan["rows"] if plan["search"] == "grid" else sorted({r["row"] for r in records}):
-        trial = next((r for r in records if r["row"] == row and r["stage"] != "phase1"), None)
-        match_file = Path(plan["stage_root"]) / trial["stage_key"] / "match.parquet" if trial else None
-        if match_file is not None and match_file.exists():
-            panels.append((row, pq.read_table(match_file).to_pandas()))
-    if not panels:
-        return False
-    panels = panels[:MAX_HEATMAPS]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
-    for axis, (row, table) in zip(axes[0], panels):
-        grid = table.pivot(index="class_id", columns="prompt_id", values="count").fillna(0)
-        grid = grid.div(grid.sum(axis=1).clip(lower=1), axis=0)
-        image = axis.imshow(grid.values, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-        axis.set(title=f"{plan['axis']}={row}", xlabel="prompt", ylabel="class")
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of the class's top-k picks")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
 def build_report(folder: str | Path, tracking_uri: str | None = None, parent_run_id: str | None = None,
-                 log_to_mlflow: bool = True) -> Report:
+                 log_to_mlflow: bool = True, outage_wait_s: float = 5.0) -> Report:
     folder = Path(folder)
     plan = json.loads((folder / "plan.json").read_text())
-    records = json.loads((folder / "trials.json").read_text()) if (folder / "trials.json").exists() else []
-    records = _trial_metrics(records, tracking_uri)
-    rows = aggregate(plan, records)
-    markdown = markdown_tables(plan, rows, get_ablation(plan["ablation"]).paper)
+    client, note = D.connect(tracking_uri, outage_wait_s)
+    tables = collect(folder, D.Sources(Path(plan["stage_root"]), client, note))
     out = folder / "report"
     out.mkdir(exist_ok=True)
+    optuna_md, optuna_files = report_optuna.section(tables, out) if plan["search"] == "optuna" else ([], [])
+    text = markdown(tables, optuna_md)
+    rows = csv_rows(tables)
     files = [out / "report.md", out / "report.csv"]
-    files[0].write_text(markdown + "\n")
+    files[0].write_text(text + "\n")
     _write_csv(files[1], rows)
-    if rows:
-        _plot_axis(out / "axis.png", plan, rows)
-        files.append(out / "axis.png")
-    if _plot_matches(out / "matches.png", plan, records):
-        files.append(out / "matches.png")
+    files += report_plots.draw(tables, out) + optuna_files
     if log_to_mlflow and tracking_uri and parent_run_id:
         Tracker(tracking_uri, "lpt").log_artifacts(parent_run_id, [out], "report")
-    return Report(markdown, rows, files)
+    return Report(text, rows, files)
 
 
 def main(argv: list[str]) -> int:

@@ -169,7 +169,7 @@ def run_stage(context: dict[str, Any], trial: Trial, spec: StageSpec, upstream: 
         except Exception as err:
             tracker.finish(run_id, failed=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}")
             raise
-        output = store.finalize(spec.key, result, run_id)
+        output = store.finalize(spec.key, result, run_id, upstream=spec.upstream)
         _close_run(tracker, run_id, result.history, output, context, log)
         return output
 
@@ -208,7 +208,9 @@ def lpt_trainable(config: dict[str, Any], context: dict[str, Any]) -> None:
     try:
         for i, spec in enumerate(chain):
             output = run_stage(context, trial, spec, output, i == len(chain) - 1, store, tracker)
-    except (NonFiniteLossError, PhaseOutOfMemoryError) as err:  # deterministic: a retry would fail the same way
+    except (NonFiniteLossError, PhaseOutOfMemoryError) as err:
+        # not raised: Tune would retry at once, and fail the same way. The trial ends TERMINATED with the reason;
+        # a resume, after the cause is fixed, runs it again (tuning.run_tuner) from its last checkpoint
         tune.report({"trial_failed": f"{type(err).__name__}: {err}", "row": trial.row, "seed": trial.seed,
                      "lpt_trial": trial.trial_id, "acc": float("nan")})
         return

@@ -143,3 +143,22 @@ def test_register_refuses_duplicates_and_unknown_stages() -> None:
     with pytest.raises(ValueError, match="unknown stages"):
         register(Ablation("test_bad_stage", "x", "x", points=(Point("1", {}),), stages=("phase3",)))
     assert ABLATIONS == before
+
+
+def test_every_grid_names_its_reference_row_and_register_checks_it() -> None:
+    for ablation in ABLATIONS.values():
+        for experiment in ("places_lt", "demo"):
+            labels = [p.label for p in ablation.points_for(experiment)]
+            assert ablation.reference_for(experiment) in labels, (ablation.name, experiment)
+    assert get_ablation("model_size").reference_for("places_lt") == "vit_b"
+    assert get_ablation("model_size").reference_for("demo") == "micro_m"
+    assert get_ablation("per_phase").reference == "full_lpt"
+    before = dict(ABLATIONS)
+    with pytest.raises(ValueError, match=r"reference='3' must be one of its rows \['1', '2'\]"):
+        register(Ablation("test_bad_ref", "x", "x", points=tuple(sweep("x", [1, 2])), reference="3"))
+    with pytest.raises(ValueError, match="reference=None must be one of its rows"):
+        register(Ablation("test_no_ref", "x", "x", points=tuple(sweep("x", [1, 2]))))
+    with pytest.raises(ValueError, match=r"demo_reference='a' must be one of its rows \['s', 'l'\]"):
+        register(Ablation("test_bad_demo_ref", "x", "x", points=tuple(sweep("x", [1, 2])), reference="1",
+                          demo_points=tuple(sweep("y", ["s", "l"])), demo_reference="a"))
+    assert ABLATIONS == before

@@ -1,0 +1,154 @@
+"""The numbers of a report: per table line, point estimates (MLflow's), 95 % intervals and paired differences to
+the reference row (lpt_core.uncertainty on the stored per-image predictions), Holm-corrected across the table."""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from lpt_core import uncertainty as U
+from lpt_core.metrics import image_groups
+from orchestration.report_data import Run
+
+RULE_KEYS = ("acc", "many", "medium", "few", "many_std", "medium_std", "few_std")
+KNN_KEY = "query_knn_acc"  # accuracy of the K-NN prediction from the query feature (Tab. 2 / 10)
+POINT_KEYS = (*RULE_KEYS, KNN_KEY, "match_consistency")  # match_consistency is a share, not an accuracy
+KEY_NAMES = {"acc": "overall", "few": "few (authors)", "few_std": "few (standard)", KNN_KEY: "query K-NN"}
+ALPHA = 0.05
+BOOTSTRAP_SEED = 0  # fixed: the same sweep gives the same report
+
+
+@dataclass
+class Comparison:
+    """Line minus reference on one accuracy, paired over images and seeds."""
+
+    interval: U.Interval
+    p: float
+    p_holm: float = math.nan
+
+    @property
+    def significant(self) -> bool:
+        return self.p_holm < ALPHA
+
+
+@dataclass
+class Line:
+    """One line of a report table: a grid row or Optuna trial over its seeds, or the shared phase 1 under them."""
+
+    label: str
+    stage: str
+    runs: list[Run]
+    role: str = "row"  # row | reference | upstream
+    point: dict[str, float] = field(default_factory=dict)
+    interval: dict[str, U.Interval] = field(default_factory=dict)
+    delta: dict[str, Comparison] = field(default_factory=dict)
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return tuple(sorted(r.seed for r in self.runs))
+
+
+def _mean(values: list[float]) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.fmean(values) if values else math.nan
+
+
+def set_points(lines: list[Line]) -> None:
+    """Point estimate of every key: the mean over the line's runs of the value the store holds."""
+    for line in lines:
+        line.point = {key: _mean([r.metrics.get(key, math.nan) for r in line.runs]) for key in POINT_KEYS}
+
+
+@dataclass
+class _Eval:
+    """One run's predictions as arrays: labels [N], pred right [N], K-NN right [N] (or None), group masks."""
+
+    labels: np.ndarray
+    right: np.ndarray
+    knn: np.ndarray | None
+    groups: dict[str, np.ndarray]
+
+
+def _parse(table: pa.Table) -> _Eval:
+    labels = table.column("label").to_numpy().astype(np.int64)
+    right = table.column("pred").to_numpy() == labels
+    knn = table.column("knn_pred").to_numpy() == labels if "knn_pred" in table.column_names else None
+    counts = np.zeros(labels.max() + 1, dtype=np.int64)
+    counts[labels] = table.column("train_count").to_numpy()
+    groups = {k: v.numpy() for k, v in image_groups(torch.from_numpy(labels), torch.from_numpy(counts)).items()}
+    return _Eval(labels, right, knn, groups)
+
+
+def _bootstrap(lines: list[Line], evals: dict[str, _Eval], replicates: int) -> dict[str, np.ndarray]:
+    """Joint replicates [B, lines] of every key, for lines on the same images and seeds (runs paired by seed)."""
+    parts = [[evals[r.stage_key] for r in sorted(line.runs, key=lambda r: r.seed)] for line in lines]
+    first = parts[0][0]
+    right = np.array([[e.right for e in line] for line in parts])  # [R, S, N]
+    reps = U.bootstrap_accuracies(right, first.labels, first.groups, replicates, BOOTSTRAP_SEED)
+    if all(e.knn is not None for line in parts for e in line):
+        knn = np.array([[e.knn for e in line] for line in parts])
+        reps[KNN_KEY] = U.bootstrap_accuracies(knn, first.labels, {KNN_KEY: first.groups["acc"]}, replicates,
+                                               BOOTSTRAP_SEED)[KNN_KEY]
+    return reps
+
+
+def set_intervals(lines: list[Line], tables: dict[str, pa.Table], reference: Line | None, compare: tuple[str, ...],
+                  replicates: int = U.REPLICATES) -> list[str]:
+    """Intervals for every line whose runs all have predictions (tables: stage key -> predictions); paired
+    differences to `reference` for the lines on its images and seeds, Holm-adjusted over the table. Returns notes
+    on what could not be computed."""
+    notes: list[str] = []
+    evals = {key: _parse(table) for key, table in tables.items()}
+    ready = [line for line in lines if line.runs and all(r.stage_key in evals for r in line.runs)]
+    if len(ready) < len(lines):
+        missing = [line.label for line in lines if line not in ready]
+        notes.append(f"no per-image predictions for {', '.join(missing)}: point estimates only, no interval")
+    by_design: dict[tuple, list[Line]] = {}
+    for line in ready:
+        labels = evals[line.runs[0].stage_key].labels
+        by_design.setdefault((line.seeds, labels.tobytes()), []).append(line)
+    for group in by_design.values():
+        reps = _bootstrap(group, evals, replicates)
+        for i, line in enumerate(group):
+            line.interval = {k: U.percentile_interval(v[:, i], line.point.get(k, math.nan)) for k, v in reps.items()}
+            observed = _mean([100.0 * float(evals[r.stage_key].right.mean()) for r in line.runs])
+            if abs(observed - line.point["acc"]) > 1e-6:
+                notes.append(f"{line.label}: the predictions give overall {observed:.4f} where the store holds "
+                             f"{line.point['acc']:.4f}; intervals are from the predictions")
+        if reference is not None and reference in group:
+            _compare(group, reps, reference, compare)
+    if reference is not None and reference not in ready:
+        notes.append(f"the reference row {reference.label} has no predictions: no paired comparison")
+    elif reference is not None:
+        apart = [line.label for line in ready if line is not reference and not line.delta]
+        if apart:
+            notes.append(f"{', '.join(apart)}: other seeds or test images than the reference row, not compared")
+    _holm(lines)
+    return notes
+
+
+def _compare(group: list[Line], reps: dict[str, np.ndarray], reference: Line, compare: tuple[str, ...]) -> None:
+    ref = group.index(reference)
+    for i, line in enumerate(group):
+        if line is reference:
+            continue
+        for key in compare:
+            if key not in reps or math.isnan(line.point.get(key, math.nan)):
+                continue
+            diffs = reps[key][:, i] - reps[key][:, ref]
+            estimate = line.point[key] - reference.point[key]
+            line.delta[key] = Comparison(U.percentile_interval(diffs, estimate), U.bootstrap_p_value(diffs))
+
+
+def _holm(lines: list[Line]) -> None:
+    tests = [c for line in lines for c in line.delta.values()]
+    for comparison, adjusted in zip(tests, U.holm([c.p for c in tests])):
+        comparison.p_holm = adjusted
+
+
+def comparison_count(lines: list[Line]) -> int:
+    return sum(1 for line in lines for c in line.delta.values() if not math.isnan(c.p))
