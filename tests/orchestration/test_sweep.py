@@ -101,7 +101,7 @@ def test_joint_training_is_one_stage(ray_session, sweep_overrides, tmp_path):
     (joint,) = stage_runs(runs, "joint")
     assert steps(client, joint) == [0, 1]
     report = (tmp_path / "sweeps" / "decoupled_vs_joint-demo" / "report" / "report.md").read_text()
-    assert "| joint | joint |" in report and "| decoupled | phase2 |" in report
+    assert "| joint | joint |" in report and "| **decoupled** (reference) | phase2 |" in report
 
 
 def test_diverging_trials_fail_with_their_reason_and_are_not_retried(ray_session, sweep_overrides, tmp_path):
