@@ -1,8 +1,9 @@
 """The sweep driver: folder, lock and guards, MLflow parent run, the two Tune runs, trials.json, the report.
 
-Sweep folder (sweep.root/<name>/): plan.json (what is computed), state.json (complete or not), trials.json (one
-record per finished trial), report.{md,csv} and plots, mlflow.db (default tracking store), tune/ (Tune storage
-unless sweep.storage points elsewhere), .lock (held by the running driver).
+Sweep folder (sweep.root/<name>/): plan.json (what is computed: its fingerprint and, key by key, its content),
+state.json (complete or not, the failed trials), trials.json (one record per finished trial), report.{md,csv} and
+plots, mlflow.db (default tracking store), tune/ (Tune storage unless sweep.storage points elsewhere: `upstream`,
+`trials` and the reruns of their failed trials, `trials-rerun1`, ...), .lock (held by the running driver).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,13 +23,21 @@ from lpt_core.checkpoint import atomic_write_bytes
 from orchestration.cluster import check_resources, connect
 from orchestration.plan import SweepPlan, build_plan, resolve_backbones
 from orchestration.report import build_report
-from orchestration.stages import StageStore
+from orchestration.stages import STAGE_FIELDS, StageStore
 from orchestration.tracking import Tracker, default_tracking_uri, redact
 from orchestration.tuning import run_tuner
 
 
 class SweepError(RuntimeError):
     """The sweep cannot start or continue as asked (locked, exists, no space, unwritable storage)."""
+
+
+RESUME_AFTER_FAILURE = (
+    "Each reason is above and in the lpt.error tag of its MLflow run. Fix the cause and run the same command "
+    "with resume=true: the failed trials (and only they) run again, each from its last checkpoint, continuing its "
+    "MLflow run. resources.*, max_concurrent_trials and debug.* may change for that; a change to what the trials "
+    "compute (a batch size, a learning rate, ...) is refused, as it would change the results: run it under a new "
+    "sweep.name, where the stage cache supplies every stage that does not depend on the change")
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -73,6 +83,62 @@ def _prepare_folder(plan: SweepPlan) -> Path:
     return folder
 
 
+_UNSET = object()
+_ROW_KEY = re.compile(r"^rows\[(?P<row>.*?)\]\.(?P<key>.+)$")
+
+
+def _show(value: Any) -> str:
+    return "(unset)" if value is _UNSET else json.dumps(value, default=str)
+
+
+def _changes(saved: dict[str, Any], content: dict[str, Any], limit: int = 12) -> list[str]:
+    """'key old -> new' for each key of plan.json's content that differs (a row added or dropped shows once,
+    as ablation.values, not once per key of that row)."""
+    moved_rows = set(saved.get("ablation.values", [])) ^ set(content.get("ablation.values", []))
+    lines = []
+    for key in sorted(saved.keys() | content.keys()):
+        old, new = saved.get(key, _UNSET), content.get(key, _UNSET)
+        row_key = _ROW_KEY.match(key)
+        if old == new or (row_key and row_key["row"] in moved_rows):
+            continue
+        lines.append(f"{key} {_show(old)} -> {_show(new)}")
+    return lines if len(lines) <= limit else [*lines[:limit], f"and {len(lines) - limit} more"]
+
+
+def _reused_stages(plan: SweepPlan, saved: dict[str, Any], changed: list[str]) -> str:
+    """What a new sweep of the changed configuration takes from the stage cache (stages whose key is the same)."""
+    if not plan.settings.stages.cache or saved.get("stages.cache") is False:
+        return "every stage is trained again (stages.cache=false keeps each sweep's stages to itself)"
+    keys = [(m["key"] if (m := _ROW_KEY.match(key)) else key) for key in changed]
+    touched = {stage for stage in STAGE_FIELDS for field in STAGE_FIELDS[stage]
+               if any(key == field or key.startswith(f"{field}.") for key in keys)}
+    stages = plan.stage_names()
+    reused = [stage for stage in stages if stage not in touched]
+    if not reused:
+        return "every stage is trained again (each depends on a changed key)"
+    if len(reused) == len(stages):
+        return ("every stage this sweep finished is taken from the stage cache, not trained again (no key a stage "
+                "depends on changed)")
+    return (f"the {' and '.join(reused)} stages this sweep finished are taken from the stage cache, not trained "
+            f"again (the changed keys are not part of them)")
+
+
+def _refuse_changed(plan: SweepPlan, folder: Path, saved: dict[str, Any], fingerprint: str) -> SweepError:
+    if "content" not in saved:  # plan.json of an earlier version: only its fingerprint is known
+        return SweepError(f"sweep {plan.name!r} in {folder} was started with a different configuration "
+                          f"(fingerprint {saved['fingerprint']} vs {fingerprint}); nothing was changed. "
+                          f"Use another sweep.name, or the original overrides to resume it")
+    changed = _changes(saved["content"], plan.content())
+    root, number = folder.parent, 2
+    while (root / f"{plan.name}-{number}").exists():
+        number += 1
+    return SweepError(
+        f"sweep {plan.name!r} in {folder} was started with a different configuration: {', '.join(changed)}; "
+        f"nothing was changed. To resume it, use its original values (resources.*, max_concurrent_trials and "
+        f"debug.* may differ: they do not change results). To run the new configuration, start it under a new "
+        f"name, e.g. sweep.name={plan.name}-{number}: {_reused_stages(plan, saved['content'], changed)}")
+
+
 def _check_existing(plan: SweepPlan, folder: Path, fingerprint: str) -> str:
     """'new', 'resume' or 'complete'; refuses to overwrite a different or unfinished sweep."""
     plan_file = folder / "plan.json"
@@ -80,9 +146,7 @@ def _check_existing(plan: SweepPlan, folder: Path, fingerprint: str) -> str:
         return "new"
     saved = json.loads(plan_file.read_text())
     if saved["fingerprint"] != fingerprint:
-        raise SweepError(f"sweep {plan.name!r} in {folder} was started with a different configuration "
-                         f"(fingerprint {saved['fingerprint']} vs {fingerprint}); nothing was changed. "
-                         f"Use another sweep.name, or the original overrides to resume it")
+        raise _refuse_changed(plan, folder, saved, fingerprint)
     state = json.loads((folder / "state.json").read_text()) if (folder / "state.json").exists() else {}
     if state.get("status") == "complete":
         return "complete"
@@ -117,7 +181,7 @@ def _context(plan: SweepPlan, tracking_uri: str, parent_run_id: str) -> dict[str
 
 def run_sweep(cfg: DictConfig | dict, log=print) -> int:
     plan = build_plan(cfg)
-    fingerprint = plan.fingerprint()
+    fingerprint, content = plan.fingerprint(), plan.content()  # before the demo backbones are resolved
     folder = _prepare_folder(plan)
     with sweep_lock(folder):
         status = _check_existing(plan, folder, fingerprint)
@@ -132,7 +196,7 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
                                            "ablation": plan.ablation.name, "experiment": plan.experiment,
                                            "axis": plan.ablation.axis, "rows": list(plan.points),
                                            "seeds": plan.settings.seeds, "search": plan.settings.search.name,
-                                           "metric": plan.ablation.metric,
+                                           "metric": plan.ablation.metric, "content": content,
                                            "stage_root": str(Path(plan.settings.stages.root).resolve())})
         _write_json(folder / "state.json", {"status": "running"})
         tracking_uri = plan.settings.tracking.uri or default_tracking_uri(folder)
@@ -153,7 +217,7 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
             if failed:
                 _write_json(folder / "state.json", {"status": "incomplete", "failed": failed})
                 log(f"upstream stage(s) failed for {failed}; the trials on top of them were not started. "
-                    f"Fix the cause and run again with resume=true")
+                    f"{RESUME_AFTER_FAILURE}")
                 tracker.finish(parent, failed=f"upstream stage(s) failed: {failed}")
                 return 1
         records, failed = run_tuner(plan, context, storage, "trials", plan.rows(), log)
@@ -165,6 +229,6 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
         log(f"MLflow: mlflow ui --backend-store-uri {redact(tracking_uri)} --host 127.0.0.1")
         tracker.finish(parent, failed=None if complete else f"{len(failed)} trial(s) failed: {failed}")
         if not complete:
-            log(f"{len(failed)} trial(s) failed: {failed}. Fix the cause and run again with resume=true")
+            log(f"{len(failed)} trial(s) failed: {failed}. {RESUME_AFTER_FAILURE}")
             return 1
         return 0

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from experiments.ablations import RUN_UNTIL, Ablation, get_ablation
 from experiments.pretrain_demo import DemoPretrainConfig
 from experiments.settings import SweepSettings, apply_overrides, build_lpt, resolve_backbone, split
-from lpt_core.config import ConfigError
+from lpt_core.config import ConfigError, flatten
 from orchestration.settings import check_sweep_settings
 from orchestration.stages import stage_chain
 
@@ -33,12 +33,42 @@ class SweepPlan:
     def optuna(self) -> bool:
         return self.settings.search.name == "optuna"
 
+    def _identity(self) -> dict[str, Any]:
+        """What the sweep computes: every trial's LPTConfig (the base, the rows, the seeds), the search and whether
+        stages are shared. The settings that only place or pace the work (resources.*, max_concurrent_trials,
+        max_failures, debug.*, cluster.*, tracking.*) are not in it, so a resume may change them."""
+        return {"base": self.base_lpt, "points": self.points, "seeds": self.settings.seeds,
+                "search": vars(self.settings.search) if self.optuna else "grid", "ablation": self.ablation.name,
+                "cache": self.settings.stages.cache}
+
     def fingerprint(self) -> str:
         """Identifies what the sweep computes; a resumed sweep must have the same one."""
-        content = {"base": self.base_lpt, "points": self.points, "seeds": self.settings.seeds,
-                   "search": vars(self.settings.search) if self.optuna else "grid", "ablation": self.ablation.name,
-                   "cache": self.settings.stages.cache}
-        return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        encoded = json.dumps(self._identity(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(encoded).hexdigest()[:16]
+
+    def content(self) -> dict[str, Any]:
+        """The fingerprint's content as command-line keys (`phase2.batch_size`, `ablation.values`,
+        `rows[5].prompt.pool_size`, `search.num_samples`): plan.json keeps it so that a refused resume can name
+        what changed. JSON-normalised, so that it compares equal to the copy read back from plan.json."""
+        identity = self._identity()
+        search = identity["search"] if isinstance(identity["search"], dict) else {"name": identity["search"]}
+        content = {**flatten(identity["base"]), "ablation": identity["ablation"], "ablation.values": list(self.points),
+                   "seeds": identity["seeds"], "stages.cache": identity["cache"],
+                   **{f"search.{key}": value for key, value in search.items()}}
+        for row, overrides in self.points.items():
+            content.update({f"rows[{row}].{key}": value for key, value in overrides.items()})
+        return json.loads(json.dumps(content, default=str))
+
+    def stage_names(self) -> list[str]:
+        """The stages its trials run, in order (phase1, phase2; joint)."""
+        names: list[str] = []
+        for overrides in ([{}] if self.optuna else self.points.values()):
+            values = dict(overrides)
+            run_until = values.pop(RUN_UNTIL, None)
+            for spec in stage_chain(apply_overrides(self.base_lpt, values), run_until):
+                if spec.stage not in names:
+                    names.append(spec.stage)
+        return names
 
     def rows(self) -> list[tuple[str, int]]:
         return [(row, seed) for row in self.points for seed in self.settings.seeds]

@@ -24,6 +24,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 T = TypeVar("T")
 TAG_SWEEP, TAG_ROLE, TAG_STAGE_KEY = "lpt.sweep", "lpt.role", "lpt.stage_key"
+TAG_ERROR, TAG_PREVIOUS_ERROR = "lpt.error", "lpt.previous_error"
 PARAM_VALUE_LIMIT = 6000
 _SECRET = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<userinfo>[^/@\s]+)@")
 _SECRET_QUERY = re.compile(r"(?i)((?:token|secret|password|key|signature)=)[^&\s]+")
@@ -93,7 +94,7 @@ class Tracker:
                                                         tags={TAG_SWEEP: sweep, TAG_ROLE: "sweep", **tags}))
             run_id = run.info.run_id
         else:
-            self._call(lambda: self.client.update_run(run_id, status="RUNNING"))
+            self._reopen(run_id)
         return run_id
 
     def stage_run(self, parent_id: str, sweep: str, key: str, name: str, params: dict[str, Any],
@@ -101,7 +102,7 @@ class Tracker:
         """The stage's run: found by its key (a retry continues it) or created once with its params."""
         run_id = self._find(f"tags.`{TAG_STAGE_KEY}` = '{key}'")
         if run_id is not None:
-            self._call(lambda: self.client.update_run(run_id, status="RUNNING"))
+            self._reopen(run_id)
             self.load_spool(run_id)
             return run_id
         all_tags = {TAG_SWEEP: sweep, TAG_ROLE: "stage", TAG_STAGE_KEY: key, MLFLOW_PARENT_RUN_ID: parent_id,
@@ -112,6 +113,15 @@ class Tracker:
         for start in range(0, len(items), 100):
             self._call(lambda: self.client.log_batch(run_id, params=items[start:start + 100]))
         return run_id
+
+    def _reopen(self, run_id: str) -> None:
+        """A run continued by a retry or a resume is RUNNING again; the error that ended its previous attempt
+        moves from lpt.error to lpt.previous_error (lpt.error is what failed the run as it stands)."""
+        error = self._call(lambda: self.client.get_run(run_id)).data.tags.get(TAG_ERROR)
+        if error is not None:
+            self.set_tags(run_id, {TAG_PREVIOUS_ERROR: error})
+            self._call(lambda: self.client.delete_tag(run_id, TAG_ERROR))
+        self._call(lambda: self.client.update_run(run_id, status="RUNNING"))
 
     def _call(self, call: Callable[[], T]) -> T:
         return _retry(call, self.outage_wait_s)
@@ -212,7 +222,7 @@ class Tracker:
 
     def finish(self, run_id: str, failed: str | None = None) -> None:
         if failed is not None:
-            self.set_tags(run_id, {"lpt.error": failed[:5000]})
+            self.set_tags(run_id, {TAG_ERROR: failed[:5000]})
         self._call(lambda: self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED"))
 
     def runs_of_sweep(self, sweep: str) -> list:

@@ -1,26 +1,29 @@
-"""One Ray Tune run (the upstream stages, or the trials): search, scheduler, failure handling, restore.
+"""One Ray Tune run (the upstream stages, or the trials): search, scheduler, failure handling, restore, reruns.
 
 A Tune run that already exists in the storage is restored (`Tuner.restore`, errored and unfinished trials
 resumed), so OptunaSearch's state and the finished trials survive a dead driver; the trials themselves resume
-from their newest checkpoint through the stage store.
+from their newest checkpoint through the stage store. Trials that ended on purpose (NaN loss, out of memory) are
+TERMINATED for Tune, which never runs them again: a resume runs them in a follow-up Tune run of their own.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's concise CLIReporter table, not the verbose new engine
 
 import optuna  # noqa: E402
 from ray import tune  # noqa: E402
-from ray.tune import CLIReporter  # noqa: E402
+from ray.tune import CLIReporter, ExperimentAnalysis  # noqa: E402
+from ray.tune.experiment import Trial  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
 from ray.tune.search import ConcurrencyLimiter  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from lpt_core.config import PHASES  # noqa: E402
 from orchestration.plan import SweepPlan  # noqa: E402
-from orchestration.trainable import lpt_trainable  # noqa: E402
+from orchestration.trainable import lpt_trainable, make_trial  # noqa: E402
 
 TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
              "iterations_since_restore", "done", "epoch", "loss", "lr", "epoch_time_s", "train_images_per_s",
@@ -46,7 +49,8 @@ def _search_space(plan: SweepPlan, rows: list[tuple[str | None, int]], optuna_se
     return {"trial": tune.grid_search([{"row": r, "seed": s} for r, s in rows])}
 
 
-def _tune_config(plan: SweepPlan, optuna_search: bool) -> tune.TuneConfig:
+def _tune_config(plan: SweepPlan, optuna_search: bool, rerun: bool = False) -> tune.TuneConfig:
+    """rerun: a follow-up run of failed trials, each on its own fixed config (no searcher, no early stopping)."""
     search = plan.settings.search
     search_alg, num_samples = None, 1
     if optuna_search:
@@ -54,7 +58,7 @@ def _tune_config(plan: SweepPlan, optuna_search: bool) -> tune.TuneConfig:
         search_alg, num_samples = ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent), search.num_samples
     epochs = max(plan.base_lpt[p]["epochs"] for p in PHASES)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1, grace_period=1)
-                 if plan.settings.scheduler == "asha" else FIFOScheduler())
+                 if plan.settings.scheduler == "asha" and not rerun else FIFOScheduler())
     return tune.TuneConfig(
         metric=plan.ablation.metric, mode=search.mode, search_alg=search_alg, scheduler=scheduler,
         num_samples=num_samples, max_concurrent_trials=plan.settings.max_concurrent_trials or None,
@@ -63,51 +67,126 @@ def _tune_config(plan: SweepPlan, optuna_search: bool) -> tune.TuneConfig:
     )
 
 
-def _reporter(plan: SweepPlan, optuna_search: bool) -> CLIReporter:
-    params = ({k: k.split(".")[-1] for k in plan.ablation.space} if optuna_search
-              else {"trial/row": plan.ablation.axis, "trial/seed": "seed"})
-    return CLIReporter(metric_columns={"stage": "stage", "epoch": "epoch", "acc": "acc", "few": "few"},
-                       parameter_columns=params, max_report_frequency=30, sort_by_metric=False)
+def _run_config(plan: SweepPlan, storage: str, name: str, params: dict[str, str]) -> tune.RunConfig:
+    reporter = CLIReporter(metric_columns={"stage": "stage", "epoch": "epoch", "acc": "acc", "few": "few"},
+                           parameter_columns=params, max_report_frequency=30, sort_by_metric=False)
+    return tune.RunConfig(name=name, storage_path=storage,
+                          failure_config=tune.FailureConfig(max_failures=plan.settings.max_failures),
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2), progress_reporter=reporter,
+                          verbose=1)
+
+
+def _columns(plan: SweepPlan, optuna_search: bool, prefix: str = "") -> dict[str, str]:
+    """The progress table's parameter columns (a rerun nests every trial's config under 'trial/')."""
+    if optuna_search:
+        return {f"{prefix}{k}": k.split(".")[-1] for k in plan.ablation.space}
+    return {"trial/row": plan.ablation.axis, "trial/seed": "seed"}
+
+
+@dataclass
+class TrialOutcome:
+    ident: str  # the trial's id in state.json and MLflow: '<row>/seed=<s>' (the row of an Optuna trial: its values)
+    config: dict[str, Any]  # what lpt_trainable reads: {'row', 'seed'} or Optuna's sampled keys and 'seed'
+    status: str  # complete | failed (NaN loss / out of memory: ended on purpose) | error | stopped | unfinished
+    metrics: dict[str, Any]
+    reason: str = ""
+
+
+def _outcome(context: dict[str, Any], config: dict[str, Any], metrics: dict[str, Any] | None,
+             error: BaseException | str | None, terminal: bool) -> TrialOutcome:
+    flat = {k: v for k, v in {**config, **config.get("trial", {})}.items() if k != "trial"}
+    ident, metrics = make_trial(context, flat).trial_id, metrics or {}
+    if error is not None:
+        status, reason = "error", (str(error).strip().splitlines() or ["error"])[-1]
+    elif metrics.get("trial_complete"):
+        status, reason = "complete", ""
+    elif metrics.get("trial_failed"):
+        status, reason = ("failed" if terminal else "unfinished"), metrics["trial_failed"]
+    else:
+        status, reason = ("stopped" if terminal else "unfinished"), "no result"
+    return TrialOutcome(ident, flat, status, metrics, reason)
+
+
+def _fit(tuner: tune.Tuner, context: dict[str, Any]) -> dict[str, TrialOutcome]:
+    found = {}
+    for result in tuner.fit():
+        outcome = _outcome(context, result.config, result.metrics, result.error, terminal=True)
+        found[outcome.ident] = outcome
+    return found
+
+
+def _saved_state(path: str, context: dict[str, Any]) -> dict[str, TrialOutcome]:
+    """The trials of a Tune run as its last experiment snapshot left them (what Tuner.restore will start from)."""
+    found = {}
+    for trial in ExperimentAnalysis(path).trials:
+        terminal = trial.status in (Trial.TERMINATED, Trial.ERROR)
+        error = "errored" if trial.status == Trial.ERROR else None
+        outcome = _outcome(context, trial.config, trial.last_result, error, terminal)
+        found[outcome.ident] = outcome
+    return found
+
+
+def _runs(path: str) -> list[str]:
+    """The Tune run at `path` and the reruns of its failed trials (path-rerun1, -rerun2, ...) that exist."""
+    found = []
+    while tune.Tuner.can_restore(candidate := path if not found else f"{path}-rerun{len(found)}"):
+        found.append(candidate)
+    return found
 
 
 def run_tuner(plan: SweepPlan, context: dict[str, Any], storage: str, name: str,
               rows: list[tuple[str | None, int]], log=print) -> tuple[list[dict], list[str]]:
-    """Runs (or restores) one Tune run; returns (records of finished trials, ids of failed trials)."""
+    """Runs (or restores) one Tune run; returns (records of finished trials, ids of failed trials).
+
+    On a resume, every Tune run of `name` is restored (unfinished and errored trials resumed, OptunaSearch's
+    state kept). A trial that ended on purpose before this driver started (NaN loss, out of memory: Tune marks it
+    TERMINATED, so its restore leaves it alone) runs again in a new Tune run `<name>-rerun<k>` on its own config:
+    it continues from its newest checkpoint in the stage store and its MLflow run, like any resumed trial.
+    """
     optuna_search = plan.optuna and name == "trials"
-    upstream = name == "upstream"
-    if upstream:
+    if name == "upstream":
         context = {**context, "upstream_only": True}
     path = f"{storage.rstrip('/')}/{name}"
-    if tune.Tuner.can_restore(path):
-        log(f"{name}: restoring the Tune run in {path}")
-        tuner = tune.Tuner.restore(path, _trainable(plan, context), resume_unfinished=True, resume_errored=True)
+    runs = _runs(path)
+    trainable = _trainable(plan, context)
+    if not runs:
+        tuner = tune.Tuner(trainable, param_space=_search_space(plan, rows, optuna_search),
+                           tune_config=_tune_config(plan, optuna_search),
+                           run_config=_run_config(plan, storage, name, _columns(plan, optuna_search)))
+        latest = _fit(tuner, context)
     else:
-        run_config = tune.RunConfig(
-            name=name, storage_path=storage,
-            failure_config=tune.FailureConfig(max_failures=plan.settings.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            progress_reporter=_reporter(plan, optuna_search), verbose=1,
-        )
-        tuner = tune.Tuner(_trainable(plan, context), param_space=_search_space(plan, rows, optuna_search),
-                           tune_config=_tune_config(plan, optuna_search), run_config=run_config)
-    results = tuner.fit()
-    records, failed = [], []
-    for result in results:
-        trial = result.config.get("trial", {})
-        ident = ((result.metrics or {}).get("lpt_trial")
-                 or (f"{trial.get('row')}/seed={trial.get('seed')}" if trial else str(result.path).rsplit("/", 1)[-1]))
-        if result.error is not None or not (result.metrics or {}).get("trial_complete"):
-            failed.append(ident)
-            reason = (str(result.error).splitlines()[-1] if result.error
-                      else (result.metrics or {}).get("trial_failed", "no result"))
-            log(f"{name}: trial {ident} failed: {reason}")
-            continue
-        metrics = result.metrics
-        records.append({
-            "trial_id": metrics["lpt_trial"], "row": metrics["row"], "seed": metrics["seed"],
-            "stage": metrics["stage"], "stage_key": metrics["stage_key"], "run_id": metrics["run_id"],
-            "config": {k: result.config[k] for k in plan.ablation.space} if optuna_search else {},
-            "metrics": {k: v for k, v in metrics.items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in TUNE_KEYS},
-        })
-    return records, failed
+        before: dict[str, TrialOutcome] = {}
+        for run in runs:
+            before.update(_saved_state(run, context))
+        latest = {}
+        for run in runs:
+            log(f"{name}: restoring the Tune run in {run}")
+            latest.update(_fit(tune.Tuner.restore(run, trainable, resume_unfinished=True, resume_errored=True),
+                               context))
+        again = [latest[o.ident] for o in before.values()
+                 if o.status == "failed" and latest[o.ident].status == "failed"]
+        if again:
+            rerun = f"{name}-rerun{len(runs)}"
+            log(f"{name}: {len(again)} trial(s) that failed before run again from their last checkpoints "
+                f"(Tune run {rerun}): {[o.ident for o in again]}")
+            tuner = tune.Tuner(trainable, param_space={"trial": tune.grid_search([o.config for o in again])},
+                               tune_config=_tune_config(plan, optuna_search=False, rerun=True),
+                               run_config=_run_config(plan, storage, rerun, _columns(plan, optuna_search, "trial/")))
+            latest.update(_fit(tuner, context))
+    failed = [o for o in latest.values() if o.status != "complete"]
+    for outcome in failed:
+        log(f"{name}: trial {outcome.ident} failed: {outcome.reason}")
+    return [_record(plan, o, optuna_search) for o in latest.values() if o.status == "complete"], \
+        [o.ident for o in failed]
+
+
+def _record(plan: SweepPlan, outcome: TrialOutcome, optuna_search: bool) -> dict[str, Any]:
+    """One line of trials.json."""
+    metrics = outcome.metrics
+    return {
+        "trial_id": metrics["lpt_trial"], "row": metrics["row"], "seed": metrics["seed"],
+        "stage": metrics["stage"], "stage_key": metrics["stage_key"], "run_id": metrics["run_id"],
+        "config": {k: outcome.config[k] for k in plan.ablation.space} if optuna_search else {},
+        "metrics": {k: v for k, v in metrics.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in TUNE_KEYS},
+    }

@@ -1,0 +1,75 @@
+"""An Optuna sweep whose driver is SIGKILLed mid-trial and restored with `resume=true` ends with exactly
+search.num_samples trials, each once in MLflow (ray-project/ray#30861: Tuner.restore once dropped the searcher,
+so a restored search ran too few trials, or with a fresh searcher too many)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, mlflow_runs, run_sweep_cli, stage_runs, steps
+
+pytestmark = pytest.mark.slow
+
+SPACE = ("phase2.loss.eta", "phase2.loss.lambda_neg_ib", "phase2.loss.lambda_pos_ib")
+
+
+def _wait_for_events(events: Path, pattern: str, count: int, proc: subprocess.Popen, timeout: float = 900) -> None:
+    """Waits until `count` trials have written an event matching `pattern` (Optuna rows are their sampled
+    values, not known before the sweep runs); the trials hold there until `release`, so the count is exact."""
+    deadline = time.monotonic() + timeout
+    while len(list(events.glob(pattern))) < count:
+        if proc.poll() is not None:
+            raise AssertionError(f"driver exited (rc {proc.returncode}) before {count} events {pattern}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(list(events.glob(pattern)))} of {count} events {pattern} in {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def test_optuna_sweep_restored_after_driver_kill_runs_exactly_num_samples(sweep_overrides, tmp_path):
+    events, folder = tmp_path / "events", tmp_path / "sweeps" / "loss-demo"
+    overrides = sweep_overrides("ablation=loss", "search=optuna", "search.num_samples=3", "search.max_concurrent=2")
+    # both trials of the first wave hold after their phase-2 epoch 1: the kill lands while two sampled trials
+    # are mid-training and the third is not sampled yet, on any machine
+    hold = [f"debug.event_dir={events}", "debug.hold_at_epoch=1", "debug.fail_stage=phase2"]
+    with open(tmp_path / "driver.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO / "orchestration" / "sweep.py"), *overrides, *hold],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_for_events(events, "phase2.*.seed0.epoch1", 2, proc)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    held = sorted(p.name for p in events.glob("phase2.*.seed0.epoch1"))
+    assert len(held) == 2 and not list(events.glob("phase2.*.seed0.epoch2"))
+    assert json.loads((folder / "state.json").read_text())["status"] == "running"
+
+    resumed = run_sweep_cli([*overrides, "resume=true"])  # debug.* dropped: nothing holds any more
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "trials: restoring the Tune run" in resumed.stdout
+
+    client, runs = mlflow_runs(tmp_path / "sweeps", "loss-demo")
+    assert len(stage_runs(runs, "phase1")) == 1
+    phase2 = stage_runs(runs, "phase2")
+    sampled = [tuple(r.data.params[k] for k in SPACE) for r in phase2]
+    assert len(phase2) == 3 and len(set(sampled)) == 3  # num_samples trials, none twice, none lost
+    assert len({r.data.tags["lpt.stage_key"] for r in phase2}) == 3
+    for run in phase2:
+        assert run.info.status == "FINISHED"
+        assert steps(client, run) == [0, 1, 2]  # the killed trials continued: no epoch logged twice
+        assert steps(client, run, "loss") == [0, 1, 2]
+    resumed_after = sorted((json.loads((tmp_path / "stages" / r.data.tags["lpt.stage_key"] / "result.json")
+                                       .read_text())["extras"]["resumed_after_epoch"] for r in phase2), key=str)
+    assert resumed_after == [1, 1, None]  # the two held trials resumed after epoch 1, the third ran fresh
+
+    records = json.loads((folder / "trials.json").read_text())
+    assert len(records) == 3
+    assert sorted(tuple(str(r["config"][k]) for k in SPACE) for r in records) == sorted(sampled)
+    assert sorted(r["run_id"] for r in records) == sorted(r.info.run_id for r in phase2)
+    assert json.loads((folder / "state.json").read_text()) == {"status": "complete", "failed": []}
