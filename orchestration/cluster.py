@@ -1,4 +1,5 @@
-"""Starting or joining Ray: in-process on this machine (cluster=local) or an existing cluster (cluster=ray).
+"""Starting or joining Ray: in-process on this machine (cluster=local) or an existing cluster (cluster=ray); what a
+trial's device is, in the words of its `lpt.device` tag.
 
 An unreachable address fails within the timeout with a message that names it, instead of ray.init's long retry.
 Everything started locally binds to 127.0.0.1 and the dashboard stays off unless asked for.
@@ -8,6 +9,8 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+
+import torch
 
 from experiments.settings import ClusterSettings
 from lpt_core.config import ConfigError
@@ -83,3 +86,25 @@ def check_resources(cpu: float, gpu: float) -> None:
         raise ClusterError(f"resources.gpu={gpu:g}: no node of the cluster has that many GPUs (most: {most_gpus:g})")
     if cpu > most_cpus:
         raise ClusterError(f"resources.cpu={cpu:g}: no node of the cluster has that many CPUs (most: {most_cpus:g})")
+
+
+def device_tag(device: torch.device, requested: str, log=print) -> str:
+    """The trial's `lpt.device` tag. A trial that Ray gave a GPU but that trains on the CPU (no CUDA in this torch,
+    no driver, or device=cpu) says so in its log and in the tag, instead of passing for a GPU run."""
+    import ray
+
+    assigned = [str(gpu) for gpu in ray.get_gpu_ids()] if ray.is_initialized() else []
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    if not assigned:
+        return "cpu"
+    gpus = ", ".join(assigned)
+    if requested == "cpu":
+        log(f"WARNING: Ray reserved GPU {gpus} for this trial but device=cpu: it trains on the CPU and the GPU "
+            f"share stays idle (set resources.gpu=0 for CPU trials)")
+        return f"cpu (device=cpu; Ray assigned GPU {gpus}, unused)"
+    log(f"WARNING: Ray assigned GPU {gpus} to this trial but torch cannot use CUDA on {socket.gethostname()} "
+        f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}, torch.cuda.is_available() "
+        f"is False, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): it trains on the "
+        f"CPU. Check the node's NVIDIA driver and torch build, or set resources.gpu=0 for CPU trials")
+    return f"cpu (Ray assigned GPU {gpus}; CUDA unavailable)"

@@ -24,6 +24,7 @@ from orchestration.cluster import check_resources, connect
 from orchestration.plan import SweepPlan, build_plan, resolve_backbones
 from orchestration.report import build_report
 from orchestration.stages import STAGE_FIELDS, StageStore
+from orchestration.storage import check_shared_storage
 from orchestration.tracking import Tracker, default_tracking_uri, redact
 from orchestration.tuning import run_tuner
 
@@ -191,6 +192,7 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
             return 0
         connect(plan.settings.cluster, log=log)  # before writing anything: an unreachable cluster changes nothing
         check_resources(plan.settings.resources.cpu, plan.settings.resources.gpu)
+        check_shared_storage({"sweep.root": folder, "stages.root": plan.settings.stages.root}, log=log)
         resolve_backbones(plan, log)
         _write_json(folder / "plan.json", {"fingerprint": fingerprint, "name": plan.name,
                                            "ablation": plan.ablation.name, "experiment": plan.experiment,

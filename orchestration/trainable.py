@@ -23,6 +23,7 @@ from lpt_core.checkpoint import CheckpointError, read_meta, verify_checkpoint
 from lpt_core.config import flatten, from_dict
 from lpt_core.runtime import resolve_device
 from lpt_core.train import NonFiniteLossError, PhaseHooks, PhaseOutOfMemoryError, run_phase
+from orchestration.cluster import device_tag
 from orchestration.stages import StageOutput, StageSpec, StageStore, stage_chain
 from orchestration.tracking import Tracker, is_outage, redact
 
@@ -156,10 +157,12 @@ def run_stage(context: dict[str, Any], trial: Trial, spec: StageSpec, upstream: 
             return store.load(spec.key)
         cfg = from_dict(trial.lpt)
         name = f"{spec.stage} {context['axis']}={trial.row} seed={trial.seed}"
-        run_id = tracker.stage_run(context["parent_run_id"], context["sweep"], spec.key, name,
-                                   flatten(trial.lpt), _stage_tags(context, trial, spec, upstream))
-        hooks = TrialHooks(tracker, run_id, spec, final, _faults_for(context["debug"], trial.row), store,
-                           resolve_device(cfg.device), trial)
+        device = resolve_device(cfg.device)
+        tags = {**_stage_tags(context, trial, spec, upstream), "lpt.device": device_tag(device, cfg.device, log)}
+        run_id = tracker.stage_run(context["parent_run_id"], context["sweep"], spec.key, name, flatten(trial.lpt),
+                                   tags)
+        hooks = TrialHooks(tracker, run_id, spec, final, _faults_for(context["debug"], trial.row), store, device,
+                           trial)
         try:
             result = run_phase(cfg, spec.stage, store.work_dir(spec.key), hooks,
                                init_from=upstream.checkpoint_dir if upstream else None,
