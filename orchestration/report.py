@@ -19,14 +19,13 @@ from experiments.ablations import PAPER_EXPERIMENT, Ablation, get_ablation
 from lpt_core import uncertainty as U
 from orchestration import report_data as D
 from orchestration import report_optuna, report_plots
-from orchestration.report_stats import KEY_NAMES, POINT_KEYS, RULE_KEYS, Line, comparison_count, set_intervals, \
-    set_points
+from orchestration.report_stats import KEY_NAMES, MAX_OPTUNA_ROWS, POINT_KEYS, RULE_KEYS, Line, Tables, \
+    comparison_count, set_intervals, set_points
 from orchestration.tracking import Tracker, default_tracking_uri
 
 RULE_TITLES = {"authors": "authors' split (many > 100, 20 < medium <= 100, few <= 20)",
                "standard": "standard split (many > 100, 20 <= medium <= 100, few < 20)"}
 PAPER_NAMES = {"places_lt": "Places-LT"}
-MAX_OPTUNA_ROWS = 10  # report.md lists the best trials; report.csv has them all
 
 
 @dataclass
@@ -36,23 +35,12 @@ class Report:
     files: list[Path] = field(default_factory=list)
 
 
-@dataclass
-class Tables:
-    """Everything the tables and plots show."""
-
-    plan: dict
-    ablation: Ablation
-    lines: list[Line]  # in table order; the shared phase 1 (if any) last
-    reference: Line | None
-    row_upstreams: dict[str, Line]  # a row's own phase 1 where rows do not share one (plots only)
-    notes: list[str]
-
-
 def _grid_lines(plan: dict, ablation: Ablation, runs: list[D.Run]) -> list[Line]:
+    """Grid: one line per row with trials, in the ablation's order. Optuna: one per trial, best first."""
     if plan["search"] == "optuna":
         sign = -1 if plan.get("mode", "max") == "max" else 1
         lines = [Line(r.row, r.stage, [r]) for r in runs]
-        return sorted(lines, key=lambda ln: sign * ln.runs[0].metrics.get(plan["metric"], -sign * math.inf))
+        return sorted(lines, key=lambda ln: sign * ln.runs[0].metrics.get(plan["metric"], sign * math.inf))
     reference = ablation.reference_for(plan["experiment"])
     lines = [Line(row, "", [r for r in runs if r.row == row]) for row in plan["rows"]]
     lines = [ln for ln in lines if ln.runs]
@@ -78,6 +66,7 @@ def _upstream_lines(lines: list[Line], runs: dict[str, D.Run]) -> tuple[Line | N
 
 
 def collect(folder: Path, sources: D.Sources, replicates: int = U.REPLICATES) -> Tables:
+    """Every line of the report with its points, intervals and paired differences, and notes on what is missing."""
     plan = json.loads((folder / "plan.json").read_text())
     ablation = get_ablation(plan["ablation"])
     runs = D.load_runs(folder, sources)
@@ -121,7 +110,7 @@ def _label(line: Line) -> str:
     return f"**{line.label}** (reference)" if line.role == "reference" else line.label
 
 
-def _method(plan: dict, tables: Tables) -> str:
+def _method(plan: dict) -> str:
     seeds = len(plan["seeds"]) if plan["search"] == "grid" else 1
     if seeds == 1:
         how = "a stratified bootstrap over the test images, resampled within their class"
@@ -148,7 +137,7 @@ def _main_tables(tables: Tables, lines: list[Line]) -> list[str]:
             cells = [_cell(line, k) for k in columns]
             cells += [str(ablation.paper.get(line.label, ""))] if paper and rule == "authors" else []
             out.append(f"| {_label(line)} | {line.stage} | " + " | ".join(cells) + " |")
-        out += ["", _method(plan, tables)]
+        out += ["", _method(plan)]
     return out
 
 

@@ -15,7 +15,7 @@ import optuna
 
 from experiments.ablations import Distribution
 from orchestration.report_plots import REFERENCE, ROW, error_bars
-from orchestration.report_stats import Line
+from orchestration.report_stats import Tables
 
 IMPORTANCE_SEED = 0
 
@@ -43,7 +43,7 @@ def importances(study: optuna.Study) -> dict[str, float]:
     return optuna.importance.get_param_importances(study, evaluator=evaluator)
 
 
-def _trials(tables) -> list[tuple[dict, float]]:
+def _trials(tables: Tables) -> list[tuple[dict, float]]:
     metric, space = tables.plan["metric"], tables.ablation.space
     pairs = []
     for line in tables.lines:
@@ -54,7 +54,7 @@ def _trials(tables) -> list[tuple[dict, float]]:
     return pairs
 
 
-def plot(path: Path, tables, scores: dict[str, float]) -> None:
+def plot(path: Path, tables: Tables, scores: dict[str, float]) -> None:
     """Metric (with its 95 % interval) against each searched parameter, best trial in red; importances last."""
     space, metric = tables.ablation.space, tables.plan["metric"]
     rows = [ln for ln in tables.lines if ln.role != "upstream" and set(space) <= set(ln.runs[0].config)]
@@ -80,7 +80,7 @@ def plot(path: Path, tables, scores: dict[str, float]) -> None:
     plt.close(fig)
 
 
-def section(tables, out: Path) -> tuple[list[str], list[Path]]:
+def section(tables: Tables, out: Path) -> tuple[list[str], list[Path]]:
     """(report.md lines, files) of the Optuna part."""
     trials = _trials(tables)
     lines = ["", f"### parameter importances for {tables.plan['metric']}", ""]

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from orchestration.report_stats import KEY_NAMES, Line  # noqa: E402
+from orchestration.report_stats import KEY_NAMES, MAX_OPTUNA_ROWS, Line, Tables  # noqa: E402
 
 MAX_HEATMAPS = 6
 REFERENCE, ROW, PHASE1 = "tab:red", "tab:blue", "0.35"
@@ -52,7 +52,7 @@ def _phase1_line(axis, line: Line, key: str = "acc") -> None:
                   textcoords="offset points", va="center", fontsize=8, color=PHASE1)
 
 
-def _overall_panel(axis, tables, rows: list[Line], optuna: bool) -> None:
+def _overall_panel(axis, tables: Tables, rows: list[Line], optuna: bool) -> None:
     xs = np.arange(len(rows))
     points, bars = error_bars(rows, "acc")
     colours = [REFERENCE if ln.role == "reference" else ROW for ln in rows]
@@ -70,11 +70,11 @@ def _overall_panel(axis, tables, rows: list[Line], optuna: bool) -> None:
     if shared is not None:
         _phase1_line(axis, shared)
     axis.set_xticks(xs, [tick_label(ln, i, optuna) for i, ln in enumerate(rows)])
-    axis.set(xlabel="trial (best first)" if optuna else tables.plan["axis"], ylabel="top-1 (%)")
+    axis.set(xlabel="best trials, best first" if optuna else tables.plan["axis"], ylabel="top-1 (%)")
     axis.set_xlim(-0.6, len(rows) - 0.4)
 
 
-def _shot_panel(axis, tables, rows: list[Line], optuna: bool) -> None:
+def _shot_panel(axis, tables: Tables, rows: list[Line], optuna: bool) -> None:
     width, xs, handles = 0.27, np.arange(len(rows)), []
     for i, (shot, colour) in enumerate(SHOTS):
         points, bars = error_bars(rows, shot)
@@ -86,7 +86,7 @@ def _shot_panel(axis, tables, rows: list[Line], optuna: bool) -> None:
                  edgecolor=edges, linewidth=1.5, capsize=2)
         handles.append(Patch(color=colour, label=shot))
     axis.set_xticks(xs, [tick_label(ln, i, optuna) for i, ln in enumerate(rows)])
-    axis.set(xlabel="trial (best first)" if optuna else tables.plan["axis"], ylabel="top-1 (%)")
+    axis.set(xlabel="best trials, best first" if optuna else tables.plan["axis"], ylabel="top-1 (%)")
     axis.set_title("per-shot top-1 (authors' split), 95 % intervals", fontsize=10)
     axis.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the data
 
@@ -103,9 +103,9 @@ def _mark_reference_ticks(axis, rows: list[Line]) -> None:
             tick.set_fontweight("bold")
 
 
-def plot_axis(path: Path, tables) -> None:
+def plot_axis(path: Path, tables: Tables) -> None:
     optuna = tables.plan["search"] == "optuna"
-    rows = [ln for ln in tables.lines if ln.role != "upstream"]
+    rows = [ln for ln in tables.lines if ln.role != "upstream"][:MAX_OPTUNA_ROWS if optuna else None]
     fig, (left, right) = plt.subplots(1, 2, figsize=(max(11, 1.3 * len(rows) + 6), 4.6))
     _overall_panel(left, tables, rows, optuna)
     _shot_panel(right, tables, rows, optuna)
@@ -117,7 +117,7 @@ def plot_axis(path: Path, tables) -> None:
     plt.close(fig)
 
 
-def plot_compare(path: Path, tables) -> bool:
+def plot_compare(path: Path, tables: Tables) -> bool:
     """Forest plot of every paired difference; filled = significant after Holm's correction."""
     keys = [k for k in tables.ablation.compare if any(k in ln.delta for ln in tables.lines)]
     compared = [ln for ln in tables.lines if ln.delta]
@@ -163,16 +163,17 @@ def _match_grid(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]] | None
     return share[:, prompts], per_class["train_count"].values[order], list(per_class["shot_authors"].values[order])
 
 
-def plot_matches(path: Path, tables) -> bool:
+def plot_matches(path: Path, tables: Tables) -> bool:
     panels = []
     for line in tables.lines:
         run = next((r for r in sorted(line.runs, key=lambda r: r.seed) if r.stage != "phase1"), None)
         grid = _match_grid(Path(tables.plan["stage_root"]) / run.stage_key) if run else None
         if grid is not None:
             panels.append((line, grid))
+        if len(panels) == MAX_HEATMAPS:
+            break
     if not panels:
         return False
-    panels = panels[:MAX_HEATMAPS]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels) + 1.6, 5), squeeze=False)
     for axis, (line, (share, counts, shots)) in zip(axes[0], panels):
         image = axis.imshow(share, aspect="auto", cmap="magma_r", vmin=0, vmax=1, interpolation="nearest")
@@ -192,7 +193,7 @@ def plot_matches(path: Path, tables) -> bool:
     return True
 
 
-def draw(tables, out: Path) -> list[Path]:
+def draw(tables: Tables, out: Path) -> list[Path]:
     """Every plot the sweep supports, written to `out`; returns the files."""
     files = []
     if any(ln.role != "upstream" for ln in tables.lines):

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from experiments.ablations import Ablation
 from lpt_core import uncertainty as U
 from lpt_core.metrics import image_groups
 from orchestration.report_data import Run
@@ -19,6 +20,7 @@ KNN_KEY = "query_knn_acc"  # accuracy of the K-NN prediction from the query feat
 POINT_KEYS = (*RULE_KEYS, KNN_KEY, "match_consistency")  # match_consistency is a share, not an accuracy
 KEY_NAMES = {"acc": "overall", "few": "few (authors)", "few_std": "few (standard)", KNN_KEY: "query K-NN"}
 ALPHA = 0.05
+MAX_OPTUNA_ROWS = 10  # report.md and axis.png show the best trials; report.csv has them all
 BOOTSTRAP_SEED = 0  # fixed: the same sweep gives the same report
 
 
@@ -50,6 +52,18 @@ class Line:
     @property
     def seeds(self) -> tuple[int, ...]:
         return tuple(sorted(r.seed for r in self.runs))
+
+
+@dataclass
+class Tables:
+    """Everything a report's tables and plots show."""
+
+    plan: dict
+    ablation: Ablation
+    lines: list[Line]  # in table order; the shared phase 1 (if any) last
+    reference: Line | None
+    row_upstreams: dict[str, Line]  # a row's own phase 1 where rows do not share one (plots only)
+    notes: list[str]
 
 
 def _mean(values: list[float]) -> float:
@@ -137,8 +151,8 @@ def _compare(group: list[Line], reps: dict[str, np.ndarray], reference: Line, co
         if line is reference:
             continue
         for key in compare:
-            if key not in reps or math.isnan(line.point.get(key, math.nan)):
-                continue
+            if key not in reps or math.isnan(line.point.get(key, math.nan) - reference.point.get(key, math.nan)):
+                continue  # e.g. a shot group without classes
             diffs = reps[key][:, i] - reps[key][:, ref]
             estimate = line.point[key] - reference.point[key]
             line.delta[key] = Comparison(U.percentile_interval(diffs, estimate), U.bootstrap_p_value(diffs))
