@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
-import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +21,11 @@ from typing import Callable
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from lpt_core.config import BackboneConfig, DataConfig
 from lpt_core.data.synthetic import demo_source_split, source_digest
+from lpt_core.files import atomic_write_bytes, content_key, file_lock
 
 WEIGHTS_NAME = "micro_vit.safetensors"
 DEMO_BACKBONE = BackboneConfig(
@@ -55,7 +52,7 @@ class DemoPretrainConfig:
 def backbone_hash(backbone: BackboneConfig, data: DataConfig, pretrain: DemoPretrainConfig) -> str:
     key = {"name": backbone.name, "model_kwargs": backbone.model_kwargs, "source": source_digest(data),
            "pretrain": dataclasses.asdict(pretrain)}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return content_key(key)
 
 
 def ensure_demo_backbone(backbone: BackboneConfig, data: DataConfig, pretrain: DemoPretrainConfig,
@@ -65,13 +62,8 @@ def ensure_demo_backbone(backbone: BackboneConfig, data: DataConfig, pretrain: D
     weights = folder / WEIGHTS_NAME
     if weights.is_file():
         return weights
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # another process is training it: wait, then find its weights
-            log(f"waiting for another process to finish pretraining the backbone in {folder}")
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    waiting = f"waiting for another process to finish pretraining the backbone in {folder}"
+    with file_lock(folder / ".lock", on_wait=lambda holder: log(waiting)):  # then it finds the weights trained
         if not weights.is_file():
             _pretrain_and_save(backbone, data, pretrain, folder, log)
     return weights
@@ -91,19 +83,8 @@ def _pretrain_and_save(backbone: BackboneConfig, data: DataConfig, pretrain: Dem
               "pretrain": dataclasses.asdict(pretrain), "source_classes": num_classes,
               "source_train_images": len(labels), "source_test_accuracy": accuracy, "wall_time_s": wall}
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("head.")}
-    _write_atomic(folder / "pretrain.json", lambda path: path.write_text(json.dumps(record, indent=2)))
-    _write_atomic(folder / WEIGHTS_NAME, lambda path: save_file(state, str(path)))
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(folder / "pretrain.json", json.dumps(record, indent=2).encode())
+    atomic_write_bytes(folder / WEIGHTS_NAME, save(state))
 
 
 def _to_input(images: torch.Tensor) -> torch.Tensor:

@@ -31,10 +31,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from lpt_core.checkpoint import atomic_write_bytes
 from lpt_core.config import ConfigError, DataConfig
 from lpt_core.data.base import DatasetBundle, Normalization
 from lpt_core.data.transforms import build_transforms
+from lpt_core.files import atomic_write_bytes, content_key
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +128,11 @@ def build_manifest(cfg: DataConfig, dataset: str, root: Path, sources: Mapping[s
     """
     check_files = cfg.options.get("check_files", True)
     verify = check_files and (bool(cfg.options.get("verify_images")) or cfg.skip_bad_images)
-    key = hashlib.sha256(json.dumps({
+    key = content_key({
         "version": MANIFEST_VERSION, "dataset": dataset, "root": str(root.resolve()),
         "sources": {name: sha256_file(path) for name, path in sorted(sources.items())}, "extra": key_extra,
         "check_files": check_files, "verify": verify, "skip": cfg.skip_bad_images,
-    }, sort_keys=True).encode()).hexdigest()[:16]
+    })
     file = Path(cfg.cache_dir).expanduser() / "manifests" / f"{dataset}-{key}.parquet"
     if file.is_file():
         try:
@@ -154,7 +154,7 @@ def build_manifest(cfg: DataConfig, dataset: str, root: Path, sources: Mapping[s
     meta = {"dataset": dataset, "root": str(root), "num_classes": entries.num_classes,
             "class_counts": counts.tolist(), "class_names": entries.class_names,
             "skipped": skipped}
-    _write_atomic(table.replace_schema_metadata({"lpt": json.dumps(meta)}), file)
+    _write_table(table.replace_schema_metadata({"lpt": json.dumps(meta)}), file)
     return _read(file, root)
 
 
@@ -171,8 +171,8 @@ def _read(file: Path, root: Path) -> Manifest:
                     class_names=meta["class_names"], file=file, skipped=meta["skipped"])
 
 
-def _write_atomic(table: pa.Table, file: Path) -> None:
-    """Temp file, fsync, os.replace: concurrent readers see the old file or the whole new one."""
+def _write_table(table: pa.Table, file: Path) -> None:
+    """Atomically: concurrent readers see the old file or the whole new one."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     atomic_write_bytes(file, sink.getvalue().to_pybytes())

@@ -25,10 +25,7 @@ Splits are deterministic in their options and cached as uint8 tensors under `cac
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
-import tempfile
+import io
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -38,6 +35,7 @@ import torch
 from lpt_core.config import ConfigError, DataConfig
 from lpt_core.data.base import DatasetBundle, Normalization, register_dataset
 from lpt_core.data.cifar_lt import ArrayImageDataset, long_tail_counts
+from lpt_core.files import atomic_write_bytes, content_key
 from lpt_core.data.manifest import check_options
 from lpt_core.data.transforms import build_transforms
 
@@ -97,8 +95,7 @@ class DemoOptions:
         """Cache key of the options named (all when none): only what changes a split may name its file."""
         values = dataclasses.asdict(self)
         chosen = {k: values[k] for k in (keys or values)}
-        blob = json.dumps({"version": GENERATOR_VERSION, **chosen}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return content_key({"version": GENERATOR_VERSION, **chosen})
 
 
 @dataclass(frozen=True)
@@ -346,15 +343,9 @@ def _cached(path: Path, make) -> dict[str, torch.Tensor]:
     if path.is_file():
         return torch.load(path, weights_only=True)
     tensors = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(tensors, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
     return tensors
 
 

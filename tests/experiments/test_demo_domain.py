@@ -86,6 +86,11 @@ def test_hash_names_architecture_source_split_and_recipe(tmp_path: Path) -> None
     assert backbone_hash(TINY_BACKBONE, target_only, TINY_PRETRAIN) == base  # target options do not matter
 
 
+def test_hash_keeps_its_value(tmp_path: Path) -> None:
+    """Backbones pretrained by earlier versions are found again in the cache: the same inputs, the same name."""
+    assert backbone_hash(TINY_BACKBONE, tiny_data(tmp_path), TINY_PRETRAIN) == "2d8b5113302a430f"
+
+
 def test_a_second_caller_waits_for_the_first_and_does_not_train(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The first caller holds the lock inside its (fake) training until the test has seen the second caller find

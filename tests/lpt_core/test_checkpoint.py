@@ -15,7 +15,6 @@ from lpt_core.checkpoint import (
     STATE_FILE,
     BackboneIdentity,
     CheckpointError,
-    atomic_write_bytes,
     latest_valid_checkpoint,
     load_checkpoint,
     read_meta,
@@ -222,60 +221,6 @@ def test_safe_torch_load_plain_state_dict(tmp_path: Path) -> None:
     path = tmp_path / "ok.pt"
     torch.save({"w": torch.arange(3)}, path)
     assert torch.equal(safe_torch_load(path)["w"], torch.arange(3))
-
-
-def test_atomic_write_replaces_content(tmp_path: Path) -> None:
-    path = tmp_path / "sub" / "file.bin"
-    atomic_write_bytes(path, b"first")
-    atomic_write_bytes(path, b"second")
-    assert path.read_bytes() == b"second"
-    assert os.listdir(path.parent) == ["file.bin"]
-
-
-@pytest.mark.parametrize("failing", ["replace", "fsync"])
-def test_atomic_write_keeps_old_file_when_interrupted(tmp_path: Path, monkeypatch, failing: str) -> None:
-    path = tmp_path / "file.bin"
-    atomic_write_bytes(path, b"old content")
-
-    def boom(*args, **kwargs):
-        raise OSError("disk on fire")
-
-    monkeypatch.setattr(ckpt.os, failing, boom)
-    with pytest.raises(OSError, match="disk on fire"):
-        atomic_write_bytes(path, b"new content that never lands")
-    monkeypatch.undo()
-    assert path.read_bytes() == b"old content"
-    assert os.listdir(tmp_path) == ["file.bin"], "the temp file must be removed"
-
-
-def test_atomic_write_keeps_old_file_when_write_raises_midway(tmp_path: Path, monkeypatch) -> None:
-    path = tmp_path / "file.bin"
-    atomic_write_bytes(path, b"old content")
-    real_fdopen = os.fdopen
-
-    class HalfWriter:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, data):
-            self.f.write(data[: len(data) // 2])
-            raise OSError("no space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-    monkeypatch.setattr(ckpt.os, "fdopen", lambda fd, mode: HalfWriter(real_fdopen(fd, mode)))
-    with pytest.raises(OSError, match="no space"):
-        atomic_write_bytes(path, b"0123456789" * 100)
-    monkeypatch.undo()
-    assert path.read_bytes() == b"old content"
-    assert os.listdir(tmp_path) == ["file.bin"]
 
 
 def test_save_interrupted_before_meta_leaves_previous_checkpoint_loadable(tmp_path: Path, monkeypatch) -> None:

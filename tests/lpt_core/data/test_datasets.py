@@ -1,6 +1,7 @@
 """File-based dataset adapters on miniature copies of the real on-disk formats, built in tmp_path."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -158,6 +159,16 @@ def test_manifest_is_cached_and_rebuilt_when_a_list_changes(tmp_path: Path, smal
     bundle = build_dataset(cfg)
     assert len(parsed) == 4 and bundle.class_counts.tolist() == [4, 2, 2]
     assert len(list((tmp_path / "cache" / "manifests").iterdir())) == 2  # and no temp file left behind
+
+
+def test_manifest_name_keeps_its_value(tmp_path: Path, small_list: Path) -> None:
+    """Manifests cached by earlier versions are found again: the key is the formula they were named with."""
+    build_dataset(small_cfg(tmp_path, small_list))
+    sources = {split: hashlib.sha256((small_list / f"{split}.txt").read_bytes()).hexdigest() for split in ("test", "train")}
+    key = hashlib.sha256(json.dumps({
+        "version": 1, "dataset": "lt_list", "root": str(small_list.resolve()), "sources": sources, "extra": "",
+        "check_files": True, "verify": False, "skip": False}, sort_keys=True).encode()).hexdigest()[:16]
+    assert [f.name for f in (tmp_path / "cache" / "manifests").iterdir()] == [f"lt_list-{key}.parquet"]
 
 
 def test_corrupt_cached_manifest_is_rebuilt(tmp_path: Path, small_list: Path, caplog) -> None:
