@@ -18,10 +18,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+def uses_bf16(device: torch.device, precision: str) -> bool:
     """bf16 autocast on CUDA by default (the frozen backbone tolerates it; the loss runs in fp32), fp32 on CPU."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, precision))
 
 
 def is_out_of_memory(err: BaseException) -> bool:
