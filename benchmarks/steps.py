@@ -1,26 +1,25 @@
-"""Models, batches and the full dual training step that the throughput measures time.
+"""Models, batches and the training step that the throughput measures time.
 
-A step is what `lpt_core.train._train_epoch` does per step: one class-balanced and one instance-balanced batch
-concatenated into one forward, the real losses of `lpt_core.losses` per branch (A-GCL + matching term, weighted
-by beta), backward, an SGD step over the phase's trainable parameters. Batches are random tensors already in
-memory (the data pipeline is measured on its own), so the step measures the model alone.
+The step is lpt_core's own (`lpt_core.step.train_step`, what run_phase runs for every batch): one class-balanced
+and one instance-balanced batch concatenated into one forward, the phase's losses per branch (A-GCL + matching
+term, weighted by beta of the first of 90 epochs), backward, an SGD step over the phase's trainable parameters.
+What is the benchmark's own: random-weight models, batches of random tensors already in memory (the data pipeline
+is measured on its own, so the step measures the model alone), and a long-tailed class profile for A-GCL.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
 
 import timm
 import torch
 from torch import Tensor
 
-from lpt_core.config import LossConfig, PhaseConfig, PromptConfig
-from lpt_core.losses import build_classification_loss, matching_loss
-from lpt_core.model import LPTModel, LPTOutput
-from lpt_core.runtime import autocast
-from lpt_core.sampling import branch_weight, branches_for
+from lpt_core.config import PhaseConfig, PromptConfig
+from lpt_core.model import LPTModel
+from lpt_core.sampling import branches_for
 from lpt_core.schedule import build_optimizer
+from lpt_core.step import Forward, StepLoss, train_step
 
 
 @dataclass(frozen=True)
@@ -83,45 +82,21 @@ def class_counts() -> Tensor:
     return (500 * 100 ** (-torch.arange(NUM_CLASSES) / (NUM_CLASSES - 1))).floor().long().clamp_min(1)
 
 
-Forward = Callable[[Tensor], LPTOutput]
-
-
 class DualStep:
-    """One optimisation step of a phase: forward on both branches at once, weighted branch losses, SGD step."""
+    """lpt_core's training step of a phase over one in-memory dual batch, with the optimizer and losses it keeps.
+
+    `forward` is LPTModel's (lpt_step) or the naive reference's over the same model (measure 2).
+    """
 
     def __init__(self, forward: Forward, params: list[torch.nn.Parameter], device: torch.device,
-                 precision: str = "fp32", epoch: int = 0, epochs: int = 90) -> None:
+                 precision: str = "fp32") -> None:
+        pcfg = PhaseConfig()  # the authors' recipe: SGD, A-GCL, dual sampling, 90 epochs
         self.forward, self.device, self.precision = forward, device, precision
-        pcfg = PhaseConfig(loss=LossConfig())
-        self.match_weight = pcfg.loss.match_weight
         self.optimizer = build_optimizer(params, pcfg)
-        counts = class_counts()
-        self.losses = [build_classification_loss(pcfg.loss, b, counts) for b in BRANCHES]
-        self.weights = [branch_weight(b, "dual", epoch, epochs, pcfg.loss.eta) for b in BRANCHES]
-
-    def run_forward(self, batch: DualBatch) -> LPTOutput:
-        with autocast(self.device, self.precision):
-            return self.forward(batch.images)
-
-    def loss(self, out: LPTOutput, batch: DualBatch) -> Tensor:
-        total = torch.zeros((), device=self.device)
-        offset = 0
-        for loss_fn, weight, y in zip(self.losses, self.weights, batch.labels):
-            rows = slice(offset, offset + len(y))
-            branch_loss = loss_fn(out.logits[rows].float(), y)
-            if out.topk_sim is not None:
-                branch_loss = branch_loss + self.match_weight * matching_loss(out.topk_sim[rows])
-            total = total + weight * branch_loss
-            offset += len(y)
-        return total
-
-    def update(self, loss: Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.loss = StepLoss.for_epoch(pcfg, class_counts(), epoch=0)
 
     def __call__(self, batch: DualBatch) -> None:
-        self.update(self.loss(self.run_forward(batch), batch))
+        train_step(self.forward, batch.images, batch.labels, self.loss, self.optimizer, self.precision)
 
 
 def lpt_step(model: LPTModel, phase: str, device: torch.device, precision: str = "fp32") -> DualStep:

@@ -7,6 +7,7 @@ of its checkpoints continues bit-exactly on CPU: model, optimizer, samplers, RNG
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shutil
@@ -22,25 +23,15 @@ from torch.utils.data import DataLoader
 from lpt_core import metrics as M
 from lpt_core.backbone import create_backbone, normalization, weights_digest
 from lpt_core.checkpoint import META_FILE, BackboneIdentity, CheckpointError, load_checkpoint, save_checkpoint
-from lpt_core.config import PHASES, LPTConfig, PhaseConfig, from_dict, to_dict
+from lpt_core.config import PHASES, LPTConfig, PhaseConfig, from_dict
 from lpt_core.data import DatasetBundle, Normalization, build_dataset
 from lpt_core.evaluate import EvalOutput, evaluate, feature_statistics, image_paths
-from lpt_core.losses import build_classification_loss, matching_loss
 from lpt_core.model import LPTModel
-from lpt_core.runtime import autocast, is_out_of_memory, release_cached_memory, resolve_device, seed_everything
-from lpt_core.sampling import ClassAwareSampler, InstanceSampler, branch_weight, branches_for, steps_per_epoch
+from lpt_core.runtime import is_out_of_memory, release_cached_memory, resolve_device, seed_everything
+from lpt_core.sampling import ClassAwareSampler, InstanceSampler, branches_for, steps_per_epoch
 from lpt_core.schedule import build_optimizer, lr_at
-
-
-# Dotted LPTConfig fields a stage's result depends on (device and threads change speed, not results). The stage
-# store keys a stage by exactly these (plus its upstream's key); a checkpoint records exactly these, so one shared
-# by trials that differ elsewhere says the same whichever trial wrote it.
-STAGE_FIELDS: dict[str, tuple[str, ...]] = {
-    "phase1": ("backbone", "data", "eval", "seed", "precision", "phase1", "prompt.length", "prompt.shared",
-               "prompt.init_std", "prompt.head_dropout"),
-    "phase2": ("backbone", "data", "eval", "seed", "precision", "phase2", "prompt"),
-    "joint": ("backbone", "data", "eval", "seed", "precision", "joint", "prompt"),
-}
+from lpt_core.stages import stage_config
+from lpt_core.step import StepLoss, train_step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -92,18 +83,6 @@ def _setup(cfg: LPTConfig, phase: str, hooks: PhaseHooks) -> _Setup:
     return _Setup(model, bundle, identity, device)
 
 
-def stage_config(cfg: LPTConfig, phase: str) -> dict[str, Any]:
-    """The config a checkpoint of `phase` records: the STAGE_FIELDS of that phase, nested as in LPTConfig."""
-    full, picked = to_dict(cfg), {}
-    for dotted in STAGE_FIELDS[phase]:
-        *parents, leaf = dotted.split(".")
-        source, target = full, picked
-        for part in parents:
-            source, target = source[part], target.setdefault(part, {})
-        target[leaf] = source[leaf]
-    return picked
-
-
 def _load_parts(model: LPTModel, phase: str, saved: dict[str, Any], source: str | Path, remedy: str) -> None:
     """Loads exactly the tensors a `phase` checkpoint holds; a missing one or another shape is refused by name."""
     expected = model.stage_state(phase)
@@ -137,15 +116,15 @@ def _loader(bundle: DatasetBundle, batches: list, cfg: LPTConfig, device: torch.
 def _train_epoch(cfg: LPTConfig, phase: str, pcfg: PhaseConfig, setup: _Setup, state: dict, epoch: int,
                  hooks: PhaseHooks) -> dict[str, float]:
     model, device = setup.model, setup.device
-    branches = branches_for(pcfg.sampling)
+    loss = StepLoss.for_epoch(pcfg, setup.bundle.class_counts, epoch)
+    branches = loss.branches
     steps = steps_per_epoch(len(setup.bundle.train), pcfg.batch_size, pcfg.steps_per_epoch)
     batches = _epoch_batches(state["samplers"], branches, steps, pcfg.batch_size)
-    weights = [branch_weight(b, pcfg.sampling, epoch, pcfg.epochs, pcfg.loss.eta) for b in branches]
-    losses = {b: build_classification_loss(pcfg.loss, b, setup.bundle.class_counts) for b in branches}
     model.train()
     loss_sum = torch.zeros((), device=device)
     start, total_steps = time.perf_counter(), pcfg.epochs * steps
     loader = iter(_loader(setup.bundle, batches, cfg, device))
+    forward = functools.partial(model, phase=phase)
     for step in range(steps):
         global_step = epoch * steps + step
         lr = lr_at(global_step, total_steps, pcfg.warmup_epochs * steps, pcfg.lr, pcfg.min_lr)
@@ -154,21 +133,7 @@ def _train_epoch(cfg: LPTConfig, phase: str, pcfg: PhaseConfig, setup: _Setup, s
         parts = [next(loader) for _ in branches]
         images = torch.cat([p[0] for p in parts]).to(device, non_blocking=True)
         labels = [p[1].to(device, non_blocking=True) for p in parts]
-        with autocast(device, cfg.precision):
-            out = model(images, phase)
-        loss = torch.zeros((), device=device)
-        offset = 0
-        for branch, weight, y in zip(branches, weights, labels):
-            rows = slice(offset, offset + len(y))
-            branch_loss = losses[branch](out.logits[rows].float(), y)
-            if out.topk_sim is not None:
-                branch_loss = branch_loss + pcfg.loss.match_weight * matching_loss(out.topk_sim[rows])
-            loss = loss + weight * branch_loss
-            offset += len(y)
-        state["optimizer"].zero_grad(set_to_none=True)
-        loss.backward()
-        state["optimizer"].step()
-        loss_sum += loss.detach()
+        loss_sum += train_step(forward, images, labels, loss, state["optimizer"], cfg.precision)
     elapsed = time.perf_counter() - start
     mean_loss = (loss_sum / steps).item()  # the only host sync of the epoch: also the NaN check
     if not math.isfinite(mean_loss):

@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 
 from lpt_core.checkpoint import (CheckpointError, atomic_write_bytes, latest_valid_checkpoint, replace_directory,
                                  verify_checkpoint)
-from lpt_core.train import STAGE_FIELDS, PhaseResult  # the fields a stage depends on; its checkpoint records them
+from lpt_core.stages import STAGE_FIELDS  # the fields a stage depends on; its checkpoint records them
+from lpt_core.train import PhaseResult
 
 KEY_LENGTH = 16
 

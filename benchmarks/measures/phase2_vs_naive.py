@@ -59,7 +59,7 @@ def naive_parts(naive: NaivePhase2, step: DualStep, batch: DualBatch, timer: Par
 
 
 def _loss_backward_update(step: DualStep, out: LPTOutput, batch: DualBatch, timer: PartTimer) -> None:
-    loss = timer("loss", lambda: step.loss(out, batch))
+    loss = timer("loss", lambda: step.loss(out, batch.labels))
     timer("backward", lambda: (step.optimizer.zero_grad(set_to_none=True), loss.backward()))
     timer("optimizer", step.optimizer.step)
 

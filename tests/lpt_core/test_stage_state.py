@@ -12,7 +12,8 @@ import torch
 
 from lpt_core.checkpoint import META_FILE, CheckpointError, load_checkpoint, read_meta, save_checkpoint
 from lpt_core.config import LPTConfig, to_dict
-from lpt_core.train import STAGE_FIELDS, run_phase, stage_config
+from lpt_core.stages import STAGE_FIELDS, stage_config
+from lpt_core.train import run_phase
 
 from .conftest import QuietHooks
 

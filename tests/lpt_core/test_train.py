@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import lpt_core.step as step_module
 import lpt_core.train as train_module
 from lpt_core import metrics as M
 from lpt_core.backbone import create_backbone, normalization
@@ -244,7 +245,7 @@ def test_keep_checkpoints_is_honoured(make_config: Callable[..., LPTConfig], tmp
 def test_nan_loss_raises_naming_phase_and_epoch(make_config: Callable[..., LPTConfig], phase1_checkpoint: Path,
                                                 tmp_path: Path, monkeypatch, quiet_hooks, phase: str,
                                                 bad_epoch: int) -> None:
-    real_build = train_module.build_classification_loss
+    real_build = step_module.build_classification_loss
     built = []
 
     def build(cfg, branch, class_counts):
@@ -255,7 +256,7 @@ def test_nan_loss_raises_naming_phase_and_epoch(make_config: Callable[..., LPTCo
             return loss
         return lambda cos, target, **kw: loss(cos, target, **kw) * float("nan")
 
-    monkeypatch.setattr(train_module, "build_classification_loss", build)
+    monkeypatch.setattr(step_module, "build_classification_loss", build)
     init = phase1_checkpoint if phase == "phase2" else None
     with pytest.raises(NonFiniteLossError, match=rf"^{phase} epoch {bad_epoch}: training loss is nan"):
         run_phase(make_config({phase: {"epochs": 3}}), phase, tmp_path, quiet_hooks, init_from=init)
@@ -330,7 +331,7 @@ def test_sampling_modes_feed_each_branch_loss_its_own_sampler(make_config: Calla
                                                               phase1_checkpoint: Path, tmp_path: Path, quiet_hooks,
                                                               monkeypatch, sampling: str, branches: list[str]) -> None:
     cfg = make_config({"phase2": {"epochs": 1, "sampling": sampling}})
-    real_build, fed = train_module.build_classification_loss, []  # fed: (branch, labels) of every loss call
+    real_build, fed = step_module.build_classification_loss, []  # fed: (branch, labels) of every loss call
 
     def build(loss_cfg, branch, class_counts):
         loss = real_build(loss_cfg, branch, class_counts)
@@ -340,7 +341,7 @@ def test_sampling_modes_feed_each_branch_loss_its_own_sampler(make_config: Calla
             return loss(cos, target, **kw)
         return recorded
 
-    monkeypatch.setattr(train_module, "build_classification_loss", build)
+    monkeypatch.setattr(step_module, "build_classification_loss", build)
     result = run_phase(cfg, "phase2", tmp_path, quiet_hooks, init_from=phase1_checkpoint)
     # what each sampler, seeded as documented (cb: seed, ib: seed + 1), draws from the training labels
     labels = _reloaded(cfg, phase1_checkpoint)[1].train_labels
