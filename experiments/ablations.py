@@ -1,7 +1,9 @@
 """The paper's ablations as data: each is an axis over dotted config keys, the metric it reports and the stages
 it changes. The sweep driver expands them without knowing anything about LPT.
 
-Adding an ablation = one `register(Ablation(...))` here + one `conf/ablation/<name>.yaml` naming it.
+Adding an ablation = one `register(Ablation(...))` here: experiments.settings.register_configs makes every
+registered name a choice of the `ablation` config group. `register` checks the stages an entry names against the
+stages its keys change (lpt_core.stages.STAGE_FIELDS; PRETRAIN_FIELDS for the demo's pretrained backbone).
 """
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+from experiments.pretrain_demo import PRETRAIN_FIELDS
 from lpt_core.config import ConfigError
+from lpt_core.stages import stages_changed_by, touches
 
 STAGES = ("pretrain", "phase1", "phase2", "joint")
 PAPER_EXPERIMENT = "places_lt"  # the dataset of the paper's ablation numbers (`Ablation.paper`)
@@ -42,7 +46,9 @@ class Ablation:
     axis: str  # the column name of the report table (labels of crossed axes are joined with ",")
     points: tuple[Point, ...] = ()
     space: dict[str, Distribution] = field(default_factory=dict)  # non-empty = searchable with Optuna
-    stages: tuple[str, ...] = ("phase2",)  # which stages the axis changes (upstream stages are shared)
+    # which stages the axis changes (the others are shared by all rows); register() refuses a tuple that is not
+    # what the axis's keys change
+    stages: tuple[str, ...] = ("phase2",)
     metric: str = "acc"
     demo_points: tuple[Point, ...] | None = None  # replaces `points` on the demo experiment (e.g. micro sizes)
     paper: dict[str, float] = field(default_factory=dict)  # the paper's overall accuracy per row (PAPER_EXPERIMENT)
@@ -90,8 +96,46 @@ def register(ablation: Ablation) -> Ablation:
     _check_reference(ablation, ablation.points, ablation.reference, "reference")
     if ablation.demo_points is not None:
         _check_reference(ablation, ablation.demo_points, ablation.demo_reference, "demo_reference")
+    changed = changed_stages(ablation)
+    if set(ablation.stages) != set(changed):
+        raise ValueError(f"ablation {ablation.name!r}: stages={ablation.stages}, but its axis changes {changed} "
+                         f"({_explain(ablation)})")
     ABLATIONS[ablation.name] = ablation
     return ablation
+
+
+def _row_stages(point: Point) -> frozenset[str]:
+    """The stages a row runs after the demo's pretraining: joint, phase 1 alone (run_until), or phase 1 and 2."""
+    if point.overrides.get("training") == "joint":
+        return frozenset({"joint"})
+    return frozenset({"phase1"} if point.overrides.get(RUN_UNTIL) == "phase1" else {"phase1", "phase2"})
+
+
+def _stage_changes(ablation: Ablation) -> tuple[dict[str, set[str]], set[str]]:
+    """Per axis key, the stages it changes among those the rows run; and the stages only some rows run."""
+    rows = (*ablation.points, *(ablation.demo_points or ()))
+    runs = {_row_stages(p) for p in rows} or {_row_stages(Point("", {}))}  # a space alone: the default chain
+    ran = frozenset().union(*runs)
+    keys = sorted({key for p in rows for key in p.overrides if key != RUN_UNTIL} | set(ablation.space))
+    by_key = {key: (stages_changed_by([key]) & ran) | ({"pretrain"} if touches(key, PRETRAIN_FIELDS) else set())
+              for key in keys}
+    return by_key, set(ran - frozenset.intersection(*runs))
+
+
+def changed_stages(ablation: Ablation) -> tuple[str, ...]:
+    """The stages whose result differs between the rows, in STAGES order: those that depend on an axis key
+    (lpt_core.stages.STAGE_FIELDS; PRETRAIN_FIELDS for the demo's pretraining) and those only some rows run."""
+    by_key, partial = _stage_changes(ablation)
+    changed = partial.union(*by_key.values())
+    return tuple(stage for stage in STAGES if stage in changed)
+
+
+def _explain(ablation: Ablation) -> str:
+    by_key, partial = _stage_changes(ablation)
+    parts = [f"{key} changes {', '.join(sorted(stages)) or 'no stage'}" for key, stages in by_key.items()]
+    if partial:
+        parts.append(f"only some rows run {', '.join(sorted(partial))}")
+    return "; ".join(parts) or "no key"
 
 
 def _check_reference(ablation: Ablation, points: tuple[Point, ...], reference: str | None, field_name: str) -> None:

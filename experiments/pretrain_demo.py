@@ -21,16 +21,19 @@ from typing import Callable
 import timm
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from safetensors.torch import save
 
-from lpt_core.config import BackboneConfig, DataConfig
+from experiments.settings import CONF_DIR
+from lpt_core.config import BackboneConfig, DataConfig, build_dataclass
 from lpt_core.data.synthetic import demo_source_split, source_digest
 from lpt_core.files import atomic_write_bytes, content_key, file_lock
+from lpt_core.schedule import lr_at
 
 WEIGHTS_NAME = "micro_vit.safetensors"
-DEMO_BACKBONE = BackboneConfig(
-    name="vit_tiny_patch16_224", pretrained=False,
-    model_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 128, "depth": 6, "num_heads": 4})
+# the demo's micro ViT as its config group declares it (model=micro), for this module's command line
+DEMO_BACKBONE = build_dataclass(
+    BackboneConfig, OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "micro.yaml").backbone), "backbone")
 
 
 @dataclass
@@ -47,6 +50,11 @@ class DemoPretrainConfig:
     crop_min_scale: float = 0.5  # random resized crop (area fraction) of each source image
     flip: bool = True  # the source label (texture, hue) is mirror invariant
     seed: int = 0
+
+
+# the LPTConfig fields the pretrained backbone depends on (what backbone_hash reads: the architecture, and the
+# source split, which data.options shapes): an ablation over any of them changes the demo's pretrain stage
+PRETRAIN_FIELDS = ("backbone.name", "backbone.model_kwargs", "data.options")
 
 
 def backbone_hash(backbone: BackboneConfig, data: DataConfig, pretrain: DemoPretrainConfig) -> str:
@@ -107,12 +115,6 @@ def _augment(x: torch.Tensor, cfg: DemoPretrainConfig, generator: torch.Generato
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def pretrain_micro_vit(backbone: BackboneConfig, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
                        cfg: DemoPretrainConfig, log: Callable[[str], None] = print) -> torch.nn.Module:
     """Trains timm's ViT from scratch with a source classifier: AdamW, warm-up + cosine, label smoothing."""
@@ -134,7 +136,7 @@ def pretrain_micro_vit(backbone: BackboneConfig, images: torch.Tensor, labels: t
         seen = correct = loss_sum = 0.0
         for batch in order.split(cfg.batch_size):
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, total, warmup, cfg.lr)
+                group["lr"] = lr_at(step, total, warmup, cfg.lr)
             x, y = _augment(x_all[batch], cfg, generator), labels[batch]
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)

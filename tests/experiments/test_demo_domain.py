@@ -1,6 +1,7 @@
 """experiments/pretrain_demo.py: the demo's micro ViT trains, caches, locks and loads through create_backbone."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -11,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from experiments import pretrain_demo
-from experiments.pretrain_demo import (DEMO_BACKBONE, DemoPretrainConfig, backbone_hash, ensure_demo_backbone,
-                                       pretrain_micro_vit)
+from experiments.pretrain_demo import (DEMO_BACKBONE, PRETRAIN_FIELDS, DemoPretrainConfig, backbone_hash,
+                                       ensure_demo_backbone, pretrain_micro_vit)
+from experiments.settings import build_lpt, compose_config, split
 from lpt_core.backbone import create_backbone
 from lpt_core.config import BackboneConfig, DataConfig
 from lpt_core.data.synthetic import demo_source_split
@@ -84,6 +86,29 @@ def test_hash_names_architecture_source_split_and_recipe(tmp_path: Path) -> None
     assert backbone_hash(TINY_BACKBONE, more_source, TINY_PRETRAIN) != base
     assert backbone_hash(TINY_BACKBONE, tiny_data(tmp_path), DemoPretrainConfig(epochs=3)) != base
     assert backbone_hash(TINY_BACKBONE, target_only, TINY_PRETRAIN) == base  # target options do not matter
+
+
+@pytest.mark.parametrize("field, value, changes", [
+    ("backbone.name", "vit_small_patch16_224", True), ("backbone.model_kwargs", {"embed_dim": 64}, True),
+    ("data.options", {"source_per_class": 3}, True),
+    ("backbone.pretrained", True, False), ("backbone.weights_file", "/w.safetensors", False),
+    ("backbone.norm_eps", 1e-5, False), ("data.img_size", 64, False), ("data.crop_min_scale", 0.3, False),
+    ("data.root", "/elsewhere", False), ("data.eval_batch_size", 7, False),
+])
+def test_the_hash_reads_exactly_the_pretrain_fields(tmp_path: Path, field: str, value, changes: bool) -> None:
+    """PRETRAIN_FIELDS (what an ablation over the backbone is checked against) names what backbone_hash reads."""
+    configs = {"backbone": TINY_BACKBONE, "data": tiny_data(tmp_path)}
+    section, name = field.split(".")
+    current = getattr(configs[section], name)
+    edited = {**configs, section: dataclasses.replace(configs[section], **{
+        name: {**current, **value} if isinstance(current, dict) else value})}
+    base = backbone_hash(configs["backbone"], configs["data"], TINY_PRETRAIN)
+    assert (backbone_hash(edited["backbone"], edited["data"], TINY_PRETRAIN) != base) == changes
+    assert any(field == f or field.startswith(f"{f}.") for f in PRETRAIN_FIELDS) == changes
+
+
+def test_demo_backbone_is_the_micro_model_of_the_config_tree() -> None:
+    assert build_lpt(split(compose_config([])).lpt).backbone == DEMO_BACKBONE
 
 
 def test_hash_keeps_its_value(tmp_path: Path) -> None:
