@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-slow bench bench-quick clean
+.PHONY: demo test test-fast test-slow bench bench-quick gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/run.py --quick --out outputs/bench
+
+# on a machine with a GPU (not in CI): measure 6 and a small GPU sweep -> benchmarks/RESULTS.md, section "GPU check"
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.context import PLANS, Context  # noqa: E402
+from benchmarks.gpu_check import keep_section  # noqa: E402
 from benchmarks.machine import describe, load_average  # noqa: E402
 from benchmarks.measures import MEASURES  # noqa: E402
 from benchmarks.report import render  # noqa: E402
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     results["machine"]["load_average_end"] = load_average()
     write(args.out, results)
     (args.out / "RESULTS.md").write_text(render(results))
+    keep_section(args.out)  # the last `make gpu-check` stays in RESULTS.md
     ctx.log(f"wrote {args.out / 'results.json'} and {args.out / 'RESULTS.md'} "
             f"({results['run']['wall_s']:.0f} s)")
     return 0
