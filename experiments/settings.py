@@ -30,20 +30,27 @@ if TYPE_CHECKING:
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 LPT_KEYS = tuple(f.name for f in dataclasses.fields(LPTConfig))
-# config groups chosen on the command line (`model=vit_b`); "pretrain" is registered by register_configs
-CONFIG_GROUPS = frozenset({*(p.name for p in CONF_DIR.iterdir() if p.is_dir()), "pretrain"})
+# groups whose options register_configs stores from code: one per registered ablation, the search and cluster
+# options below, the demo's pretraining recipe
+STORED_GROUPS = ("ablation", "search", "cluster", "pretrain")
+# config groups chosen on the command line (`model=vit_b`): the folders of conf/ and the stored groups
+CONFIG_GROUPS = frozenset({*(p.name for p in CONF_DIR.iterdir() if p.is_dir()), *STORED_GROUPS})
 
 
 @dataclass
 class AblationChoice:
+    """`ablation=<name>`: axis, stages and metric are the experiments/ablations.py entry of that name."""
+
     name: str
-    values: list[Any] | None = None  # row labels to keep (None = all)
+    values: list[Any] | None = None  # narrow the axis to these row labels (None = all)
 
 
 @dataclass
 class SearchSettings:
+    # grid: every point of the ablation's axis, times every seed. optuna: Ray Tune's OptunaSearch over the
+    # ablation's continuous space (seeded); its state survives resume
     name: Literal["grid", "optuna"] = "grid"
-    num_samples: int = 8
+    num_samples: int = 8  # optuna: trials in all
     sampler: Literal["tpe", "random"] = "tpe"
     seed: int = 0
     max_concurrent: int = 2
@@ -52,45 +59,56 @@ class SearchSettings:
 
 @dataclass
 class ClusterSettings:
+    # local: Ray started in-process on this machine, dashboard off, everything bound to 127.0.0.1. ray: join a
+    # running Ray cluster (`ray start --head` on one node, `ray start --address=<head>:6379` on the others)
     name: Literal["local", "ray"] = "local"
-    address: str | None = None
-    num_cpus: int | None = None
+    address: str | None = None  # ray: auto | <head-ip>:6379 | ray://<head-ip>:10001
+    num_cpus: int | None = None  # local: None = all cores
     num_gpus: float | None = None
     dashboard: bool = False
     connect_timeout_s: float = 60.0
 
 
+# the options of the search and cluster groups (`search=optuna`): what each sets besides its own name
+GROUP_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "search": {"grid": {}, "optuna": {}},
+    "cluster": {"local": {}, "ray": {"address": "auto"}},
+}
+
+
 @dataclass
 class SweepLocation:
-    name: str | None = None
-    root: str = "outputs/sweeps"
-    storage: str | None = None
+    name: str | None = None  # default: <ablation>-<experiment>
+    root: str = "outputs/sweeps"  # sweep folders (reports, tuner state) live under root/name
+    storage: str | None = None  # Ray Tune storage: a path or any URI pyarrow.fs accepts; default root/name/tune
 
 
 @dataclass
 class StageSettings:
-    cache: bool = True
-    root: str = "outputs/stages"
+    cache: bool = True  # share each distinct phase 1 between trials and sweeps (False: every trial trains its own)
+    root: str = "outputs/stages"  # stage outputs keyed by content hash; on a shared filesystem on a cluster
 
 
 @dataclass
 class TrackingSettings:
-    uri: str | None = None
+    uri: str | None = None  # default sqlite:///<sweep root>/<name>/mlflow.db; any `mlflow server` URI works
     experiment: str = "lpt"
     flush_timeout_s: float = 120.0  # how long a finished stage waits for an unreachable server before moving on
 
 
 @dataclass
 class Resources:
-    cpu: float = 1.0
-    gpu: float = 0.0
+    cpu: float = 1.0  # per trial
+    gpu: float = 0.0  # per trial, fractional to pack small models (0.25 = four trials per GPU)
 
 
 @dataclass
 class DebugSettings:
-    fail_at_epoch: int | None = None
-    fail_stage: Literal["phase1", "phase2", "joint"] = "phase2"
-    fail_times: int = 1
+    """Fault injection and hooks for tests."""
+
+    fail_at_epoch: int | None = None  # raise after this epoch's checkpoint ...
+    fail_stage: Literal["phase1", "phase2", "joint"] = "phase2"  # ... in this stage ...
+    fail_times: int = 1  # ... this many times per trial (tests of retry / resume)
     oom_at_epoch: int | None = None  # a real allocator failure (an impossible allocation) after this epoch
     fail_row: str | int | float | None = None  # inject faults into this row's trials only (None: every trial)
     epoch_sleep_s: float = 0.0  # stretch every epoch (tests that must catch a trial mid-training)
@@ -101,7 +119,8 @@ class DebugSettings:
 @dataclass
 class SweepSettings:
     """Every key of the composed config that is not an LPTConfig field (nor experiment_name / pretrain): the
-    schema both command lines check. orchestration/settings.py adds the sweep's own checks on top."""
+    schema both command lines check, and (register_configs) the defaults they start from.
+    orchestration/settings.py adds the sweep's own checks on top."""
 
     ablation: AblationChoice | None = None
     search: SearchSettings = field(default_factory=SearchSettings)
@@ -110,22 +129,24 @@ class SweepSettings:
     stages: StageSettings = field(default_factory=StageSettings)
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
     resources: Resources = field(default_factory=Resources)
-    seeds: list[int] = field(default_factory=lambda: [0])
-    resume: bool = False
-    max_concurrent_trials: int = 0
-    scheduler: Literal["fifo", "asha"] = "fifo"
-    max_failures: int = 2
-    min_free_disk_gb: float = 1.0
+    seeds: list[int] = field(default_factory=lambda: [0])  # each ablation point is repeated once per seed
+    resume: bool = False  # True: finish an interrupted / partly failed sweep of the same name
+    max_concurrent_trials: int = 0  # 0 = as many as the cluster's resources allow
+    scheduler: Literal["fifo", "asha"] = "fifo"  # asha early-stops weak phase-2 trials on the ablation's metric
+    max_failures: int = 2  # automatic retries of a crashed trial (from its last checkpoint)
+    min_free_disk_gb: float = 1.0  # refuse to start a sweep when the storage has less free space
     debug: DebugSettings = field(default_factory=DebugSettings)
     # experiments/run.py's keys, ignored by the sweep
-    phase: Any = 1
+    phase: Any = 1  # 1, or 2 with init_from=<phase-1 checkpoint>; training=joint runs joint
     init_from: str | None = None
     evaluate: str | None = None  # the authors' released checkpoint: evaluate it instead of training
-    workdir: str | None = None
+    workdir: str | None = None  # default outputs/runs/<experiment>-<stage>-<time>
 
 
 def register_configs() -> None:
-    """Puts the dataclass defaults in Hydra's ConfigStore, so config.yaml never repeats them."""
+    """Puts every default in Hydra's ConfigStore from the code that owns it, so no yaml file repeats one:
+    lpt_defaults (LPTConfig), sweep_defaults (SweepSettings), and the options of the stored groups."""
+    from experiments.ablations import ABLATIONS
     from experiments.pretrain_demo import DemoPretrainConfig
 
     defaults = to_dict(LPTConfig())
@@ -134,6 +155,12 @@ def register_configs() -> None:
     defaults["data"]["root"] = MISSING
     store = ConfigStore.instance()
     store.store(name="lpt_defaults", node=defaults)
+    store.store(name="sweep_defaults", node=dataclasses.asdict(SweepSettings()))
+    for name in ABLATIONS:
+        store.store(group="ablation", name=name, node=dataclasses.asdict(AblationChoice(name)))
+    for group, options in GROUP_OPTIONS.items():
+        for name, values in options.items():
+            store.store(group=group, name=name, node={"name": name, **values})
     store.store(group="pretrain", name="demo", node=dataclasses.asdict(DemoPretrainConfig()), package="pretrain")
 
 

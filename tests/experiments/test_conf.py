@@ -1,14 +1,19 @@
 """The Hydra tree composes for every experiment, model and ablation, and validates into LPTConfig at the edge."""
 from __future__ import annotations
 
+import dataclasses
 
 import pytest
+from hydra.core.config_store import ConfigStore
+from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
 
-from experiments.ablations import ABLATIONS
+from experiments.ablations import ABLATIONS, Ablation, register, sweep
 from experiments.pretrain_demo import DemoPretrainConfig
 from experiments.run import run, stage_name
-from experiments.settings import (CONF_DIR, AblationChoice, apply_overrides, build_lpt, check_command_line,
-                                  compose_config, split)
+from experiments.settings import (CONF_DIR, AblationChoice, ClusterSettings, Resources, SearchSettings,
+                                  SweepSettings, apply_overrides, build_lpt, check_command_line, compose_config,
+                                  register_configs, split)
 from lpt_core.config import ConfigError, LPTConfig
 
 EXPERIMENTS = ("demo", "places_lt", "imagenet_lt", "imagenet_sketch", "inat18", "cifar100_lt")
@@ -75,20 +80,88 @@ def test_real_experiments_default_to_vit_b() -> None:
     assert validated(["experiment=places_lt", "data.root=/r"]).backbone.name == "vit_base_patch16_224.augreg_in21k"
 
 
-def test_ablation_yamls_and_registry_match_one_to_one() -> None:
-    yamls = sorted(p.stem for p in (CONF_DIR / "ablation").glob("*.yaml"))
-    assert yamls == sorted(ABLATIONS)
-    for stem in yamls:  # the file names its own registry entry
-        text = (CONF_DIR / "ablation" / f"{stem}.yaml").read_text()
-        assert f"name: {stem}\n" in text
+def _stored_options(group: str) -> list[str]:
+    register_configs()
+    return sorted(name.removesuffix(".yaml") for name in ConfigStore.instance().list(group))
 
 
-@pytest.mark.parametrize("ablation", sorted(p.stem for p in (CONF_DIR / "ablation").glob("*.yaml")))
-def test_every_ablation_yaml_composes(ablation: str) -> None:
+def test_ablation_group_and_registry_match_one_to_one() -> None:
+    options = _stored_options("ablation")
+    assert options == sorted(ABLATIONS)
+    for name in options:  # the option names its own registry entry
+        node = ConfigStore.instance().load(f"ablation/{name}.yaml").node
+        assert node["name"] == name and node["values"] is None
+    assert not (CONF_DIR / "ablation").exists()  # the registry is the only place an ablation is named
+
+
+@pytest.mark.parametrize("ablation", sorted(ABLATIONS))
+def test_every_ablation_option_composes(ablation: str) -> None:
     spec = split(compose_config([f"ablation={ablation}"]))
     assert spec.settings.ablation == AblationChoice(name=ablation, values=None)
     assert spec.settings.ablation.name in ABLATIONS
     build_lpt(spec.lpt)
+
+
+def test_a_registered_ablation_is_a_choice_of_the_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adding an ablation is one register() entry: nothing else makes `ablation=<name>` work."""
+    store = ConfigStore.instance()
+    monkeypatch.setitem(store.repo, "ablation", dict(store.repo["ablation"]))  # restored after the test
+    before = dict(ABLATIONS)
+    register(Ablation("test_head_dropout", "Dropout on the feature", "p", stages=("phase1", "phase2"),
+                      points=tuple(sweep("prompt.head_dropout", [0.0, 0.1])), reference="0.1"))
+    try:
+        spec = split(compose_config(["ablation=test_head_dropout", "ablation.values=[0.1]"]))
+    finally:
+        ABLATIONS.clear()
+        ABLATIONS.update(before)
+    assert spec.settings.ablation == AblationChoice(name="test_head_dropout", values=[0.1])
+
+
+def test_an_unknown_choice_is_refused_listing_the_options() -> None:
+    with pytest.raises(MissingConfigException) as info:
+        compose_config(["ablation=group_sise"])
+    assert "Could not find 'ablation/group_sise'" in str(info.value)
+    assert all(f"\t{name}\n" in str(info.value) for name in ABLATIONS)
+    with pytest.raises(MissingConfigException, match=r"Available options in 'search':\n\tgrid\n\toptuna\n"):
+        compose_config(["search=optunaa"])
+
+
+def test_sweep_settings_default_to_their_dataclass() -> None:
+    assert split(compose_config([])).settings == SweepSettings()
+    assert split(compose_config(["ablation=group_size"])).settings == SweepSettings(ablation=AblationChoice("group_size"))
+    optuna = split(compose_config(["ablation=loss", "search=optuna", "search.num_samples=4"])).settings.search
+    assert optuna == SearchSettings(name="optuna", num_samples=4)
+    assert split(compose_config(["cluster=ray"])).settings.cluster == ClusterSettings(name="ray", address="auto")
+    assert split(compose_config(["search=grid", "cluster=local"])).settings == SweepSettings()
+
+
+def test_an_experiment_sets_its_trial_resources() -> None:
+    """The experiment's yaml comes after the sweep defaults (a config.yaml that repeated the defaults after the
+    groups used to override it: every real experiment ran with 1 CPU and no GPU per trial)."""
+    assert split(compose_config(["experiment=places_lt", "data.root=/r"])).settings.resources == Resources(8, 1)
+    assert split(compose_config(["experiment=cifar100_lt", "data.root=/r"])).settings.resources == Resources(4, 0.5)
+    assert split(compose_config(["experiment=places_lt", "data.root=/r", "resources.gpu=0.25"])
+                 ).settings.resources == Resources(8, 0.25)
+
+
+def _yaml_leaves(values: dict, prefix: str = "") -> dict[str, object]:
+    leaves = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            leaves.update(_yaml_leaves(value, f"{dotted}."))
+        else:
+            leaves[dotted] = value
+    return leaves
+
+
+def test_no_yaml_repeats_a_sweep_settings_default() -> None:
+    """Every default of SweepSettings exists once, in its dataclass: a yaml sets only what differs from it."""
+    defaults = _yaml_leaves(dataclasses.asdict(SweepSettings()))
+    for path in sorted(CONF_DIR.rglob("*.yaml")):
+        leaves = _yaml_leaves(OmegaConf.to_container(OmegaConf.load(path)))
+        repeated = {k: v for k, v in leaves.items() if k in defaults and defaults[k] == v}
+        assert not repeated, (path.relative_to(CONF_DIR), repeated)
 
 
 # the cases tests/orchestration/test_cli_errors.py also runs through both command lines
