@@ -60,7 +60,7 @@ class PhaseResult:
     per_class: pa.Table
     match: pa.Table | None
     checkpoint_dir: Path
-    extras: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)  # resumed_after_epoch, trainable_params, backbone
     predictions: pa.Table | None = None  # one row per evaluated image (metrics.prediction_table): intervals
 
 
@@ -254,7 +254,8 @@ def run_phase(cfg: LPTConfig, phase: str, workdir: str | Path, hooks: PhaseHooks
         eval_metrics, out = _evaluate_metrics(cfg, phase, setup)
         metrics = {**(history[-1] if history else {}), **eval_metrics}
     result = _finish(cfg, phase, setup, out, metrics, history, ckpt_dir)
-    result.extras["resumed_after_epoch"] = start_epoch - 1 if resume_from else None
+    result.extras.update(resumed_after_epoch=start_epoch - 1 if resume_from else None,
+                         trainable_params=sum(p.numel() for p in params), backbone=vars(setup.identity))
     return result
 
 

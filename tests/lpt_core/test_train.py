@@ -17,7 +17,7 @@ import lpt_core.step as step_module
 import lpt_core.train as train_module
 from lpt_core import metrics as M
 from lpt_core.backbone import create_backbone, normalization
-from lpt_core.checkpoint import STATE_FILE, CheckpointError, safe_torch_load, verify_checkpoint
+from lpt_core.checkpoint import STATE_FILE, CheckpointError, read_meta, safe_torch_load, verify_checkpoint
 from lpt_core.config import ConfigError, LPTConfig, from_dict
 from lpt_core.data import DatasetBundle, Normalization, build_dataset
 from lpt_core.model import LPTModel, LPTOutput
@@ -127,6 +127,9 @@ def test_joint_training_runs_and_trains_everything(make_config: Callable[..., LP
     after = _model_state(result.checkpoint_dir)
     for key in ("shared_prompt.tokens", "group_pool.keys", "group_pool.prompts", "head.weight"):
         assert not torch.equal(before[key], after[key]), key
+    # what a tracker records beside the metrics: the trained parameters (all of them here) and the backbone
+    assert result.extras["trainable_params"] == sum(t.numel() for t in after.values())
+    assert result.extras["backbone"] == read_meta(result.checkpoint_dir)["backbone"]
 
 
 # --- resume -------------------------------------------------------------------------------------------------------
