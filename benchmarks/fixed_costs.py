@@ -89,20 +89,21 @@ def tune_run(storage: Path, trials: int, checkpoint: Path, epochs: int) -> dict[
 
 def mlflow_stage(work: Path, checkpoint: Path, epochs: int) -> dict[str, float]:
     from lpt_core.config import LPTConfig, flatten, to_dict
-    from orchestration.tracking import Tracker, default_tracking_uri
+    from orchestration.tracking import MetricSpool, RunRegistry, default_tracking_uri
 
     params = flatten(to_dict(LPTConfig()))  # a stage run's params: the flattened config
-    setup, tracker = _timed(lambda: Tracker(default_tracking_uri(work), "bench"))
-    parent_s, parent = _timed(lambda: tracker.parent_run("bench", {"lpt.ablation": "bench"}))
+    setup, runs = _timed(lambda: RunRegistry(default_tracking_uri(work), "bench"))
+    parent_s, parent = _timed(lambda: runs.parent_run("bench", {"lpt.ablation": "bench"}))
     start = time.perf_counter()
-    run_id = tracker.stage_run(parent, "bench", "phase2-bench", "phase2 bench", params, {"lpt.stage": "phase2"})
+    run_id = runs.stage_run(parent, "bench", "phase2-bench", "phase2 bench", params, {"lpt.stage": "phase2"})
+    spool = MetricSpool(runs.client)
     epoch_s = 0.0
     for epoch in range(epochs):
-        spent, _ = _timed(lambda: tracker.log_epoch(run_id, epoch, {"loss": 1.0, "lr": 0.1, "acc": 50.0}))
+        spent, _ = _timed(lambda: spool.log_epoch(run_id, epoch, {"loss": 1.0, "lr": 0.1, "acc": 50.0}))
         epoch_s += spent
-    tracker.log_final(run_id, epochs, {"acc": 50.0, "few": 40.0})
-    tracker.log_artifacts(run_id, [checkpoint])
-    tracker.finish(run_id)
+    runs.log_final(run_id, epochs, {"acc": 50.0, "few": 40.0})
+    runs.log_artifacts(run_id, [checkpoint])
+    runs.finish(run_id)
     stage = time.perf_counter() - start
     return {"mlflow_setup_and_parent_s": setup + parent_s, "mlflow_per_stage_s": stage - epoch_s,
             "mlflow_per_epoch_s": epoch_s / epochs}

@@ -8,9 +8,7 @@ plots, mlflow.db (default tracking store), tune/ (Tune storage unless sweep.stor
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -19,13 +17,14 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig
 
-from lpt_core.checkpoint import atomic_write_bytes
+from lpt_core.files import FileLocked, atomic_write_bytes, file_lock
 from orchestration.cluster import check_resources, connect
 from orchestration.plan import SweepPlan, build_plan, resolve_backbones
 from orchestration.report import build_report
+from orchestration.specs import PLAN_FILE, PlanRecord
 from orchestration.stages import STAGE_FIELDS, StageStore
 from orchestration.storage import check_shared_storage
-from orchestration.tracking import Tracker, default_tracking_uri, redact
+from orchestration.tracking import RunRegistry, default_tracking_uri, redact
 from orchestration.tuning import run_tuner
 
 
@@ -48,23 +47,12 @@ def _write_json(path: Path, payload: Any) -> None:
 @contextlib.contextmanager
 def sweep_lock(folder: Path) -> Iterator[None]:
     """One driver per sweep name: a second one refuses instead of interleaving trials and state files."""
-    handle = open(folder / ".lock", "a+")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "another process"
-        handle.close()
-        raise SweepError(f"sweep folder {folder} is in use by {owner}; wait for it or pick another sweep.name")
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}")
-    handle.flush()
-    try:
-        yield
-    finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+        with file_lock(folder / ".lock", wait=False):
+            yield
+    except FileLocked as err:
+        raise SweepError(f"sweep folder {folder} is in use by {err.holder}; wait for it or pick another "
+                         f"sweep.name") from None
 
 
 def _prepare_folder(plan: SweepPlan) -> Path:
@@ -124,12 +112,12 @@ def _reused_stages(plan: SweepPlan, saved: dict[str, Any], changed: list[str]) -
             f"again (the changed keys are not part of them)")
 
 
-def _refuse_changed(plan: SweepPlan, folder: Path, saved: dict[str, Any], fingerprint: str) -> SweepError:
-    if "content" not in saved:  # plan.json of an earlier version: only its fingerprint is known
+def _refuse_changed(plan: SweepPlan, folder: Path, saved: PlanRecord, fingerprint: str) -> SweepError:
+    if saved.content is None:  # plan.json of an earlier version: only its fingerprint is known
         return SweepError(f"sweep {plan.name!r} in {folder} was started with a different configuration "
-                          f"(fingerprint {saved['fingerprint']} vs {fingerprint}); nothing was changed. "
+                          f"(fingerprint {saved.fingerprint} vs {fingerprint}); nothing was changed. "
                           f"Use another sweep.name, or the original overrides to resume it")
-    changed = _changes(saved["content"], plan.content())
+    changed = _changes(saved.content, plan.content())
     root, number = folder.parent, 2
     while (root / f"{plan.name}-{number}").exists():
         number += 1
@@ -137,16 +125,15 @@ def _refuse_changed(plan: SweepPlan, folder: Path, saved: dict[str, Any], finger
         f"sweep {plan.name!r} in {folder} was started with a different configuration: {', '.join(changed)}; "
         f"nothing was changed. To resume it, use its original values (resources.*, max_concurrent_trials and "
         f"debug.* may differ: they do not change results). To run the new configuration, start it under a new "
-        f"name, e.g. sweep.name={plan.name}-{number}: {_reused_stages(plan, saved['content'], changed)}")
+        f"name, e.g. sweep.name={plan.name}-{number}: {_reused_stages(plan, saved.content, changed)}")
 
 
 def _check_existing(plan: SweepPlan, folder: Path, fingerprint: str) -> str:
     """'new', 'resume' or 'complete'; refuses to overwrite a different or unfinished sweep."""
-    plan_file = folder / "plan.json"
-    if not plan_file.exists():
+    if not (folder / PLAN_FILE).exists():
         return "new"
-    saved = json.loads(plan_file.read_text())
-    if saved["fingerprint"] != fingerprint:
+    saved = PlanRecord.read(folder)
+    if saved.fingerprint != fingerprint:
         raise _refuse_changed(plan, folder, saved, fingerprint)
     state = json.loads((folder / "state.json").read_text()) if (folder / "state.json").exists() else {}
     if state.get("status") == "complete":
@@ -166,26 +153,12 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _context(plan: SweepPlan, tracking_uri: str, parent_run_id: str) -> dict[str, Any]:
-    """Sweep-wide constants every trial receives in its Tune config."""
-    s = plan.settings
-    return {
-        "sweep": plan.name, "ablation": plan.ablation.name, "experiment": plan.experiment,
-        "axis": plan.ablation.axis, "base_lpt": plan.base_lpt, "points": plan.points,
-        "space_keys": sorted(plan.ablation.space) if plan.optuna else [],
-        "cache": s.stages.cache, "stage_root": str(Path(s.stages.root).resolve()),
-        "tracking_uri": tracking_uri, "tracking_experiment": s.tracking.experiment,
-        "tracking_flush_timeout_s": s.tracking.flush_timeout_s,
-        "parent_run_id": parent_run_id, "debug": vars(s.debug),
-    }
-
-
 def run_sweep(cfg: DictConfig | dict, log=print) -> int:
     plan = build_plan(cfg)
-    fingerprint, content = plan.fingerprint(), plan.content()  # before the demo backbones are resolved
+    record = plan.record()  # before the demo backbones are resolved
     folder = _prepare_folder(plan)
     with sweep_lock(folder):
-        status = _check_existing(plan, folder, fingerprint)
+        status = _check_existing(plan, folder, record.fingerprint)
         if status == "complete":
             log(f"sweep {plan.name!r} is complete; nothing to train. Report:")
             log(build_report(folder, log_to_mlflow=False).markdown)
@@ -193,23 +166,18 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
         connect(plan.settings.cluster, log=log)  # before writing anything: an unreachable cluster changes nothing
         check_resources(plan.settings.resources.cpu, plan.settings.resources.gpu)
         check_shared_storage({"sweep.root": folder, "stages.root": plan.settings.stages.root}, log=log)
-        resolve_backbones(plan, log)
-        _write_json(folder / "plan.json", {"fingerprint": fingerprint, "name": plan.name,
-                                           "ablation": plan.ablation.name, "experiment": plan.experiment,
-                                           "axis": plan.ablation.axis, "rows": list(plan.points),
-                                           "seeds": plan.settings.seeds, "search": plan.settings.search.name,
-                                           "metric": plan.ablation.metric, "content": content,
-                                           "stage_root": str(Path(plan.settings.stages.root).resolve())})
+        plan = resolve_backbones(plan, log)
+        record.write(folder)
         _write_json(folder / "state.json", {"status": "running"})
         tracking_uri = plan.settings.tracking.uri or default_tracking_uri(folder)
-        tracker = Tracker(tracking_uri, plan.settings.tracking.experiment,
-                          outage_wait_s=plan.settings.tracking.flush_timeout_s)
+        runs = RunRegistry(tracking_uri, plan.settings.tracking.experiment,
+                           outage_wait_s=plan.settings.tracking.flush_timeout_s)
         upstream = plan.upstream_keys()
-        parent = tracker.parent_run(plan.name, {
+        parent = runs.parent_run(plan.name, {
             "lpt.ablation": plan.ablation.name, "lpt.experiment": plan.experiment, "lpt.git_commit": _git_commit(),
             "lpt.search": plan.settings.search.name, "lpt.stage_keys": ",".join(sorted(upstream))[:5000],
             "lpt.tracking_uri": redact(tracking_uri)})
-        context = _context(plan, tracking_uri, parent)
+        context = plan.context(tracking_uri, parent)
         storage = plan.settings.sweep.storage or str(folder / "tune")
         store = StageStore(plan.settings.stages.root)
         missing = {k: v for k, v in upstream.items() if not store.is_done(k, log=log)}
@@ -220,7 +188,7 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
                 _write_json(folder / "state.json", {"status": "incomplete", "failed": failed})
                 log(f"upstream stage(s) failed for {failed}; the trials on top of them were not started. "
                     f"{RESUME_AFTER_FAILURE}")
-                tracker.finish(parent, failed=f"upstream stage(s) failed: {failed}")
+                runs.finish(parent, failed=f"upstream stage(s) failed: {failed}")
                 return 1
         records, failed = run_tuner(plan, context, storage, "trials", plan.rows(), log)
         _write_json(folder / "trials.json", records)
@@ -229,7 +197,7 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
         report = build_report(folder, tracking_uri=tracking_uri, parent_run_id=parent)
         log(report.markdown)
         log(f"MLflow: mlflow ui --backend-store-uri {redact(tracking_uri)} --host 127.0.0.1")
-        tracker.finish(parent, failed=None if complete else f"{len(failed)} trial(s) failed: {failed}")
+        runs.finish(parent, failed=None if complete else f"{len(failed)} trial(s) failed: {failed}")
         if not complete:
             log(f"{len(failed)} trial(s) failed: {failed}. {RESUME_AFTER_FAILURE}")
             return 1

@@ -3,7 +3,7 @@ before Ray starts, so a bad value fails in seconds with its key, not hours later
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,21 +13,23 @@ from omegaconf import DictConfig
 
 from experiments.ablations import RUN_UNTIL, Ablation, get_ablation
 from experiments.pretrain_demo import DemoPretrainConfig
-from experiments.settings import SweepSettings, apply_overrides, build_lpt, resolve_backbone, split
-from lpt_core.config import ConfigError, flatten
+from experiments.settings import SweepSettings, build_lpt, resolve_backbone, split
+from lpt_core.config import ConfigError, LPTConfig, flatten, to_dict
+from lpt_core.files import content_key
 from orchestration.settings import check_sweep_settings
-from orchestration.stages import stage_chain
+from orchestration.specs import BASE_ROW, PlanRecord, SweepContext, TrialSpec, with_overrides
 
 
-@dataclass
+@dataclass(frozen=True)
 class SweepPlan:
     name: str
     experiment: str
     ablation: Ablation
     settings: SweepSettings
-    base_lpt: dict[str, Any]  # weights_file resolved
-    points: dict[str, dict[str, Any]]  # row label -> overrides (weights_file resolved per row where needed)
+    base: LPTConfig  # the composed configuration, its paths absolute
+    points: dict[str, dict[str, Any]]  # row label -> overrides, as the ablation declares them
     pretrain: DemoPretrainConfig | None
+    trials: dict[str, TrialSpec]  # by trial id: every (row, seed); with Optuna, the base row (its upstream)
 
     @property
     def optuna(self) -> bool:
@@ -37,14 +39,13 @@ class SweepPlan:
         """What the sweep computes: every trial's LPTConfig (the base, the rows, the seeds), the search and whether
         stages are shared. The settings that only place or pace the work (resources.*, max_concurrent_trials,
         max_failures, debug.*, cluster.*, tracking.*) are not in it, so a resume may change them."""
-        return {"base": self.base_lpt, "points": self.points, "seeds": self.settings.seeds,
+        return {"base": to_dict(self.base), "points": self.points, "seeds": self.settings.seeds,
                 "search": vars(self.settings.search) if self.optuna else "grid", "ablation": self.ablation.name,
                 "cache": self.settings.stages.cache}
 
     def fingerprint(self) -> str:
         """Identifies what the sweep computes; a resumed sweep must have the same one."""
-        encoded = json.dumps(self._identity(), sort_keys=True, default=str).encode()
-        return hashlib.sha256(encoded).hexdigest()[:16]
+        return content_key(self._identity())
 
     def content(self) -> dict[str, Any]:
         """The fingerprint's content as command-line keys (`phase2.batch_size`, `ablation.values`,
@@ -59,33 +60,36 @@ class SweepPlan:
             content.update({f"rows[{row}].{key}": value for key, value in overrides.items()})
         return json.loads(json.dumps(content, default=str))
 
+    def record(self) -> PlanRecord:
+        """plan.json of this plan (taken before the demo backbones are resolved: what the sweep computes)."""
+        s = self.settings
+        return PlanRecord(self.fingerprint(), self.name, self.ablation.name, self.experiment, self.ablation.axis,
+                          list(self.points), s.seeds, s.search.name, self.ablation.metric,
+                          str(Path(s.stages.root).resolve()), self.content(), s.search.mode, s.tracking.experiment)
+
+    def context(self, tracking_uri: str, parent_run_id: str) -> SweepContext:
+        """What every trial receives (tune.with_parameters)."""
+        s = self.settings
+        return SweepContext(self.name, self.ablation.name, self.experiment, self.ablation.axis, self.trials,
+                            self.base, tuple(sorted(self.ablation.space)) if self.optuna else (), s.stages.cache,
+                            Path(s.stages.root).resolve(), dataclasses.replace(s.tracking, uri=tracking_uri),
+                            parent_run_id, s.debug)
+
     def stage_names(self) -> list[str]:
         """The stages its trials run, in order (phase1, phase2; joint)."""
-        names: list[str] = []
-        for overrides in ([{}] if self.optuna else self.points.values()):
-            values = dict(overrides)
-            run_until = values.pop(RUN_UNTIL, None)
-            for spec in stage_chain(apply_overrides(self.base_lpt, values), run_until):
-                if spec.stage not in names:
-                    names.append(spec.stage)
-        return names
+        return list(dict.fromkeys(spec.stage for trial in self.trials.values() for spec in trial.chain))
 
     def rows(self) -> list[tuple[str, int]]:
-        return [(row, seed) for row in self.points for seed in self.settings.seeds]
+        return [(trial.row, trial.seed) for trial in self.trials.values()]
 
     def upstream_keys(self) -> dict[str, tuple[str, int]]:
         """Distinct upstream (phase-1) stage keys -> one (row, seed) that needs it."""
-        salt_free = self.settings.stages.cache
+        if not self.settings.stages.cache:
+            return {}
         found: dict[str, tuple[str, int]] = {}
-        rows = self.rows() if not self.optuna else [(None, self.settings.seeds[0])]
-        if not salt_free:
-            return found
-        for row, seed in rows:
-            overrides = dict(self.points[row]) if row is not None else {}
-            run_until = overrides.pop(RUN_UNTIL, None)
-            chain = stage_chain(apply_overrides(self.base_lpt, {**overrides, "seed": seed}), run_until)
-            for spec in chain[:-1]:
-                found.setdefault(spec.key, (row, seed))
+        for trial in self.trials.values():
+            for spec in trial.chain[:-1]:
+                found.setdefault(spec.key, (trial.row, trial.seed))
         return found
 
 
@@ -101,47 +105,72 @@ def _select_points(ablation: Ablation, experiment: str, values: list[Any] | None
     return {label: points[label] for label in wanted}
 
 
-def _validate_rows(plan: SweepPlan) -> None:
-    for row, overrides in plan.points.items():
+def _trial(name: str, settings: SweepSettings, row: str, seed: int, config: LPTConfig,
+           run_until: str | None) -> TrialSpec:
+    return TrialSpec.build(row, seed, config, run_until, None if settings.stages.cache else name)
+
+
+def _grid_trials(name: str, ablation: Ablation, settings: SweepSettings, base: LPTConfig,
+                 points: dict[str, dict[str, Any]]) -> dict[str, TrialSpec]:
+    """Every (row, seed) as its validated LPTConfig: a bad value fails here, naming the row and the key."""
+    trials = {}
+    for row, overrides in points.items():
         values = {k: v for k, v in overrides.items() if k != RUN_UNTIL}
-        for seed in plan.settings.seeds:
+        for seed in settings.seeds:
             try:
-                build_lpt(apply_overrides(plan.base_lpt, {**values, "seed": seed}))
+                config = with_overrides(base, {**values, "seed": seed})
             except ConfigError as err:
-                raise ConfigError(f"ablation {plan.ablation.name!r}, row {row!r}: {err}") from err
-    if plan.optuna:
-        if not plan.ablation.space:
-            raise ConfigError(f"search=optuna: ablation {plan.ablation.name!r} has no continuous space; "
-                              f"use search=grid (searchable: the 'loss' ablation)")
-        for bound in ("low", "high"):
-            values = {k: getattr(d, bound) for k, d in plan.ablation.space.items()}
-            try:
-                build_lpt(apply_overrides(plan.base_lpt, values))
-            except ConfigError as err:
-                raise ConfigError(f"ablation {plan.ablation.name!r}, search space {bound} end: {err}") from err
+                raise ConfigError(f"ablation {ablation.name!r}, row {row!r}: {err}") from err
+            trial = _trial(name, settings, row, seed, config, overrides.get(RUN_UNTIL))
+            trials[trial.trial_id] = trial
+    return trials
 
 
-def resolve_backbones(plan: SweepPlan, log=print) -> None:
-    """Demo only: pretrain (or fetch from cache) the micro ViT of the base config and of every row that changes
-    the backbone, on the driver, before any trial starts."""
+def _optuna_trials(name: str, ablation: Ablation, settings: SweepSettings,
+                   base: LPTConfig) -> dict[str, TrialSpec]:
+    """The base row, the upstream of every sampled trial; the search space's ends are checked as configs."""
+    if not ablation.space:
+        raise ConfigError(f"search=optuna: ablation {ablation.name!r} has no continuous space; "
+                          f"use search=grid (searchable: the 'loss' ablation)")
+    for bound in ("low", "high"):
+        try:
+            with_overrides(base, {k: getattr(d, bound) for k, d in ablation.space.items()})
+        except ConfigError as err:
+            raise ConfigError(f"ablation {ablation.name!r}, search space {bound} end: {err}") from err
+    seed = settings.seeds[0]
+    trial = _trial(name, settings, BASE_ROW, seed, with_overrides(base, {"seed": seed}), None)
+    return {trial.trial_id: trial}
+
+
+def resolve_backbones(plan: SweepPlan, log=print) -> SweepPlan:
+    """Demo only: the plan with the micro ViT of the base config, and of every row that changes the backbone,
+    pretrained (or fetched from the cache) on the driver before any trial starts, and each trial's weights file set
+    (its stage keys follow)."""
     if plan.pretrain is None:
-        return
-    base = resolve_backbone(build_lpt(plan.base_lpt), plan.pretrain, log=log)
-    plan.base_lpt = apply_overrides(plan.base_lpt, {"backbone.weights_file": base.backbone.weights_file})
-    for row, overrides in plan.points.items():
-        if any(k.startswith("backbone.") for k in overrides):
-            values = {k: v for k, v in overrides.items() if k != RUN_UNTIL}
-            row_cfg = build_lpt(apply_overrides(plan.base_lpt, {**values, "backbone.weights_file": None}))
-            resolved = resolve_backbone(row_cfg, plan.pretrain, log=log)
-            overrides["backbone.weights_file"] = resolved.backbone.weights_file
+        return plan
+    base = resolve_backbone(plan.base, plan.pretrain, log=log)
+    trials = {}
+    for ident, trial in plan.trials.items():
+        backbone = trial.config.backbone
+        if any(k.startswith("backbone.") for k in plan.points.get(trial.row, {})):
+            own = dataclasses.replace(trial.config, backbone=dataclasses.replace(backbone, weights_file=None))
+            config = resolve_backbone(own, plan.pretrain, log=log)
+        else:
+            weights = base.backbone.weights_file
+            config = dataclasses.replace(trial.config, backbone=dataclasses.replace(backbone, weights_file=weights))
+        trials[ident] = _trial(plan.name, plan.settings, trial.row, trial.seed, config,
+                               plan.points.get(trial.row, {}).get(RUN_UNTIL))
+    return dataclasses.replace(plan, base=base, trials=trials)
 
 
-def _absolute_paths(lpt: dict[str, Any]) -> None:
+def _absolute_paths(cfg: LPTConfig) -> LPTConfig:
     """Tune runs each trial in its own folder: relative paths from the command line must not move with it."""
-    for section, key in (("data", "cache_dir"), ("data", "root"), ("backbone", "weights_file")):
-        value = lpt[section].get(key)
-        if value and "://" not in value:
-            lpt[section][key] = str(Path(value).expanduser().resolve())
+    def absolute(value: str | None) -> str | None:
+        return str(Path(value).expanduser().resolve()) if value and "://" not in value else value
+
+    data = dataclasses.replace(cfg.data, cache_dir=absolute(cfg.data.cache_dir), root=absolute(cfg.data.root))
+    backbone = dataclasses.replace(cfg.backbone, weights_file=absolute(cfg.backbone.weights_file))
+    return dataclasses.replace(cfg, data=data, backbone=backbone)
 
 
 def build_plan(cfg: DictConfig | dict) -> SweepPlan:
@@ -149,12 +178,11 @@ def build_plan(cfg: DictConfig | dict) -> SweepPlan:
     spec = split(cfg)
     settings = check_sweep_settings(spec.settings)
     ablation = get_ablation(settings.ablation.name)
-    build_lpt(spec.lpt)  # the base config alone must be valid
-    _absolute_paths(spec.lpt)
+    base = _absolute_paths(build_lpt(spec.lpt))  # the base config alone must be valid
     name = settings.sweep.name or f"{ablation.name}-{spec.name}"
     if settings.search.name == "optuna" and settings.ablation.values is not None:
         raise ConfigError("ablation.values selects grid rows; it has no meaning with search=optuna")
-    plan = SweepPlan(name, spec.name, ablation, settings, spec.lpt,
-                     _select_points(ablation, spec.name, settings.ablation.values), spec.pretrain)
-    _validate_rows(plan)
-    return plan
+    points = _select_points(ablation, spec.name, settings.ablation.values)
+    trials = (_optuna_trials(name, ablation, settings, base) if settings.search.name == "optuna"
+              else _grid_trials(name, ablation, settings, base, points))
+    return SweepPlan(name, spec.name, ablation, settings, base, points, spec.pretrain, trials)

@@ -9,7 +9,6 @@ estimates are the numbers MLflow holds for the trials' runs (trials.json when th
 from __future__ import annotations
 
 import csv
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -21,7 +20,8 @@ from orchestration import report_data as D
 from orchestration import report_optuna, report_plots
 from orchestration.report_stats import KEY_NAMES, MAX_OPTUNA_ROWS, POINT_KEYS, RULE_KEYS, Line, Tables, \
     comparison_count, set_intervals, set_points
-from orchestration.tracking import Tracker, default_tracking_uri
+from orchestration.specs import PLAN_FILE, PlanRecord
+from orchestration.tracking import RunRegistry, default_tracking_uri
 
 RULE_TITLES = {"authors": "authors' split (many > 100, 20 < medium <= 100, few <= 20)",
                "standard": "standard split (many > 100, 20 <= medium <= 100, few < 20)"}
@@ -35,14 +35,14 @@ class Report:
     files: list[Path] = field(default_factory=list)
 
 
-def _grid_lines(plan: dict, ablation: Ablation, runs: list[D.Run]) -> list[Line]:
+def _grid_lines(plan: PlanRecord, ablation: Ablation, runs: list[D.Run]) -> list[Line]:
     """Grid: one line per row with trials, in the ablation's order. Optuna: one per trial, best first."""
-    if plan["search"] == "optuna":
-        sign = -1 if plan.get("mode", "max") == "max" else 1
+    if plan.search == "optuna":
+        sign = -1 if plan.mode == "max" else 1
         lines = [Line(r.row, r.stage, [r]) for r in runs]
-        return sorted(lines, key=lambda ln: sign * ln.runs[0].metrics.get(plan["metric"], sign * math.inf))
-    reference = ablation.reference_for(plan["experiment"])
-    lines = [Line(row, "", [r for r in runs if r.row == row]) for row in plan["rows"]]
+        return sorted(lines, key=lambda ln: sign * ln.runs[0].metrics.get(plan.metric, sign * math.inf))
+    reference = ablation.reference_for(plan.experiment)
+    lines = [Line(row, "", [r for r in runs if r.row == row]) for row in plan.rows]
     lines = [ln for ln in lines if ln.runs]
     for line in lines:
         line.stage = line.runs[0].stage
@@ -67,8 +67,8 @@ def _upstream_lines(lines: list[Line], runs: dict[str, D.Run]) -> tuple[Line | N
 
 def collect(folder: Path, sources: D.Sources, replicates: int = U.REPLICATES) -> Tables:
     """Every line of the report with its points, intervals and paired differences, and notes on what is missing."""
-    plan = json.loads((folder / "plan.json").read_text())
-    ablation = get_ablation(plan["ablation"])
+    plan = PlanRecord.read(folder)
+    ablation = get_ablation(plan.ablation)
     runs = D.load_runs(folder, sources)
     lines = _grid_lines(plan, ablation, runs)
     shared, row_upstreams = _upstream_lines(lines, D.upstream_runs(runs, sources))
@@ -110,8 +110,8 @@ def _label(line: Line) -> str:
     return f"**{line.label}** (reference)" if line.role == "reference" else line.label
 
 
-def _method(plan: dict) -> str:
-    seeds = len(plan["seeds"]) if plan["search"] == "grid" else 1
+def _method(plan: PlanRecord) -> str:
+    seeds = len(plan.seeds) if plan.search == "grid" else 1
     if seeds == 1:
         how = "a stratified bootstrap over the test images, resampled within their class"
         point = "the value the store holds"
@@ -124,14 +124,14 @@ def _method(plan: dict) -> str:
 
 def _main_tables(tables: Tables, lines: list[Line]) -> list[str]:
     plan, ablation = tables.plan, tables.ablation
-    paper = PAPER_NAMES.get(plan["experiment"]) if plan["experiment"] == PAPER_EXPERIMENT else None
+    paper = PAPER_NAMES.get(plan.experiment) if plan.experiment == PAPER_EXPERIMENT else None
     extra = [k for k in ablation.compare if k not in RULE_KEYS]
     out = []
     for rule, keys in (("authors", RULE_KEYS[:4]), ("standard", ("acc", *RULE_KEYS[4:]))):
         columns = keys + tuple(extra if rule == "authors" else ())
         head = ["overall", "many", "medium", "few"] + [KEY_NAMES[k] for k in columns[4:]]
         head += [f"paper, {paper}"] if paper and rule == "authors" else []
-        out += ["", f"### {RULE_TITLES[rule]}", "", f"| {plan['axis']} | stage | " + " | ".join(head) + " |",
+        out += ["", f"### {RULE_TITLES[rule]}", "", f"| {plan.axis} | stage | " + " | ".join(head) + " |",
                 "|" + "---|" * (len(head) + 2)]
         for line in lines:
             cells = [_cell(line, k) for k in columns]
@@ -143,16 +143,16 @@ def _main_tables(tables: Tables, lines: list[Line]) -> list[str]:
 
 def _comparison_table(tables: Tables) -> list[str]:
     plan, reference = tables.plan, tables.reference
-    if plan["search"] == "optuna":
+    if plan.search == "optuna":
         return ["", "Optuna trials have no reference row (a search has no grid default), so no paired comparison "
                     "is made; the parameter importances below say which knob matters."]
     if reference is None:
-        wanted = tables.ablation.reference_for(plan["experiment"])
-        return ["", f"The reference row {plan['axis']} = {wanted} is not in this sweep (ablation.values, or its "
+        wanted = tables.ablation.reference_for(plan.experiment)
+        return ["", f"The reference row {plan.axis} = {wanted} is not in this sweep (ablation.values, or its "
                     f"trials failed): no paired comparison."]
     keys = tables.ablation.compare
-    out = ["", f"### paired differences to the reference row {plan['axis']} = {reference.label}", "",
-           f"| {plan['axis']} | " + " | ".join(f"Δ {KEY_NAMES[k]}" for k in keys) + " |",
+    out = ["", f"### paired differences to the reference row {plan.axis} = {reference.label}", "",
+           f"| {plan.axis} | " + " | ".join(f"Δ {KEY_NAMES[k]}" for k in keys) + " |",
            "|" + "---|" * (len(keys) + 1)]
     for line in tables.lines:
         if line is not reference:
@@ -165,15 +165,15 @@ def _comparison_table(tables: Tables) -> list[str]:
 
 def markdown(tables: Tables, optuna_lines: list[str]) -> str:
     plan = tables.plan
-    seeds = len(plan["seeds"]) if plan["search"] == "grid" else 1
+    seeds = len(plan.seeds) if plan.search == "grid" else 1
     lines = tables.lines
-    if plan["search"] == "optuna" and len(lines) > MAX_OPTUNA_ROWS:
+    if plan.search == "optuna" and len(lines) > MAX_OPTUNA_ROWS:
         lines = lines[:MAX_OPTUNA_ROWS] + [ln for ln in lines if ln.role == "upstream"]
-    out = [f"## {plan['name']}: ablation `{plan['ablation']}` on `{plan['experiment']}` "
+    out = [f"## {plan.name}: ablation `{plan.ablation}` on `{plan.experiment}` "
            f"({seeds} seed(s); top-1 %, 95 % intervals)", ""]
     out += [f"- {note}" for note in tables.notes]
     if len(lines) < len(tables.lines):
-        out.append(f"- the best {MAX_OPTUNA_ROWS} of {len(tables.lines)} trials by {plan['metric']}; report.csv "
+        out.append(f"- the best {MAX_OPTUNA_ROWS} of {len(tables.lines)} trials by {plan.metric}; report.csv "
                    f"has them all")
     return "\n".join(out + _main_tables(tables, lines) + _comparison_table(tables) + optuna_lines)
 
@@ -185,7 +185,7 @@ def csv_rows(tables: Tables) -> list[dict]:
     for line in tables.lines:
         row = {"row": line.label, "stage": line.stage, "role": line.role, "n": len(line.runs),
                "run_ids": ";".join(str(r.run_id) for r in line.runs)}
-        if tables.plan["search"] == "optuna":
+        if tables.plan.search == "optuna":
             row.update(line.runs[0].config)
         for key in POINT_KEYS:
             row[key] = line.point.get(key, math.nan)
@@ -210,12 +210,12 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 def build_report(folder: str | Path, tracking_uri: str | None = None, parent_run_id: str | None = None,
                  log_to_mlflow: bool = True, outage_wait_s: float = 5.0) -> Report:
     folder = Path(folder)
-    plan = json.loads((folder / "plan.json").read_text())
-    client, note = D.connect(tracking_uri, outage_wait_s)
-    tables = collect(folder, D.Sources(Path(plan["stage_root"]), client, note))
+    plan = PlanRecord.read(folder)
+    client, note = D.connect(tracking_uri, plan.tracking_experiment, outage_wait_s)
+    tables = collect(folder, D.Sources(Path(plan.stage_root), client, note))
     out = folder / "report"
     out.mkdir(exist_ok=True)
-    optuna_md, optuna_files = report_optuna.section(tables, out) if plan["search"] == "optuna" else ([], [])
+    optuna_md, optuna_files = report_optuna.section(tables, out) if plan.search == "optuna" else ([], [])
     text = markdown(tables, optuna_md)
     rows = csv_rows(tables)
     files = [out / "report.md", out / "report.csv"]
@@ -223,7 +223,7 @@ def build_report(folder: str | Path, tracking_uri: str | None = None, parent_run
     _write_csv(files[1], rows)
     files += report_plots.draw(tables, out) + optuna_files
     if log_to_mlflow and tracking_uri and parent_run_id:
-        Tracker(tracking_uri, "lpt").log_artifacts(parent_run_id, [out], "report")
+        RunRegistry(tracking_uri, plan.tracking_experiment).log_artifacts(parent_run_id, [out], "report")
     return Report(text, rows, files)
 
 
@@ -235,8 +235,8 @@ def main(argv: list[str]) -> int:
               + (f"; unknown keys: {sorted(unknown)}" if unknown else ""), file=sys.stderr)
         return 2
     folder = Path(args.get("root", "outputs/sweeps")) / args["sweep"]
-    if not (folder / "plan.json").exists():
-        print(f"error: no sweep at {folder} (plan.json missing)", file=sys.stderr)
+    if not (folder / PLAN_FILE).exists():
+        print(f"error: no sweep at {folder} ({PLAN_FILE} missing)", file=sys.stderr)
         return 2
     uri = args.get("tracking_uri") or default_tracking_uri(folder)
     report = build_report(folder, tracking_uri=uri, log_to_mlflow=False)

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestration.tracking import Tracker, redact
+from orchestration.tracking import RunRegistry, redact
 
 PREDICTIONS = "predictions.parquet"
 
@@ -47,12 +47,12 @@ class Sources:
     note: str = "point estimates from trials.json (no tracking store given)"
 
 
-def connect(tracking_uri: str | None, outage_wait_s: float) -> tuple[Any, str]:
+def connect(tracking_uri: str | None, experiment: str, outage_wait_s: float) -> tuple[Any, str]:
     """(MlflowClient or None, a sentence saying where the point estimates come from)."""
     if tracking_uri is None:
         return None, "point estimates from trials.json (no tracking store given)"
     try:
-        return Tracker(tracking_uri, "lpt", outage_wait_s=outage_wait_s).client, \
+        return RunRegistry(tracking_uri, experiment, outage_wait_s=outage_wait_s).client, \
             f"point estimates from MLflow ({redact(tracking_uri)})"
     except Exception as err:  # an unreachable server must not lose the report: trials.json has the same numbers
         reason = (str(err).splitlines() or [type(err).__name__])[0][:200]

@@ -44,7 +44,7 @@ def importances(study: optuna.Study) -> dict[str, float]:
 
 
 def _trials(tables: Tables) -> list[tuple[dict, float]]:
-    metric, space = tables.plan["metric"], tables.ablation.space
+    metric, space = tables.plan.metric, tables.ablation.space
     pairs = []
     for line in tables.lines:
         run = line.runs[0]
@@ -56,7 +56,7 @@ def _trials(tables: Tables) -> list[tuple[dict, float]]:
 
 def plot(path: Path, tables: Tables, scores: dict[str, float]) -> None:
     """Metric (with its 95 % interval) against each searched parameter, best trial in red; importances last."""
-    space, metric = tables.ablation.space, tables.plan["metric"]
+    space, metric = tables.ablation.space, tables.plan.metric
     rows = [ln for ln in tables.lines if ln.role != "upstream" and set(space) <= set(ln.runs[0].config)]
     panels = len(space) + (1 if scores else 0)
     fig, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.8), squeeze=False)
@@ -73,7 +73,7 @@ def plot(path: Path, tables: Tables, scores: dict[str, float]) -> None:
         axes[0][-1].barh(range(len(names)), [scores[n] for n in names][::-1], color=ROW)
         axes[0][-1].set_yticks(range(len(names)), [n.split(".")[-1] for n in names][::-1])
         axes[0][-1].set(xlabel="importance (fANOVA)", xlim=(0, 1))
-    fig.suptitle(f"{tables.plan['name']}: {metric} vs each searched parameter, 95 % intervals "
+    fig.suptitle(f"{tables.plan.name}: {metric} vs each searched parameter, 95 % intervals "
                  f"(red star = best trial)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -83,13 +83,13 @@ def plot(path: Path, tables: Tables, scores: dict[str, float]) -> None:
 def section(tables: Tables, out: Path) -> tuple[list[str], list[Path]]:
     """(report.md lines, files) of the Optuna part."""
     trials = _trials(tables)
-    lines = ["", f"### parameter importances for {tables.plan['metric']}", ""]
+    lines = ["", f"### parameter importances for {tables.plan.metric}", ""]
     scores: dict[str, float] = {}
     if len(trials) < 2:
         lines.append(f"Not computable: {len(trials)} finished trial(s); importances need at least 2.")
     else:
         try:
-            scores = importances(rebuild_study(tables.ablation.space, trials, tables.plan.get("mode", "max")))
+            scores = importances(rebuild_study(tables.ablation.space, trials, tables.plan.mode))
         except (ValueError, RuntimeError, ZeroDivisionError) as err:
             lines.append(f"Not computable on these {len(trials)} trials: {err}")
     if scores:

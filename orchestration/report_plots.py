@@ -70,7 +70,7 @@ def _overall_panel(axis, tables: Tables, rows: list[Line], optuna: bool) -> None
     if shared is not None:
         _phase1_line(axis, shared)
     axis.set_xticks(xs, [tick_label(ln, i, optuna) for i, ln in enumerate(rows)])
-    axis.set(xlabel="best trials, best first" if optuna else tables.plan["axis"], ylabel="top-1 (%)")
+    axis.set(xlabel="best trials, best first" if optuna else tables.plan.axis, ylabel="top-1 (%)")
     axis.set_xlim(-0.6, len(rows) - 0.4)
 
 
@@ -86,7 +86,7 @@ def _shot_panel(axis, tables: Tables, rows: list[Line], optuna: bool) -> None:
                  edgecolor=edges, linewidth=1.5, capsize=2)
         handles.append(Patch(color=colour, label=shot))
     axis.set_xticks(xs, [tick_label(ln, i, optuna) for i, ln in enumerate(rows)])
-    axis.set(xlabel="best trials, best first" if optuna else tables.plan["axis"], ylabel="top-1 (%)")
+    axis.set(xlabel="best trials, best first" if optuna else tables.plan.axis, ylabel="top-1 (%)")
     axis.set_title("per-shot top-1 (authors' split), 95 % intervals", fontsize=10)
     axis.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the data
 
@@ -104,14 +104,14 @@ def _mark_reference_ticks(axis, rows: list[Line]) -> None:
 
 
 def plot_axis(path: Path, tables: Tables) -> None:
-    optuna = tables.plan["search"] == "optuna"
+    optuna = tables.plan.search == "optuna"
     rows = [ln for ln in tables.lines if ln.role != "upstream"][:MAX_OPTUNA_ROWS if optuna else None]
     fig, (left, right) = plt.subplots(1, 2, figsize=(max(11, 1.3 * len(rows) + 6), 4.6))
     _overall_panel(left, tables, rows, optuna)
     _shot_panel(right, tables, rows, optuna)
     for axis in (left, right):
         _mark_reference_ticks(axis, rows)
-    fig.suptitle(f"{tables.plan['name']}: {tables.plan['ablation']} on {tables.plan['experiment']}")
+    fig.suptitle(f"{tables.plan.name}: {tables.plan.ablation} on {tables.plan.experiment}")
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -138,7 +138,7 @@ def plot_compare(path: Path, tables: Tables) -> bool:
         axis.set_xlabel(f"Δ {KEY_NAMES.get(key, key)} vs reference (points)")
     axes[0][0].set_yticks(ys, [ln.label for ln in compared])
     axes[0][0].set_ylim(-0.7, len(compared) - 0.3)
-    fig.suptitle(f"paired differences to {tables.plan['axis']} = {tables.reference.label} (red line), 95 % "
+    fig.suptitle(f"paired differences to {tables.plan.axis} = {tables.reference.label} (red line), 95 % "
                  f"intervals; filled = significant after Holm", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -167,7 +167,7 @@ def plot_matches(path: Path, tables: Tables) -> bool:
     panels = []
     for line in tables.lines:
         run = next((r for r in sorted(line.runs, key=lambda r: r.seed) if r.stage != "phase1"), None)
-        grid = _match_grid(Path(tables.plan["stage_root"]) / run.stage_key) if run else None
+        grid = _match_grid(Path(tables.plan.stage_root) / run.stage_key) if run else None
         if grid is not None:
             panels.append((line, grid))
         if len(panels) == MAX_HEATMAPS:
@@ -181,7 +181,7 @@ def plot_matches(path: Path, tables: Tables) -> bool:
             axis.axhline(boundary - 0.5, color="tab:cyan", linewidth=1.2)
         centres = {s: np.mean([i for i, v in enumerate(shots) if v == s]) for s in dict.fromkeys(shots)}
         axis.set_yticks(list(centres.values()), list(centres) if axis is axes[0][0] else [])
-        title = f"{tables.plan['axis']}={line.label}" + (" (reference)" if line.role == "reference" else "")
+        title = f"{tables.plan.axis}={line.label}" + (" (reference)" if line.role == "reference" else "")
         axis.set(title=title, xlabel=f"prompt ({share.shape[1]}, grouped by class)")
         axis.set_xticks([])
     axes[0][0].set_ylabel("classes, most to fewest training images")

@@ -14,6 +14,7 @@ from experiments.ablations import Ablation
 from lpt_core import uncertainty as U
 from lpt_core.metrics import image_groups
 from orchestration.report_data import Run
+from orchestration.specs import PlanRecord
 
 RULE_KEYS = ("acc", "many", "medium", "few", "many_std", "medium_std", "few_std")
 KNN_KEY = "query_knn_acc"  # accuracy of the K-NN prediction from the query feature (Tab. 2 / 10)
@@ -58,7 +59,7 @@ class Line:
 class Tables:
     """Everything a report's tables and plots show."""
 
-    plan: dict
+    plan: PlanRecord
     ablation: Ablation
     lines: list[Line]  # in table order; the shared phase 1 (if any) last
     reference: Line | None

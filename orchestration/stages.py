@@ -9,20 +9,18 @@ whose checkpoint fails its checksum is rebuilt, never reused.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ContextManager
 
 import pyarrow.parquet as pq
 
-from lpt_core.checkpoint import (CheckpointError, atomic_write_bytes, latest_valid_checkpoint, replace_directory,
-                                 verify_checkpoint)
+from lpt_core.checkpoint import CheckpointError, latest_valid_checkpoint, replace_directory, verify_checkpoint
+from lpt_core.config import LPTConfig, to_dict
+from lpt_core.files import atomic_write_bytes, content_key, file_lock
 from lpt_core.stages import STAGE_FIELDS  # the fields a stage depends on; its checkpoint records them
 from lpt_core.train import PhaseResult
 
@@ -35,12 +33,12 @@ def _get(values: dict[str, Any], dotted: str) -> Any:
     return values
 
 
-def stage_key(stage: str, lpt: dict[str, Any], upstream: str | None, salt: str = "") -> str:
+def stage_key(stage: str, cfg: LPTConfig, upstream: str | None, salt: str = "") -> str:
     """Hash of the stage name, its config fields, its upstream key and an optional salt (cache off)."""
+    values = to_dict(cfg)
     content = {"stage": stage, "upstream": upstream, "salt": salt,
-               "fields": {name: _get(lpt, name) for name in STAGE_FIELDS[stage]}}
-    encoded = json.dumps(content, sort_keys=True, default=str).encode()
-    return f"{stage}-{hashlib.sha256(encoded).hexdigest()[:KEY_LENGTH]}"
+               "fields": {name: _get(values, name) for name in STAGE_FIELDS[stage]}}
+    return f"{stage}-{content_key(content, KEY_LENGTH)}"
 
 
 @dataclass(frozen=True)
@@ -50,14 +48,14 @@ class StageSpec:
     upstream: str | None
 
 
-def stage_chain(lpt: dict[str, Any], run_until: str | None = None, salt: str = "") -> list[StageSpec]:
+def stage_chain(cfg: LPTConfig, run_until: str | None = None, salt: str = "") -> tuple[StageSpec, ...]:
     """The stages one trial runs, in order; `run_until='phase1'` stops a decoupled trial after phase 1."""
-    if lpt.get("training", "decoupled") == "joint":
-        return [StageSpec("joint", stage_key("joint", lpt, None, salt), None)]
-    phase1 = StageSpec("phase1", stage_key("phase1", lpt, None, salt), None)
+    if cfg.training == "joint":
+        return (StageSpec("joint", stage_key("joint", cfg, None, salt), None),)
+    phase1 = StageSpec("phase1", stage_key("phase1", cfg, None, salt), None)
     if run_until == "phase1":
-        return [phase1]
-    return [phase1, StageSpec("phase2", stage_key("phase2", lpt, phase1.key, salt), phase1.key)]
+        return (phase1,)
+    return phase1, StageSpec("phase2", stage_key("phase2", cfg, phase1.key, salt), phase1.key)
 
 
 @dataclass
@@ -84,16 +82,9 @@ class StageStore:
     def work_dir(self, key: str) -> Path:
         return self.folder(key) / "work"
 
-    @contextlib.contextmanager
-    def lock(self, key: str) -> Iterator[None]:
+    def lock(self, key: str) -> ContextManager[None]:
         """Exclusive per-stage lock: a second trial needing the same stage waits, then finds it done."""
-        self.folder(key).mkdir(parents=True, exist_ok=True)
-        with open(self.folder(key) / ".lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return file_lock(self.folder(key) / ".lock")
 
     def is_done(self, key: str, log=print) -> bool:
         folder = self.folder(key)

@@ -1,9 +1,11 @@
 """MLflow bookkeeping: one parent run per sweep, one child run per stage execution, idempotent per-epoch metrics.
 
-Runs are found again by tag (lpt.sweep for the parent, lpt.stage_key for a stage), so a retried or resumed trial
-continues its own run instead of starting a duplicate, and a step already logged is never logged twice (MLflow
-keeps every `log_metric` call). Everything goes through MlflowClient with an explicit tracking URI: nothing
-depends on MLflow's process-global active run, which Ray workers would not share.
+`RunRegistry` holds the runs: they are found again by tag (lpt.sweep for the parent, lpt.stage_key for a stage),
+so a retried or resumed trial continues its own run instead of starting a duplicate. `MetricSpool` holds the
+epoch metrics on their way: a step already logged is never logged twice (MLflow keeps every `log_metric` call),
+and what a tracking outage keeps from the server waits on disk, in step order, until it can be sent. Everything
+goes through MlflowClient with an explicit tracking URI: nothing depends on MLflow's process-global active run,
+which Ray workers would not share.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from lpt_core.files import atomic_write_bytes
 
 T = TypeVar("T")
 TAG_SWEEP, TAG_ROLE, TAG_STAGE_KEY = "lpt.sweep", "lpt.role", "lpt.stage_key"
@@ -48,6 +52,14 @@ def is_outage(err: BaseException) -> bool:
         marker in text for marker in ("API request to", "Max retries exceeded", "Connection refused", "timed out"))
 
 
+def tracking_client(uri: str) -> MlflowClient:
+    """A client that fails fast on an unreachable server: the spool, not MLflow's minutes of HTTP retries,
+    bridges an outage."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    return MlflowClient(tracking_uri=uri)
+
+
 def _retry(call: Callable[[], T], outage_wait_s: float, attempts: int = 5, delay_s: float = 0.5) -> T:
     """SQLite stores answer 'database is locked' under concurrent trials, and a server may be briefly down:
     retry with back-off (outages for up to outage_wait_s), then let the error through."""
@@ -64,23 +76,19 @@ def _retry(call: Callable[[], T], outage_wait_s: float, attempts: int = 5, delay
             attempt += 1
 
 
-class Tracker:
-    """spool: folder where epoch metrics that could not reach the server wait (one JSONL file per run); they are
-    sent, oldest first, as soon as the server answers again, and kept there if it never does."""
+class RunRegistry:
+    """The sweep's runs in one MLflow experiment: found again by tag, created once (with their params), reopened
+    by a retry or a resume, tagged, given their final statistics and artifacts, finished."""
 
-    def __init__(self, uri: str, experiment: str, spool: str | Path | None = None,
-                 outage_wait_s: float = 120.0) -> None:
-        # fail fast on an unreachable server: the spool, not MLflow's minutes of HTTP retries, bridges an outage
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    def __init__(self, uri: str, experiment: str, outage_wait_s: float = 120.0) -> None:
         self.uri, self.outage_wait_s = uri, outage_wait_s
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = tracking_client(uri)
         found = self._call(lambda: self.client.get_experiment_by_name(experiment))
         self.experiment_id = (found.experiment_id if found is not None
                               else self._call(lambda: self.client.create_experiment(experiment)))
-        self._logged_steps: dict[str, set[int]] = {}
-        self.spool = Path(spool) if spool is not None else None
-        self._pending: list[tuple[str, int, list[Metric]]] = []
+
+    def _call(self, call: Callable[[], T]) -> T:
+        return _retry(call, self.outage_wait_s)
 
     def _find(self, filter_string: str) -> str | None:
         runs = self._call(lambda: self.client.search_runs([self.experiment_id], filter_string, max_results=1,
@@ -103,7 +111,6 @@ class Tracker:
         run_id = self._find(f"tags.`{TAG_STAGE_KEY}` = '{key}'")
         if run_id is not None:
             self._reopen(run_id)
-            self.load_spool(run_id)
             return run_id
         all_tags = {TAG_SWEEP: sweep, TAG_ROLE: "stage", TAG_STAGE_KEY: key, MLFLOW_PARENT_RUN_ID: parent_id,
                     MLFLOW_RUN_NAME: name, **tags}
@@ -122,84 +129,6 @@ class Tracker:
             self.set_tags(run_id, {TAG_PREVIOUS_ERROR: error})
             self._call(lambda: self.client.delete_tag(run_id, TAG_ERROR))
         self._call(lambda: self.client.update_run(run_id, status="RUNNING"))
-
-    def _call(self, call: Callable[[], T]) -> T:
-        return _retry(call, self.outage_wait_s)
-
-    def logged_steps(self, run_id: str, wait: bool = True) -> set[int]:
-        if run_id not in self._logged_steps:
-            history = _retry(lambda: self.client.get_metric_history(run_id, "epoch"),
-                             self.outage_wait_s if wait else 0)
-            self._logged_steps[run_id] = {m.step for m in history}
-        return self._logged_steps[run_id]
-
-    def log_epoch(self, run_id: str, step: int, metrics: dict[str, float]) -> bool:
-        """Logs one epoch's metrics in one batch, unless that step is already in the run. True if sent now;
-        during a tracking outage the batch is spooled and sent by a later call (in step order, never twice)."""
-        try:
-            if step in self.logged_steps(run_id, wait=False):
-                return False
-        except Exception as err:  # unknown while the server is down: flush() checks again before sending
-            if not is_outage(err):
-                raise
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and math.isfinite(float(v)) and k != "epoch"]
-        items.append(Metric("epoch", float(step), now, step))  # last: marks the step complete
-        self._pending.append((run_id, step, items))
-        self._write_spool(run_id)
-        return self.flush()
-
-    def flush(self, timeout_s: float = 0.0) -> bool:
-        """Sends the spooled batches; retries with back-off for up to timeout_s. True when nothing is left."""
-        deadline, delay = time.monotonic() + timeout_s, 0.5
-        while True:
-            try:
-                while self._pending:
-                    run_id, step, items = self._pending[0]
-                    if step not in self.logged_steps(run_id, wait=False):
-                        _retry(lambda: self.client.log_batch(run_id, metrics=items), outage_wait_s=0)
-                        self._logged_steps[run_id].add(step)
-                    self._pending.pop(0)
-                    self._write_spool(run_id)
-                return True
-            except Exception as err:
-                if not is_outage(err):
-                    raise
-                if time.monotonic() + delay > deadline:
-                    return False
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
-
-    def _write_spool(self, run_id: str) -> None:
-        if self.spool is None:
-            return
-        path = self.spool / f"{run_id}.jsonl"
-        batches = [{"run_id": r, "step": step, "metrics": [[m.key, m.value, m.timestamp, m.step] for m in items]}
-                   for r, step, items in self._pending if r == run_id]
-        if not batches:
-            path.unlink(missing_ok=True)
-            return
-        self.spool.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(b) + "\n" for b in batches))
-        os.replace(tmp, path)
-
-    def load_spool(self, run_id: str) -> None:
-        """Batches an earlier attempt of this run could not send go first in the queue."""
-        path = self.spool / f"{run_id}.jsonl" if self.spool is not None else None
-        if path is None or not path.exists():
-            return
-        queued = {(r, step) for r, step, _ in self._pending}
-        earlier = []
-        for line in path.read_text().splitlines():
-            batch = json.loads(line)
-            if (batch["run_id"], batch["step"]) not in queued:
-                earlier.append((batch["run_id"], batch["step"], [Metric(*m) for m in batch["metrics"]]))
-        self._pending[:0] = earlier
-
-    def unlogged(self) -> list[tuple[str, int]]:
-        return [(run_id, step) for run_id, step, _ in self._pending]
 
     def log_final(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
         """End-of-stage statistics (K-NN, gamma, matching) that per-epoch logging does not carry."""
@@ -234,13 +163,97 @@ class Tracker:
         return None if run_id is None else self._call(lambda: self.client.get_run(run_id))
 
 
-def replay(spool: str | Path, uri: str, experiment: str = "lpt") -> int:
+class MetricSpool:
+    """Per-epoch metrics on their way to MLflow, sent in step order and never twice. While the server is
+    unreachable they wait here and, with a folder, in <folder>/<run id>.jsonl, so that a later attempt of the run
+    (`load`) or `python -m orchestration.tracking replay` sends what the trial could not."""
+
+    def __init__(self, client: MlflowClient, folder: str | Path | None = None) -> None:
+        self.client = client
+        self.folder = Path(folder) if folder is not None else None
+        self._logged_steps: dict[str, set[int]] = {}
+        self._pending: list[tuple[str, int, list[Metric]]] = []
+
+    def _logged(self, run_id: str) -> set[int]:
+        """The steps the run holds (asked once; an outage raises at once: the caller keeps the batch queued)."""
+        if run_id not in self._logged_steps:
+            history = _retry(lambda: self.client.get_metric_history(run_id, "epoch"), outage_wait_s=0)
+            self._logged_steps[run_id] = {m.step for m in history}
+        return self._logged_steps[run_id]
+
+    def log_epoch(self, run_id: str, step: int, metrics: dict[str, float]) -> bool:
+        """Logs one epoch's metrics in one batch, unless that step is already in the run. True if sent now;
+        during a tracking outage the batch is spooled and sent by a later call (in step order, never twice)."""
+        try:
+            if step in self._logged(run_id):
+                return False
+        except Exception as err:  # unknown while the server is down: flush() checks again before sending
+            if not is_outage(err):
+                raise
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and math.isfinite(float(v)) and k != "epoch"]
+        items.append(Metric("epoch", float(step), now, step))  # last: marks the step complete
+        self._pending.append((run_id, step, items))
+        self._write(run_id)
+        return self.flush()
+
+    def flush(self, timeout_s: float = 0.0) -> bool:
+        """Sends the spooled batches; retries with back-off for up to timeout_s. True when nothing is left."""
+        deadline, delay = time.monotonic() + timeout_s, 0.5
+        while True:
+            try:
+                while self._pending:
+                    run_id, step, items = self._pending[0]
+                    if step not in self._logged(run_id):
+                        _retry(lambda: self.client.log_batch(run_id, metrics=items), outage_wait_s=0)
+                        self._logged_steps[run_id].add(step)
+                    self._pending.pop(0)
+                    self._write(run_id)
+                return True
+            except Exception as err:
+                if not is_outage(err):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _write(self, run_id: str) -> None:
+        if self.folder is None:
+            return
+        path = self.folder / f"{run_id}.jsonl"
+        batches = [{"run_id": r, "step": step, "metrics": [[m.key, m.value, m.timestamp, m.step] for m in items]}
+                   for r, step, items in self._pending if r == run_id]
+        if not batches:
+            path.unlink(missing_ok=True)
+            return
+        atomic_write_bytes(path, "".join(json.dumps(b) + "\n" for b in batches).encode())
+
+    def load(self, run_id: str) -> None:
+        """Batches an earlier attempt of this run could not send go first in the queue."""
+        path = self.folder / f"{run_id}.jsonl" if self.folder is not None else None
+        if path is None or not path.exists():
+            return
+        queued = {(r, step) for r, step, _ in self._pending}
+        earlier = []
+        for line in path.read_text().splitlines():
+            batch = json.loads(line)
+            if (batch["run_id"], batch["step"]) not in queued:
+                earlier.append((batch["run_id"], batch["step"], [Metric(*m) for m in batch["metrics"]]))
+        self._pending[:0] = earlier
+
+    def unlogged(self) -> list[tuple[str, int]]:
+        return [(run_id, step) for run_id, step, _ in self._pending]
+
+
+def replay(folder: str | Path, uri: str) -> int:
     """Sends what a spool folder still holds (after an outage that outlived the trial). Returns batches left."""
-    tracker = Tracker(uri, experiment, spool)
-    for path in sorted(Path(spool).glob("*.jsonl")):
-        tracker.load_spool(path.stem)
-    tracker.flush(timeout_s=30)
-    return len(tracker.unlogged())
+    spool = MetricSpool(tracking_client(uri), folder)
+    for path in sorted(Path(folder).glob("*.jsonl")):
+        spool.load(path.stem)
+    spool.flush(timeout_s=30)
+    return len(spool.unlogged())
 
 
 if __name__ == "__main__":

@@ -6,63 +6,38 @@ the newer one in the stage store (Tune's experiment snapshot can lag behind the 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from ray import tune
 
-from experiments.ablations import RUN_UNTIL
-from experiments.settings import apply_overrides
+from experiments.settings import DebugSettings
 from lpt_core.checkpoint import CheckpointError, read_meta, verify_checkpoint
-from lpt_core.config import flatten, from_dict
+from lpt_core.config import flatten, to_dict
 from lpt_core.runtime import resolve_device
 from lpt_core.train import NonFiniteLossError, PhaseHooks, PhaseOutOfMemoryError, run_phase
 from orchestration.cluster import device_tag
-from orchestration.stages import StageOutput, StageSpec, StageStore, stage_chain
-from orchestration.tracking import Tracker, is_outage, redact
+from orchestration.specs import SweepContext, TrialSpec, tune_values
+from orchestration.stages import StageOutput, StageSpec, StageStore
+from orchestration.tracking import MetricSpool, RunRegistry, is_outage, redact
 
 
 class InjectedFault(RuntimeError):
     """Raised on purpose by debug.fail_at_epoch (fault-injection tests of retry and resume)."""
 
 
-@dataclass
-class Trial:
-    trial_id: str
-    row: str
-    seed: int
-    lpt: dict[str, Any]
-    chain: list[StageSpec]
-
-
-def make_trial(context: dict[str, Any], config: dict[str, Any]) -> Trial:
-    """The trial a Tune config describes: a grid row (config['row']) or Optuna's sampled values."""
-    if config.get("row") is not None:
-        row, overrides = config["row"], dict(context["points"][config["row"]])
-    elif "row" in config:  # the upstream stage of an Optuna search: the base configuration
-        row, overrides = "base", {}
-    else:
-        overrides = {key: config[key] for key in context["space_keys"]}
-        row = ", ".join(f"{key.split('.')[-1]}={value:.4g}" for key, value in overrides.items())
-    run_until = overrides.pop(RUN_UNTIL, None)
-    lpt = apply_overrides(context["base_lpt"], {**context.get("common", {}), **overrides, "seed": config["seed"]})
-    trial_id = f"{row}/seed={config['seed']}"
-    salt = "" if context["cache"] else f"{context['sweep']}/{trial_id}"
-    return Trial(trial_id, row, config["seed"], lpt, stage_chain(lpt, run_until, salt))
-
-
 class TrialHooks(PhaseHooks):
     """Reports each epoch to MLflow (once per step) and, for the trial's final stage, to Tune with a checkpoint."""
 
-    def __init__(self, tracker: Tracker, run_id: str, spec: StageSpec, report_to_tune: bool,
-                 debug: dict[str, Any], store: StageStore, device: torch.device, trial: Trial) -> None:
-        self.tracker, self.run_id, self.spec = tracker, run_id, spec
+    def __init__(self, spool: MetricSpool, run_id: str, spec: StageSpec, report_to_tune: bool,
+                 debug: DebugSettings, store: StageStore, device: torch.device, trial: TrialSpec) -> None:
+        self.spool, self.run_id, self.spec = spool, run_id, spec
         self.report_to_tune, self.debug, self.store = report_to_tune, debug, store
         self.last_eval: dict[str, float] = {"acc": float("nan"), "few": float("nan")}
         self.device, self.trial = device, trial
@@ -71,7 +46,7 @@ class TrialHooks(PhaseHooks):
         print(f"[{self.spec.key}] {message}", flush=True)
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float], checkpoint_dir: Path) -> None:
-        self.tracker.log_epoch(self.run_id, epoch, metrics)
+        self.spool.log_epoch(self.run_id, epoch, metrics)
         if "acc" in metrics:
             self.last_eval = {k: v for k, v in metrics.items() if k not in ("loss", "lr")}
         if self.report_to_tune:
@@ -83,29 +58,29 @@ class TrialHooks(PhaseHooks):
     def _signal(self, epoch: int) -> None:
         """Tests act on these events instead of guessing with sleeps: one file per finished epoch, and, where
         asked, a hold until the test writes `release` (e.g. after it has killed the driver or a node)."""
-        event_dir = self.debug["event_dir"]
+        event_dir = self.debug.event_dir
         if not event_dir:
             return
         folder = Path(event_dir)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / event_name(self.spec.stage, self.trial.row, self.trial.seed, epoch)).write_text(self.spec.key)
-        if self.debug["hold_at_epoch"] == epoch and self.debug["fail_stage"] == self.spec.stage:
+        if self.debug.hold_at_epoch == epoch and self.debug.fail_stage == self.spec.stage:
             while not (folder / "release").exists():
                 time.sleep(0.05)
 
     def _maybe_fail(self, epoch: int) -> None:
         debug = self.debug
-        if debug["epoch_sleep_s"]:
-            time.sleep(debug["epoch_sleep_s"])
-        if debug["oom_at_epoch"] == epoch and debug["fail_stage"] == self.spec.stage:
+        if debug.epoch_sleep_s:
+            time.sleep(debug.epoch_sleep_s)
+        if debug.oom_at_epoch == epoch and debug.fail_stage == self.spec.stage:
             torch.empty(1 << 62, dtype=torch.uint8, device=self.device)  # 4 EiB: the allocator itself refuses
-        if debug["fail_at_epoch"] != epoch or debug["fail_stage"] != self.spec.stage:
+        if debug.fail_at_epoch != epoch or debug.fail_stage != self.spec.stage:
             return
         marker = self.store.folder(self.spec.key) / "injected_failures"
         count = int(marker.read_text()) if marker.exists() else 0
-        if count < debug["fail_times"]:
+        if count < debug.fail_times:
             marker.write_text(str(count + 1))
-            raise InjectedFault(f"debug.fail_at_epoch={epoch}: injected failure {count + 1}/{debug['fail_times']}")
+            raise InjectedFault(f"debug.fail_at_epoch={epoch}: injected failure {count + 1}/{debug.fail_times}")
 
 
 def event_name(stage: str, row: str, seed: int, epoch: int) -> str:
@@ -114,11 +89,11 @@ def event_name(stage: str, row: str, seed: int, epoch: int) -> str:
     return f"{stage}.{safe_row}.seed{seed}.epoch{epoch}"
 
 
-def _faults_for(debug: dict[str, Any], row: str) -> dict[str, Any]:
+def _faults_for(debug: DebugSettings, row: str) -> DebugSettings:
     """The injected faults (and the hold) of debug.* apply to every trial, or to debug.fail_row's trials alone."""
-    if debug["fail_row"] is None or str(debug["fail_row"]) == row:
+    if debug.fail_row is None or str(debug.fail_row) == row:
         return debug
-    return {**debug, "fail_at_epoch": None, "oom_at_epoch": None, "hold_at_epoch": None}
+    return dataclasses.replace(debug, fail_at_epoch=None, oom_at_epoch=None, hold_at_epoch=None)
 
 
 def _resume_point(store: StageStore, spec: StageSpec, log) -> Path | None:
@@ -139,30 +114,38 @@ def _resume_point(store: StageStore, spec: StageSpec, log) -> Path | None:
     return max(candidates, key=lambda c: c[0])[1] if candidates else None
 
 
-def _stage_tags(context: dict[str, Any], trial: Trial, spec: StageSpec, upstream: StageOutput | None) -> dict:
+def _stage_tags(context: SweepContext, trial: TrialSpec, spec: StageSpec, upstream: StageOutput | None) -> dict:
     tags = {"lpt.stage": spec.stage, "lpt.row": trial.row, "lpt.seed": str(trial.seed),
-            "lpt.ablation": context["ablation"], "lpt.experiment": context["experiment"],
-            "lpt.axis": context["axis"]}
+            "lpt.ablation": context.ablation, "lpt.experiment": context.experiment, "lpt.axis": context.axis}
     if upstream is not None:
         tags.update({"lpt.upstream_key": upstream.key, "lpt.upstream_run_id": str(upstream.run_id)})
     return tags
 
 
-def run_stage(context: dict[str, Any], trial: Trial, spec: StageSpec, upstream: StageOutput | None,
-              final: bool, store: StageStore, tracker: Tracker) -> StageOutput:
+@dataclasses.dataclass
+class Tracking:
+    """A trial's way to MLflow: its runs, and the spool its epoch metrics wait in during an outage."""
+
+    runs: RunRegistry
+    spool: MetricSpool
+
+
+def run_stage(context: SweepContext, trial: TrialSpec, spec: StageSpec, upstream: StageOutput | None,
+              final: bool, store: StageStore, tracking: Tracking) -> StageOutput:
     log = lambda message: print(f"[{spec.key}] {message}", flush=True)  # noqa: E731
     with store.lock(spec.key):
         if store.is_done(spec.key, log=log):
             log(f"{spec.stage} reused from the stage store")
             return store.load(spec.key)
-        cfg = from_dict(trial.lpt)
-        name = f"{spec.stage} {context['axis']}={trial.row} seed={trial.seed}"
+        cfg = trial.config
+        name = f"{spec.stage} {context.axis}={trial.row} seed={trial.seed}"
         device = resolve_device(cfg.device)
         tags = {**_stage_tags(context, trial, spec, upstream), "lpt.device": device_tag(device, cfg.device, log)}
-        run_id = tracker.stage_run(context["parent_run_id"], context["sweep"], spec.key, name, flatten(trial.lpt),
-                                   tags)
-        hooks = TrialHooks(tracker, run_id, spec, final, _faults_for(context["debug"], trial.row), store, device,
-                           trial)
+        run_id = tracking.runs.stage_run(context.parent_run_id, context.sweep, spec.key, name, flatten(to_dict(cfg)),
+                                         tags)
+        tracking.spool.load(run_id)  # what an earlier attempt of this run could not send goes first
+        hooks = TrialHooks(tracking.spool, run_id, spec, final, _faults_for(context.debug, trial.row), store,
+                           device, trial)
         try:
             result = run_phase(cfg, spec.stage, store.work_dir(spec.key), hooks,
                                init_from=upstream.checkpoint_dir if upstream else None,
@@ -170,47 +153,50 @@ def run_stage(context: dict[str, Any], trial: Trial, spec: StageSpec, upstream: 
         except InjectedFault:
             raise
         except Exception as err:
-            tracker.finish(run_id, failed=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}")
+            tracking.runs.finish(run_id, failed=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}")
             raise
         output = store.finalize(spec.key, result, run_id, upstream=spec.upstream)
-        _close_run(tracker, run_id, result.history, output, context, log)
+        _close_run(tracking, run_id, result.history, output, context, log)
         return output
 
 
-def _close_run(tracker: Tracker, run_id: str, history: list, output: StageOutput, context: dict, log) -> None:
+def _close_run(tracking: Tracking, run_id: str, history: list, output: StageOutput, context: SweepContext,
+               log) -> None:
     """Final statistics, artifacts, status. A tracking outage that outlives the flush timeout does not fail a
     trained stage: what was not logged stays in the spool folder, and the message says where."""
-    if not tracker.flush(timeout_s=context["tracking_flush_timeout_s"]):
-        log(f"MLflow at {redact(tracker.uri)} unreachable: epochs {[s for _, s in tracker.unlogged()]} of run "
-            f"{run_id} not logged; kept in {tracker.spool}. Send them later with "
-            f"`python -m orchestration.tracking replay {tracker.spool} --uri <tracking uri>`")
+    runs, spool = tracking.runs, tracking.spool
+    if not spool.flush(timeout_s=context.tracking.flush_timeout_s):
+        log(f"MLflow at {redact(runs.uri)} unreachable: epochs {[s for _, s in spool.unlogged()]} of run "
+            f"{run_id} not logged; kept in {spool.folder}. Send them later with "
+            f"`python -m orchestration.tracking replay {spool.folder} --uri <tracking uri>`")
         return
     try:
-        tracker.log_final(run_id, len(history), output.metrics)
-        tracker.log_artifacts(run_id, [output.checkpoint_dir, *[p for p in output.files.values() if p.exists()]])
-        tracker.finish(run_id)
+        runs.log_final(run_id, len(history), output.metrics)
+        runs.log_artifacts(run_id, [output.checkpoint_dir, *[p for p in output.files.values() if p.exists()]])
+        runs.finish(run_id)
     except Exception as err:
         if not is_outage(err):
             raise
-        log(f"MLflow at {redact(tracker.uri)} unreachable at the end of run {run_id}: final statistics and "
+        log(f"MLflow at {redact(runs.uri)} unreachable at the end of run {run_id}: final statistics and "
             f"artifacts not logged ({err}); they are in {output.checkpoint_dir.parent}")
 
 
-def lpt_trainable(config: dict[str, Any], context: dict[str, Any]) -> None:
+def lpt_trainable(config: dict[str, Any], context: SweepContext) -> None:
     """Tune entry point. config = {'trial': {'row', 'seed'}} (grid) or Optuna's sampled keys and 'seed';
     context = the sweep-wide constants (bound with tune.with_parameters, kept out of every trial's config)."""
     # Tune logs "Checkpoint successfully created at ..." for every epoch of every trial: noise between the
     # progress lines; its warnings and errors still come through
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    trial = make_trial(context, {**config, **config.get("trial", {})})
-    chain = trial.chain[:-1] if context.get("upstream_only") and len(trial.chain) > 1 else trial.chain
-    store = StageStore(context["stage_root"])
-    tracker = Tracker(context["tracking_uri"], context["tracking_experiment"], spool=store.root / "_mlflow_spool",
-                      outage_wait_s=context["tracking_flush_timeout_s"])
+    trial = context.trial(tune_values(config))
+    chain = trial.chain[:-1] if context.upstream_only and len(trial.chain) > 1 else trial.chain
+    store = StageStore(context.stage_root)
+    runs = RunRegistry(context.tracking.uri, context.tracking.experiment,
+                       outage_wait_s=context.tracking.flush_timeout_s)
+    tracking = Tracking(runs, MetricSpool(runs.client, store.root / "_mlflow_spool"))
     output = None
     try:
         for i, spec in enumerate(chain):
-            output = run_stage(context, trial, spec, output, i == len(chain) - 1, store, tracker)
+            output = run_stage(context, trial, spec, output, i == len(chain) - 1, store, tracking)
     except (NonFiniteLossError, PhaseOutOfMemoryError) as err:
         # not raised: Tune would retry at once, and fail the same way. The trial ends TERMINATED with the reason;
         # a resume, after the cause is fixed, runs it again (tuning.run_tuner) from its last checkpoint
@@ -220,4 +206,3 @@ def lpt_trainable(config: dict[str, Any], context: dict[str, Any]) -> None:
     summary = {**output.metrics, "stage": chain[-1].stage, "stage_key": output.key, "run_id": str(output.run_id),
                "row": trial.row, "seed": trial.seed, "lpt_trial": trial.trial_id, "trial_complete": True}
     tune.report({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
-

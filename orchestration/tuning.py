@@ -7,6 +7,7 @@ TERMINATED for Tune, which never runs them again: a resume runs them in a follow
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,8 @@ from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from lpt_core.config import PHASES  # noqa: E402
 from orchestration.plan import SweepPlan  # noqa: E402
-from orchestration.trainable import lpt_trainable, make_trial  # noqa: E402
+from orchestration.specs import SweepContext, tune_values  # noqa: E402
+from orchestration.trainable import lpt_trainable  # noqa: E402
 
 TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
              "iterations_since_restore", "done", "epoch", "loss", "lr", "epoch_time_s", "train_images_per_s",
@@ -31,13 +33,13 @@ TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestam
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
 
 
-def _trainable(plan: SweepPlan, context: dict[str, Any]):
+def _trainable(plan: SweepPlan, context: SweepContext):
     resources = plan.settings.resources
     trainable = tune.with_parameters(lpt_trainable, context=context)
     return tune.with_resources(trainable, {"cpu": resources.cpu, "gpu": resources.gpu})
 
 
-def _search_space(plan: SweepPlan, rows: list[tuple[str | None, int]], optuna_search: bool) -> dict:
+def _search_space(plan: SweepPlan, rows: list[tuple[str, int]], optuna_search: bool) -> dict:
     if optuna_search:
         space = {}
         for key, dist in plan.ablation.space.items():
@@ -56,7 +58,7 @@ def _tune_config(plan: SweepPlan, optuna_search: bool, rerun: bool = False) -> t
     if optuna_search:
         searcher = OptunaSearch(sampler=SAMPLERS[search.sampler](seed=search.seed))
         search_alg, num_samples = ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent), search.num_samples
-    epochs = max(plan.base_lpt[p]["epochs"] for p in PHASES)
+    epochs = max(plan.base.phase_config(p).epochs for p in PHASES)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1, grace_period=1)
                  if plan.settings.scheduler == "asha" and not rerun else FIFOScheduler())
     return tune.TuneConfig(
@@ -92,10 +94,10 @@ class TrialOutcome:
     reason: str = ""
 
 
-def _outcome(context: dict[str, Any], config: dict[str, Any], metrics: dict[str, Any] | None,
+def _outcome(context: SweepContext, config: dict[str, Any], metrics: dict[str, Any] | None,
              error: BaseException | str | None, terminal: bool) -> TrialOutcome:
-    flat = {k: v for k, v in {**config, **config.get("trial", {})}.items() if k != "trial"}
-    ident, metrics = make_trial(context, flat).trial_id, metrics or {}
+    flat = tune_values(config)
+    ident, metrics = context.trial_id(flat), metrics or {}
     if error is not None:
         status, reason = "error", (str(error).strip().splitlines() or ["error"])[-1]
     elif metrics.get("trial_complete"):
@@ -107,7 +109,7 @@ def _outcome(context: dict[str, Any], config: dict[str, Any], metrics: dict[str,
     return TrialOutcome(ident, flat, status, metrics, reason)
 
 
-def _fit(tuner: tune.Tuner, context: dict[str, Any]) -> dict[str, TrialOutcome]:
+def _fit(tuner: tune.Tuner, context: SweepContext) -> dict[str, TrialOutcome]:
     found = {}
     for result in tuner.fit():
         outcome = _outcome(context, result.config, result.metrics, result.error, terminal=True)
@@ -115,7 +117,7 @@ def _fit(tuner: tune.Tuner, context: dict[str, Any]) -> dict[str, TrialOutcome]:
     return found
 
 
-def _saved_state(path: str, context: dict[str, Any]) -> dict[str, TrialOutcome]:
+def _saved_state(path: str, context: SweepContext) -> dict[str, TrialOutcome]:
     """The trials of a Tune run as its last experiment snapshot left them (what Tuner.restore will start from)."""
     found = {}
     for trial in ExperimentAnalysis(path).trials:
@@ -134,8 +136,8 @@ def _runs(path: str) -> list[str]:
     return found
 
 
-def run_tuner(plan: SweepPlan, context: dict[str, Any], storage: str, name: str,
-              rows: list[tuple[str | None, int]], log=print) -> tuple[list[dict], list[str]]:
+def run_tuner(plan: SweepPlan, context: SweepContext, storage: str, name: str,
+              rows: list[tuple[str, int]], log=print) -> tuple[list[dict], list[str]]:
     """Runs (or restores) one Tune run; returns (records of finished trials, ids of failed trials).
 
     On a resume, every Tune run of `name` is restored (unfinished and errored trials resumed, OptunaSearch's
@@ -145,7 +147,7 @@ def run_tuner(plan: SweepPlan, context: dict[str, Any], storage: str, name: str,
     """
     optuna_search = plan.optuna and name == "trials"
     if name == "upstream":
-        context = {**context, "upstream_only": True}
+        context = dataclasses.replace(context, upstream_only=True)
     path = f"{storage.rstrip('/')}/{name}"
     runs = _runs(path)
     trainable = _trainable(plan, context)

@@ -6,6 +6,7 @@ tests/lpt_core/test_official.py, run on the same preprocessed images.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import os
@@ -207,7 +208,7 @@ def test_demo_keeps_timm_default_eps() -> None:
 
 
 def test_norm_eps_is_part_of_every_stage_key() -> None:
-    spec = split(compose_config(["experiment=places_lt", "data.root=/data/x"]))
-    timm_default = {**spec.lpt, "backbone": {**spec.lpt["backbone"], "norm_eps": None}}
+    cfg = build_lpt(split(compose_config(["experiment=places_lt", "data.root=/data/x"])).lpt)
+    timm_default = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, norm_eps=None))
     for stage in ("phase1", "phase2", "joint"):
-        assert stage_key(stage, spec.lpt, None) != stage_key(stage, timm_default, None)
+        assert stage_key(stage, cfg, None) != stage_key(stage, timm_default, None)

@@ -20,7 +20,7 @@ def _started(sweep_overrides, *overrides: str) -> Path:
     plan = build_plan(compose_config(sweep_overrides(*overrides)))
     folder = Path(plan.settings.sweep.root) / plan.name
     folder.mkdir(parents=True)
-    (folder / "plan.json").write_text(json.dumps({"fingerprint": plan.fingerprint(), "content": plan.content()}))
+    plan.record().write(folder)
     (folder / "state.json").write_text(json.dumps({"status": "incomplete", "failed": ["5/seed=0"]}))
     return folder
 

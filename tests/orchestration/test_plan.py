@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from experiments.settings import compose_config
 from lpt_core.config import ConfigError
 from orchestration.driver import SweepError, _check_existing, _prepare_folder, sweep_lock
 from orchestration.plan import SweepPlan, build_plan
+from orchestration.specs import PlanRecord, tune_values, with_overrides
+from orchestration.stages import stage_chain
 
 DEMO_MICRO = dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3)  # experiments/conf/model/micro.yaml
 
@@ -55,7 +58,7 @@ def test_group_size_plan(group_size: SweepPlan, weights: Path) -> None:
     assert group_size.name == "group_size-demo" and group_size.experiment == "demo"
     assert group_size.points == {str(m): {"prompt.pool_size": m} for m in (5, 10, 20, 40)}
     assert group_size.rows() == [("5", 0), ("10", 0), ("20", 0), ("40", 0)]
-    assert group_size.base_lpt["backbone"]["weights_file"] == str(weights)
+    assert group_size.base.backbone.weights_file == str(weights)
     assert not group_size.optuna and group_size.pretrain is not None
 
 
@@ -133,8 +136,9 @@ def test_sweep_lock_refuses_a_second_holder(tmp_path: Path) -> None:
 
 
 def write_existing(folder: Path, fingerprint: str, status: str | None) -> None:
+    """A sweep folder as an earlier version left it: plan.json with the fingerprint but not its content."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "plan.json").write_text(json.dumps({"fingerprint": fingerprint, "name": "x"}))
+    PlanRecord(fingerprint, "x", "group_size", "demo", "m", ["5"], [0], "grid", "acc", str(folder)).write(folder)
     if status is not None:
         (folder / "state.json").write_text(json.dumps({"status": status}))
 
@@ -199,4 +203,53 @@ def test_prepare_folder_refuses_low_disk(group_size: SweepPlan, tmp_path: Path,
 def test_relative_paths_become_absolute_before_trials_change_folder(plan_for, monkeypatch, tmp_path) -> None:
     monkeypatch.chdir(tmp_path)
     plan = plan_for("ablation=group_size", "data.cache_dir=outputs/cache")
-    assert plan.base_lpt["data"]["cache_dir"] == str(tmp_path / "outputs" / "cache")
+    assert plan.base.data.cache_dir == str(tmp_path / "outputs" / "cache")
+
+
+# ---------------------------------------------------------------------------------------------- typed trials
+
+def test_each_trial_is_built_once_as_a_typed_config(plan_for) -> None:
+    plan = plan_for("ablation=group_size", "seeds=[0,1]")
+    assert list(plan.trials) == [f"{m}/seed={s}" for m in (5, 10, 20, 40) for s in (0, 1)]
+    trial = plan.trials["10/seed=1"]
+    assert (trial.row, trial.seed) == ("10", 1)
+    assert trial.config == with_overrides(plan.base, {"prompt.pool_size": 10, "seed": 1})
+    assert trial.chain == stage_chain(trial.config)
+    per_phase = plan_for("ablation=per_phase")  # rows that stop after phase 1 (run_until) run one stage
+    assert {t.row: [s.stage for s in t.chain] for t in per_phase.trials.values()} == {
+        "linear_probe": ["phase1"], "vpt_ce_instance": ["phase1"], "phase1_ce": ["phase1"],
+        "phase1_agcl": ["phase1"], "full_lpt": ["phase1", "phase2"]}
+
+
+def test_trials_of_a_sweep_without_the_stage_cache_are_salted_by_sweep_and_trial(plan_for) -> None:
+    plan = plan_for("ablation=group_size", "stages.cache=false", "sweep.name=s")
+    trial = plan.trials["5/seed=0"]
+    assert trial.chain == stage_chain(trial.config, salt="s/5/seed=0")
+
+
+def test_trials_receive_their_spec_unchanged_through_the_context(group_size: SweepPlan) -> None:
+    context = pickle.loads(pickle.dumps(group_size.context("sqlite:///m.db", "parent")))  # as Ray ships it
+    assert context.trials == group_size.trials and context.tracking.uri == "sqlite:///m.db"
+    values = tune_values({"trial": {"row": "20", "seed": 0}})
+    assert context.trial_id(values) == "20/seed=0" and context.trial(values) == group_size.trials["20/seed=0"]
+
+
+def test_an_optuna_trial_applies_its_sampled_values_and_validates_them(plan_for) -> None:
+    plan = plan_for("ablation=loss", "search=optuna")
+    assert list(plan.trials) == ["base/seed=0"]
+    context = plan.context("sqlite:///m.db", "parent")
+    values = {"phase2.loss.eta": 0.25, "phase2.loss.lambda_neg_ib": 6.0, "phase2.loss.lambda_pos_ib": 1.5, "seed": 0}
+    trial = context.trial(values)
+    assert trial.trial_id == context.trial_id(values) == "eta=0.25, lambda_neg_ib=6, lambda_pos_ib=1.5/seed=0"
+    assert trial.config == with_overrides(plan.base, values)
+    assert trial.chain[0] == plan.trials["base/seed=0"].chain[0]  # every sampled trial starts from one phase 1
+    with pytest.raises(ConfigError, match="phase2.loss.eta"):
+        context.trial({**values, "phase2.loss.eta": -1.0})
+
+
+def test_plan_json_is_read_back_into_its_record(group_size: SweepPlan, tmp_path: Path) -> None:
+    record = group_size.record()
+    record.write(tmp_path)
+    assert PlanRecord.read(tmp_path) == record
+    assert record.fingerprint == group_size.fingerprint() and record.content == group_size.content()
+    assert (record.rows, record.search, record.tracking_experiment) == (["5", "10", "20", "40"], "grid", "lpt")

@@ -3,6 +3,7 @@ the reference row, the paper column, Optuna importances, and a real MLflow store
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from lpt_core.metrics import accuracy_report, match_histogram, match_table, per_class_table, prediction_table
 from lpt_core.uncertainty import bootstrap_accuracies, percentile_interval
 from orchestration.report import build_report, main
+from orchestration.specs import PlanRecord
 
 # 4 classes x 10 test images; train counts 200 / 50 / 20 / 5: authors' few = classes 2, 3, standard few = class 3
 LABELS = torch.arange(4).repeat_interleave(10)
@@ -264,6 +266,19 @@ def test_report_equals_the_mlflow_store_and_falls_back_without_it(group_size: Pa
     rows = {r["row"]: r for r in read_csv(group_size)}
     assert float(rows["20"]["acc"]) == 50.0  # trials.json's number
     assert "no per-image predictions for 40" in unreachable.markdown
+
+
+def test_report_reads_the_sweeps_mlflow_experiment(group_size: Path) -> None:
+    """A sweep tracked with tracking.experiment=team: its report connects to that experiment (plan.json names it)
+    and creates no other in the store."""
+    from mlflow.tracking import MlflowClient
+
+    dataclasses.replace(PlanRecord.read(group_size), tracking_experiment="team").write(group_size)
+    uri = f"sqlite:///{group_size / 'team.db'}"
+    report = build_report(group_size, tracking_uri=uri)
+    assert f"point estimates from MLflow ({uri})" in report.markdown
+    client = MlflowClient(uri)
+    assert client.get_experiment_by_name("team") is not None and client.get_experiment_by_name("lpt") is None
 
 
 def test_cli_missing_sweep(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import TensorDataset
 
-from lpt_core.config import DataConfig, LPTConfig, from_dict, to_dict
+from lpt_core.config import DataConfig, LPTConfig, from_dict
 from lpt_core.data import DATASETS, DatasetBundle, Normalization, register_dataset
 from lpt_core.train import PhaseHooks, run_phase
 from orchestration.stages import StageStore, stage_chain, stage_key
@@ -50,17 +50,17 @@ class Quiet(PhaseHooks):
 # ---------------------------------------------------------------------------------------------- stage keys
 
 @pytest.fixture
-def lpt() -> dict:
-    return to_dict(LPTConfig())
+def lpt() -> LPTConfig:
+    return LPTConfig()
 
 
-def with_(values: dict, dotted: str, value) -> dict:
-    out = copy.deepcopy(values)
+def with_(cfg: LPTConfig, dotted: str, value) -> LPTConfig:
+    out = copy.deepcopy(cfg)
     node = out
     *parents, leaf = dotted.split(".")
     for part in parents:
-        node = node[part]
-    node[leaf] = value
+        node = getattr(node, part)
+    setattr(node, leaf, value)
     return out
 
 
@@ -69,7 +69,7 @@ def with_(values: dict, dotted: str, value) -> dict:
     ("phase2.base_lr", 0.5), ("phase2.loss.eta", 0.1), ("phase2.sampling", "instance"), ("device", "cpu"),
     ("threads", 3), ("joint.epochs", 3),
 ])
-def test_phase1_key_ignores_what_phase1_does_not_read(lpt: dict, dotted: str, value) -> None:
+def test_phase1_key_ignores_what_phase1_does_not_read(lpt: LPTConfig, dotted: str, value) -> None:
     assert stage_key("phase1", with_(lpt, dotted, value), None) == stage_key("phase1", lpt, None)
 
 
@@ -78,11 +78,11 @@ def test_phase1_key_ignores_what_phase1_does_not_read(lpt: dict, dotted: str, va
     ("prompt.shared", False), ("backbone.name", "vit_small_patch16_224"), ("backbone.weights_file", "/w.pt"),
     ("data.root", "/elsewhere"), ("data.options", {"tau": 10}), ("seed", 1),
 ])
-def test_phase1_key_follows_what_phase1_reads(lpt: dict, dotted: str, value) -> None:
+def test_phase1_key_follows_what_phase1_reads(lpt: LPTConfig, dotted: str, value) -> None:
     assert stage_key("phase1", with_(lpt, dotted, value), None) != stage_key("phase1", lpt, None)
 
 
-def test_phase2_key_follows_its_fields_and_upstream(lpt: dict) -> None:
+def test_phase2_key_follows_its_fields_and_upstream(lpt: LPTConfig) -> None:
     base = stage_key("phase2", lpt, "phase1-a")
     assert base.startswith("phase2-")
     assert stage_key("phase2", with_(lpt, "prompt.pool_size", 5), "phase1-a") != base
@@ -90,30 +90,37 @@ def test_phase2_key_follows_its_fields_and_upstream(lpt: dict) -> None:
     assert stage_key("phase2", with_(lpt, "device", "cpu"), "phase1-a") == base
 
 
-def test_salt_changes_every_key(lpt: dict) -> None:
+def test_salt_changes_every_key(lpt: LPTConfig) -> None:
     plain, salted = stage_chain(lpt), stage_chain(lpt, salt="trial-1")
     assert all(a.key != b.key for a, b in zip(plain, salted))
     assert stage_key("phase1", lpt, None, "s") == stage_key("phase1", lpt, None, "s")
 
 
-def test_stage_chain_decoupled(lpt: dict) -> None:
+def test_stage_chain_decoupled(lpt: LPTConfig) -> None:
     chain = stage_chain(lpt)
     assert [s.stage for s in chain] == ["phase1", "phase2"]
     assert chain[0].upstream is None and chain[1].upstream == chain[0].key
     assert chain[0].key == stage_key("phase1", lpt, None)
 
 
-def test_stage_chain_run_until_phase1(lpt: dict) -> None:
+def test_stage_chain_run_until_phase1(lpt: LPTConfig) -> None:
     chain = stage_chain(lpt, run_until="phase1")
     assert [s.stage for s in chain] == ["phase1"] and chain[0].key == stage_chain(lpt)[0].key
 
 
-def test_stage_chain_joint(lpt: dict) -> None:
+def test_stage_chain_joint(lpt: LPTConfig) -> None:
     chain = stage_chain(with_(lpt, "training", "joint"))
     assert [(s.stage, s.upstream) for s in chain] == [("joint", None)]
 
 
-def test_group_size_rows_share_phase1(lpt: dict) -> None:
+def test_stage_keys_keep_their_values(lpt: LPTConfig) -> None:
+    """Stages stored by earlier versions are found again: the same config, the same keys."""
+    assert [s.key for s in stage_chain(lpt)] == ["phase1-8a89d1175894490a", "phase2-927507eb8bc530e0"]
+    assert stage_key("joint", lpt, None) == "joint-666c76cd3464ae95"
+    assert stage_key("phase1", lpt, None, "sweep/5/seed=0") == "phase1-5aa3e4863a82dafe"
+
+
+def test_group_size_rows_share_phase1(lpt: LPTConfig) -> None:
     chains = [stage_chain(with_(lpt, "prompt.pool_size", m)) for m in (5, 10, 20, 40)]
     assert len({c[0].key for c in chains}) == 1
     assert len({c[1].key for c in chains}) == 4
@@ -131,15 +138,15 @@ def finished(tmp_path_factory: pytest.TempPathFactory):
     weights = root / "micro_vit.safetensors"
     save_file(model.state_dict(), str(weights))
     phase = {"epochs": 3, "batch_size": 8, "base_lr": 1.0, "warmup_epochs": 0, "steps_per_epoch": 1}
-    values = to_dict(from_dict({
+    cfg = from_dict({
         "backbone": {"name": "vit_tiny_patch16_224", "weights_file": str(weights), "model_kwargs": MICRO_VIT},
         "data": {"name": DATASET, "img_size": 16, "resize_size": 16, "eval_batch_size": 64},
         "prompt": {"length": 2, "pool_size": 3}, "phase1": phase, "phase2": phase,
         "eval": {"every_epochs": 100, "feature_stats": False}, "device": "cpu", "threads": 1,
-    }))
+    })
     store = StageStore(root / "store")
-    key = stage_chain(values)[0].key
-    result = run_phase(from_dict(values), "phase1", store.work_dir(key), Quiet(), keep_checkpoints=3)
+    key = stage_chain(cfg)[0].key
+    result = run_phase(cfg, "phase1", store.work_dir(key), Quiet(), keep_checkpoints=3)
     return store, key, result
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from orchestration.tracking import Tracker, default_tracking_uri, redact
+from orchestration.tracking import MetricSpool, RunRegistry, default_tracking_uri, redact
 
 _names = itertools.count()
 
@@ -19,8 +19,8 @@ def uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def tracker(uri: str) -> Tracker:
-    return Tracker(uri, "lpt-test")
+def runs(uri: str) -> RunRegistry:
+    return RunRegistry(uri, "lpt-test")
 
 
 @pytest.fixture
@@ -28,78 +28,79 @@ def sweep() -> str:
     return f"sweep-{next(_names)}"
 
 
-def stage(tracker: Tracker, sweep: str, params: dict | None = None) -> tuple[str, str]:
-    parent = tracker.parent_run(sweep, {"lpt.ablation": "group_size"})
+def stage(runs: RunRegistry, sweep: str, params: dict | None = None) -> tuple[str, str]:
+    parent = runs.parent_run(sweep, {"lpt.ablation": "group_size"})
     key = f"phase1-{sweep}"
-    return parent, tracker.stage_run(parent, sweep, key, "phase1", params or {"prompt.length": 4}, {"lpt.row": "5"})
+    return parent, runs.stage_run(parent, sweep, key, "phase1", params or {"prompt.length": 4}, {"lpt.row": "5"})
 
 
 def test_default_tracking_uri_is_sqlite_in_the_sweep_folder(tmp_path: Path) -> None:
     assert default_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
 
 
-def test_same_experiment_is_reused(uri: str, tracker: Tracker) -> None:
-    assert Tracker(uri, "lpt-test").experiment_id == tracker.experiment_id
+def test_same_experiment_is_reused(uri: str, runs: RunRegistry) -> None:
+    assert RunRegistry(uri, "lpt-test").experiment_id == runs.experiment_id
 
 
-def test_parent_run_is_get_or_create(tracker: Tracker, sweep: str) -> None:
-    first = tracker.parent_run(sweep, {"lpt.ablation": "group_size"})
-    assert tracker.parent_run(sweep, {"lpt.ablation": "group_size"}) == first
-    assert tracker.parent_run(f"{sweep}-other", {}) != first
-    run = tracker.client.get_run(first)
+def test_parent_run_is_get_or_create(runs: RunRegistry, sweep: str) -> None:
+    first = runs.parent_run(sweep, {"lpt.ablation": "group_size"})
+    assert runs.parent_run(sweep, {"lpt.ablation": "group_size"}) == first
+    assert runs.parent_run(f"{sweep}-other", {}) != first
+    run = runs.client.get_run(first)
     assert run.data.tags["lpt.sweep"] == sweep and run.data.tags["lpt.ablation"] == "group_size"
 
 
-def test_stage_run_is_get_or_create_by_key(tracker: Tracker, sweep: str) -> None:
-    parent, run_id = stage(tracker, sweep, {"prompt.length": 4, "seed": 0})
-    again = tracker.stage_run(parent, sweep, f"phase1-{sweep}", "phase1", {"prompt.length": 99, "extra": 1}, {})
+def test_stage_run_is_get_or_create_by_key(runs: RunRegistry, sweep: str) -> None:
+    parent, run_id = stage(runs, sweep, {"prompt.length": 4, "seed": 0})
+    again = runs.stage_run(parent, sweep, f"phase1-{sweep}", "phase1", {"prompt.length": 99, "extra": 1}, {})
     assert again == run_id
-    run = tracker.client.get_run(run_id)
+    run = runs.client.get_run(run_id)
     assert run.data.params == {"prompt.length": "4", "seed": "0"}  # logged once, by the creating call
     assert run.data.tags[MLFLOW_PARENT_RUN_ID] == parent
     assert run.data.tags["lpt.stage_key"] == f"phase1-{sweep}" and run.data.tags["lpt.row"] == "5"
-    assert tracker.run_for_stage(f"phase1-{sweep}").info.run_id == run_id
-    assert tracker.run_for_stage("phase1-nothing") is None
-    assert {r.info.run_id for r in tracker.runs_of_sweep(sweep)} == {parent, run_id}
+    assert runs.run_for_stage(f"phase1-{sweep}").info.run_id == run_id
+    assert runs.run_for_stage("phase1-nothing") is None
+    assert {r.info.run_id for r in runs.runs_of_sweep(sweep)} == {parent, run_id}
 
 
-def test_log_epoch_is_idempotent_across_tracker_instances(uri: str, tracker: Tracker, sweep: str) -> None:
-    _, run_id = stage(tracker, sweep)
-    assert tracker.log_epoch(run_id, 0, {"loss": 2.0, "acc": 10.0})
-    assert tracker.log_epoch(run_id, 1, {"loss": 1.5, "acc": 20.0})
-    assert not tracker.log_epoch(run_id, 1, {"loss": 9.0})
-    resumed = Tracker(uri, "lpt-test")  # a retried trial: a fresh process, same run
+def test_log_epoch_is_idempotent_across_tracker_instances(uri: str, runs: RunRegistry, sweep: str) -> None:
+    _, run_id = stage(runs, sweep)
+    spool = MetricSpool(runs.client)
+    assert spool.log_epoch(run_id, 0, {"loss": 2.0, "acc": 10.0})
+    assert spool.log_epoch(run_id, 1, {"loss": 1.5, "acc": 20.0})
+    assert not spool.log_epoch(run_id, 1, {"loss": 9.0})
+    resumed = MetricSpool(RunRegistry(uri, "lpt-test").client)  # a retried trial: a fresh process, same run
     logged = [resumed.log_epoch(run_id, step, {"loss": 1.0, "acc": 30.0 + step, "lr": float("nan")})
               for step in (0, 1, 2)]
     assert logged == [False, False, True]
     for name in ("epoch", "loss", "acc"):
-        history = tracker.client.get_metric_history(run_id, name)
+        history = runs.client.get_metric_history(run_id, name)
         assert sorted(m.step for m in history) == [0, 1, 2], name
-    acc = {m.step: m.value for m in tracker.client.get_metric_history(run_id, "acc")}
+    acc = {m.step: m.value for m in runs.client.get_metric_history(run_id, "acc")}
     assert acc == {0: 10.0, 1: 20.0, 2: 32.0}  # the first values of steps 0, 1 are kept
-    assert tracker.client.get_metric_history(run_id, "lr") == []  # non-finite values are not logged
+    assert runs.client.get_metric_history(run_id, "lr") == []  # non-finite values are not logged
 
 
-def test_log_final_only_adds_new_keys(tracker: Tracker, sweep: str) -> None:
-    _, run_id = stage(tracker, sweep)
-    tracker.log_epoch(run_id, 0, {"acc": 40.0})
-    tracker.log_final(run_id, 0, {"acc": 99.0, "query_knn_acc": 55.0, "gamma": 0.3})
-    tracker.log_final(run_id, 0, {"query_knn_acc": 77.0})
-    metrics = tracker.client.get_run(run_id).data.metrics
+def test_log_final_only_adds_new_keys(runs: RunRegistry, sweep: str) -> None:
+    _, run_id = stage(runs, sweep)
+    MetricSpool(runs.client).log_epoch(run_id, 0, {"acc": 40.0})
+    runs.log_final(run_id, 0, {"acc": 99.0, "query_knn_acc": 55.0, "gamma": 0.3})
+    runs.log_final(run_id, 0, {"query_knn_acc": 77.0})
+    metrics = runs.client.get_run(run_id).data.metrics
     assert metrics["acc"] == 40.0 and metrics["query_knn_acc"] == 55.0 and metrics["gamma"] == 0.3
-    assert len(tracker.client.get_metric_history(run_id, "acc")) == 1
-    assert len(tracker.client.get_metric_history(run_id, "query_knn_acc")) == 1
+    assert len(runs.client.get_metric_history(run_id, "acc")) == 1
+    assert len(runs.client.get_metric_history(run_id, "query_knn_acc")) == 1
 
 
-def test_finish_marks_failed_with_the_error(tracker: Tracker, sweep: str) -> None:
-    parent, run_id = stage(tracker, sweep)
-    tracker.finish(run_id, failed="RuntimeError: boom")
-    run = tracker.client.get_run(run_id)
+def test_finish_marks_failed_with_the_error(runs: RunRegistry, sweep: str) -> None:
+    parent, run_id = stage(runs, sweep)
+    runs.finish(run_id, failed="RuntimeError: boom")
+    run = runs.client.get_run(run_id)
     assert run.info.status == "FAILED" and run.data.tags["lpt.error"] == "RuntimeError: boom"
-    tracker.finish(parent)
-    assert tracker.client.get_run(parent).info.status == "FINISHED"
-    assert tracker.stage_run(parent, sweep, f"phase1-{sweep}", "phase1", {}, {}) == run_id  # a retry continues it
-    assert tracker.client.get_run(run_id).info.status == "RUNNING"
+    runs.finish(parent)
+    assert runs.client.get_run(parent).info.status == "FINISHED"
+    assert runs.stage_run(parent, sweep, f"phase1-{sweep}", "phase1", {}, {}) == run_id  # a retry continues it
+    assert runs.client.get_run(run_id).info.status == "RUNNING"
 
 
 @pytest.mark.parametrize("raw, clean", [
@@ -114,9 +115,9 @@ def test_redact(raw: str, clean: str) -> None:
     assert redact(raw) == clean
 
 
-def test_stage_run_params_are_redacted(tracker: Tracker, sweep: str) -> None:
+def test_stage_run_params_are_redacted(runs: RunRegistry, sweep: str) -> None:
     params = {"sweep.storage": "s3://u:pw@bucket/x?token=t0k", "data.root": "/data/places"}
-    _, run_id = stage(tracker, sweep, params)
-    logged = tracker.client.get_run(run_id).data.params
+    _, run_id = stage(runs, sweep, params)
+    logged = runs.client.get_run(run_id).data.params
     assert logged == {"sweep.storage": "s3://***@bucket/x?token=***", "data.root": "/data/places"}
     assert "pw" not in str(logged) and "t0k" not in str(logged)

@@ -13,7 +13,7 @@ import requests
 
 from experiments.settings import compose_config
 from orchestration.driver import run_sweep
-from orchestration.tracking import Tracker, replay
+from orchestration.tracking import MetricSpool, RunRegistry, replay
 
 from .conftest import stage_runs, steps
 
@@ -61,33 +61,35 @@ def server(tmp_path):
 
 
 def test_outage_is_bridged_by_the_spool(server, tmp_path):
-    tracker = Tracker(server.uri, "lpt", spool=tmp_path / "spool")
-    parent = tracker.parent_run("s", {})
-    run_id = tracker.stage_run(parent, "s", "phase2-k", "phase2", {"a": 1}, {})
-    assert tracker.log_epoch(run_id, 0, {"loss": 1.0})
+    runs = RunRegistry(server.uri, "lpt")
+    spool = MetricSpool(runs.client, tmp_path / "spool")
+    parent = runs.parent_run("s", {})
+    run_id = runs.stage_run(parent, "s", "phase2-k", "phase2", {"a": 1}, {})
+    assert spool.log_epoch(run_id, 0, {"loss": 1.0})
     server.stop()
-    assert not tracker.log_epoch(run_id, 1, {"loss": 0.9})
-    assert not tracker.log_epoch(run_id, 2, {"loss": 0.8})
+    assert not spool.log_epoch(run_id, 1, {"loss": 0.9})
+    assert not spool.log_epoch(run_id, 2, {"loss": 0.8})
     assert len((tmp_path / "spool" / f"{run_id}.jsonl").read_text().splitlines()) == 2
-    assert not tracker.flush(timeout_s=1)
+    assert not spool.flush(timeout_s=1)
     server.start()
-    assert tracker.log_epoch(run_id, 3, {"loss": 0.7})
-    assert steps(tracker.client, tracker.client.get_run(run_id), "loss") == [0, 1, 2, 3]
+    assert spool.log_epoch(run_id, 3, {"loss": 0.7})
+    assert steps(runs.client, runs.client.get_run(run_id), "loss") == [0, 1, 2, 3]
     assert not (tmp_path / "spool" / f"{run_id}.jsonl").exists()
 
 
 def test_metrics_of_an_outage_that_outlives_the_trial_are_kept_and_replayed(server, tmp_path):
-    tracker = Tracker(server.uri, "lpt", spool=tmp_path / "spool")
-    run_id = tracker.stage_run(tracker.parent_run("s", {}), "s", "phase1-k", "phase1", {}, {})
+    runs = RunRegistry(server.uri, "lpt")
+    spool = MetricSpool(runs.client, tmp_path / "spool")
+    run_id = runs.stage_run(runs.parent_run("s", {}), "s", "phase1-k", "phase1", {}, {})
     server.stop()
-    assert not tracker.log_epoch(run_id, 0, {"loss": 1.0})
-    assert not tracker.flush(timeout_s=2)
-    assert tracker.unlogged() == [(run_id, 0)]
+    assert not spool.log_epoch(run_id, 0, {"loss": 1.0})
+    assert not spool.flush(timeout_s=2)
+    assert spool.unlogged() == [(run_id, 0)]
     server.start()
     assert replay(tmp_path / "spool", server.uri) == 0
-    assert steps(tracker.client, tracker.client.get_run(run_id), "loss") == [0]
+    assert steps(runs.client, runs.client.get_run(run_id), "loss") == [0]
     assert replay(tmp_path / "spool", server.uri) == 0  # nothing left, nothing sent twice
-    assert steps(tracker.client, tracker.client.get_run(run_id), "loss") == [0]
+    assert steps(runs.client, runs.client.get_run(run_id), "loss") == [0]
 
 
 def test_sweep_keeps_training_through_a_tracking_outage(ray_session, server, sweep_overrides, tmp_path):
@@ -108,8 +110,8 @@ def test_sweep_keeps_training_through_a_tracking_outage(ray_session, server, swe
     server.start()
     worker.join(600)
     assert outcome.get("rc") == 0
-    tracker = Tracker(server.uri, "lpt")
-    (run,) = stage_runs(tracker.runs_of_sweep("group_size-demo"), "phase2")
+    runs = RunRegistry(server.uri, "lpt")
+    (run,) = stage_runs(runs.runs_of_sweep("group_size-demo"), "phase2")
     for name in ("epoch", "loss", "acc"):
-        assert steps(tracker.client, run, name) == [0, 1, 2, 3, 4, 5], name
+        assert steps(runs.client, run, name) == [0, 1, 2, 3, 4, 5], name
     assert run.info.status == "FINISHED"

@@ -164,7 +164,8 @@ def test_manifest_is_cached_and_rebuilt_when_a_list_changes(tmp_path: Path, smal
 def test_manifest_name_keeps_its_value(tmp_path: Path, small_list: Path) -> None:
     """Manifests cached by earlier versions are found again: the key is the formula they were named with."""
     build_dataset(small_cfg(tmp_path, small_list))
-    sources = {split: hashlib.sha256((small_list / f"{split}.txt").read_bytes()).hexdigest() for split in ("test", "train")}
+    sources = {split: hashlib.sha256((small_list / f"{split}.txt").read_bytes()).hexdigest()
+               for split in ("test", "train")}
     key = hashlib.sha256(json.dumps({
         "version": 1, "dataset": "lt_list", "root": str(small_list.resolve()), "sources": sources, "extra": "",
         "check_files": True, "verify": False, "skip": False}, sort_keys=True).encode()).hexdigest()[:16]
