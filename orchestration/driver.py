@@ -18,11 +18,12 @@ from typing import Any, Iterator
 from omegaconf import DictConfig
 
 from lpt_core.files import FileLocked, atomic_write_bytes, file_lock
+from lpt_core.stages import stages_changed_by
 from orchestration.cluster import check_resources, connect
 from orchestration.plan import SweepPlan, build_plan, resolve_backbones
 from orchestration.report import build_report
 from orchestration.specs import PLAN_FILE, PlanRecord
-from orchestration.stages import STAGE_FIELDS, StageStore
+from orchestration.stages import StageStore
 from orchestration.storage import check_shared_storage
 from orchestration.tracking import RunRegistry, default_tracking_uri, redact
 from orchestration.tuning import run_tuner
@@ -80,27 +81,27 @@ def _show(value: Any) -> str:
     return "(unset)" if value is _UNSET else json.dumps(value, default=str)
 
 
-def _changes(saved: dict[str, Any], content: dict[str, Any], limit: int = 12) -> list[str]:
-    """'key old -> new' for each key of plan.json's content that differs (a row added or dropped shows once,
-    as ablation.values, not once per key of that row)."""
+def _changed_keys(saved: dict[str, Any], content: dict[str, Any]) -> list[str]:
+    """The keys of plan.json's content that differ (a row added or dropped counts once, as ablation.values, not
+    once per key of that row)."""
     moved_rows = set(saved.get("ablation.values", [])) ^ set(content.get("ablation.values", []))
-    lines = []
-    for key in sorted(saved.keys() | content.keys()):
-        old, new = saved.get(key, _UNSET), content.get(key, _UNSET)
-        row_key = _ROW_KEY.match(key)
-        if old == new or (row_key and row_key["row"] in moved_rows):
-            continue
-        lines.append(f"{key} {_show(old)} -> {_show(new)}")
+    return [key for key in sorted(saved.keys() | content.keys())
+            if saved.get(key, _UNSET) != content.get(key, _UNSET)
+            and not ((row_key := _ROW_KEY.match(key)) and row_key["row"] in moved_rows)]
+
+
+def _changes(saved: dict[str, Any], content: dict[str, Any], keys: list[str], limit: int = 12) -> list[str]:
+    """'key old -> new' for each changed key."""
+    lines = [f"{key} {_show(saved.get(key, _UNSET))} -> {_show(content.get(key, _UNSET))}" for key in keys]
     return lines if len(lines) <= limit else [*lines[:limit], f"and {len(lines) - limit} more"]
 
 
 def _reused_stages(plan: SweepPlan, saved: dict[str, Any], changed: list[str]) -> str:
-    """What a new sweep of the changed configuration takes from the stage cache (stages whose key is the same)."""
+    """What a new sweep of the changed configuration takes from the stage cache (stages whose key is the same:
+    none of its fields changed, nor those of the stage it starts from)."""
     if not plan.settings.stages.cache or saved.get("stages.cache") is False:
         return "every stage is trained again (stages.cache=false keeps each sweep's stages to itself)"
-    keys = [(m["key"] if (m := _ROW_KEY.match(key)) else key) for key in changed]
-    touched = {stage for stage in STAGE_FIELDS for field in STAGE_FIELDS[stage]
-               if any(key == field or key.startswith(f"{field}.") for key in keys)}
+    touched = stages_changed_by((m["key"] if (m := _ROW_KEY.match(key)) else key) for key in changed)
     stages = plan.stage_names()
     reused = [stage for stage in stages if stage not in touched]
     if not reused:
@@ -117,12 +118,14 @@ def _refuse_changed(plan: SweepPlan, folder: Path, saved: PlanRecord, fingerprin
         return SweepError(f"sweep {plan.name!r} in {folder} was started with a different configuration "
                           f"(fingerprint {saved.fingerprint} vs {fingerprint}); nothing was changed. "
                           f"Use another sweep.name, or the original overrides to resume it")
-    changed = _changes(saved.content, plan.content())
+    content = plan.content()
+    changed = _changed_keys(saved.content, content)
     root, number = folder.parent, 2
     while (root / f"{plan.name}-{number}").exists():
         number += 1
     return SweepError(
-        f"sweep {plan.name!r} in {folder} was started with a different configuration: {', '.join(changed)}; "
+        f"sweep {plan.name!r} in {folder} was started with a different configuration: "
+        f"{', '.join(_changes(saved.content, content, changed))}; "
         f"nothing was changed. To resume it, use its original values (resources.*, max_concurrent_trials and "
         f"debug.* may differ: they do not change results). To run the new configuration, start it under a new "
         f"name, e.g. sweep.name={plan.name}-{number}: {_reused_stages(plan, saved.content, changed)}")

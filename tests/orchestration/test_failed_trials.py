@@ -71,6 +71,17 @@ def test_a_changed_configuration_is_refused_naming_the_keys(sweep_overrides):
     assert message.endswith("every stage is trained again (stages.cache=false keeps each sweep's stages to itself)")
 
 
+def test_a_refusal_counts_a_stage_as_changed_with_the_stage_it_starts_from(sweep_overrides):
+    """phase 2 starts from phase 1: a phase-1 key retrains both; a top-level field (precision) counts too."""
+    folder = _started(sweep_overrides, "ablation=group_size", "ablation.values=[5,10]")
+    message = _refusal(sweep_overrides, folder, "ablation=group_size", "ablation.values=[5,10]", "phase1.epochs=3")
+    assert "configuration: phase1.epochs 2 -> 3; nothing" in message
+    assert message.endswith("every stage is trained again (each depends on a changed key)")
+    message = _refusal(sweep_overrides, folder, "ablation=group_size", "ablation.values=[5,10]", "precision=fp32")
+    assert 'configuration: precision "auto" -> "fp32"; nothing' in message
+    assert message.endswith("every stage is trained again (each depends on a changed key)")
+
+
 def _by_row(runs, stage: str) -> dict:
     found = {}
     for run in stage_runs(runs, stage):
