@@ -39,6 +39,11 @@ def test_dry_run_prints_the_measure_and_a_sweep_that_sweep_py_accepts(tmp_path, 
     assert {"device=cpu", "cluster.num_gpus=1", "resources.gpu=0.25"} <= set(only[2:])
 
 
+def test_most_at_once() -> None:
+    assert gpu_check.most_at_once([(0, 10), (10, 20), (20, 30)]) == 1  # one ends as the next starts
+    assert gpu_check.most_at_once([(0, 10), (5, 20), (6, 7), (19, 30)]) == 3
+
+
 def test_the_section_replaces_the_previous_one() -> None:
     old = f"# Benchmarks\n\ntext\n\n{gpu_check.START}\nold numbers\n{gpu_check.END}\n\n## Notes\n"
     new = gpu_check.with_section(old, f"{gpu_check.START}\nnew numbers\n{gpu_check.END}")

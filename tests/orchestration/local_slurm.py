@@ -39,6 +39,8 @@ def _binary(name: str) -> str:
 
 
 def slurm_conf(root: Path, ctld_port: int, slurmd_port: int, cpus: int) -> str:
+    node = (f"NodeName=localhost NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 CPUs={cpus} "
+            f"RealMemory=4000 Gres=gpu:{GPUS} State=UNKNOWN")
     return f"""\
 ClusterName=lpttest
 SlurmctldHost=localhost(127.0.0.1)
@@ -67,7 +69,7 @@ MailProg=/bin/true
 KillWait=10
 MinJobAge=3600
 GresTypes=gpu
-NodeName=localhost NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 Gres=gpu:{GPUS} State=UNKNOWN
+{node}
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """
 

@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from benchmarks.gpu_check import most_at_once
+
 from .conftest import REPO, mlflow_runs, run_sweep_cli, stage_runs
 
 pytestmark = pytest.mark.slow
@@ -30,22 +32,6 @@ def phase2_intervals(sweep_root, count: int) -> list[tuple[int, int]]:
     phase2 = stage_runs(runs, "phase2")
     assert sorted(r.data.tags["lpt.row"] for r in phase2) == sorted(ROWS[:count])
     return [(r.info.start_time, r.info.end_time) for r in phase2]
-
-
-def most_at_once(intervals: list[tuple[int, int]]) -> int:
-    """The largest number of intervals open at one instant (an interval ending as another starts: not together)."""
-    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals],
-                   key=lambda edge: (edge[0], edge[1]))
-    open_now = peak = 0
-    for _, change in edges:
-        open_now += change
-        peak = max(peak, open_now)
-    return peak
-
-
-def test_most_at_once() -> None:
-    assert most_at_once([(0, 10), (10, 20), (20, 30)]) == 1
-    assert most_at_once([(0, 10), (5, 20), (6, 7), (19, 30)]) == 3
 
 
 def _held_sweep(overrides: list[str], events, log_path, held: int) -> str:
