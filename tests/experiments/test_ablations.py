@@ -5,8 +5,10 @@ import pytest
 
 from experiments.ablations import (ABLATIONS, RUN_UNTIL, Ablation, Distribution, Point, get_ablation, product,
                                    register, sweep, zipit)
+from experiments.pretrain_demo import DemoPretrainConfig, backbone_hash
 from experiments.settings import apply_overrides, build_lpt, compose_config, split
 from lpt_core.config import ConfigError, LPTConfig
+from orchestration.stages import stage_chain
 
 REQUIRED = ("group_size", "decoupled_vs_joint", "query_function", "model_size", "loss", "per_phase", "topk",
             "ensemble", "prompt_length", "sampling")
@@ -142,6 +144,44 @@ def test_register_refuses_duplicates_and_unknown_stages() -> None:
         register(Ablation("group_size", "again", "m", points=(Point("1", {}),)))
     with pytest.raises(ValueError, match="unknown stages"):
         register(Ablation("test_bad_stage", "x", "x", points=(Point("1", {}),), stages=("phase3",)))
+    assert ABLATIONS == before
+
+
+@pytest.mark.parametrize("experiment", ["demo", "places_lt"])
+@pytest.mark.parametrize("name", sorted(ABLATIONS))
+def test_stages_are_the_stages_whose_key_the_axis_changes(experiments: dict, experiment: str, name: str) -> None:
+    """The README's promise: every stage an ablation does not name has one key for all its rows (one training,
+    shared), every stage it names differs between rows (another key, or run by some rows only)."""
+    ablation = ABLATIONS[name]
+    keys: dict[str, list[str]] = {}
+    points = ablation.points_for(experiment)
+    for point in points:
+        cfg = apply_point(experiments[experiment], point)
+        for spec in stage_chain(cfg, point.overrides.get(RUN_UNTIL)):
+            keys.setdefault(spec.stage, []).append(spec.key)
+        if experiment == "demo":
+            keys.setdefault("pretrain", []).append(backbone_hash(cfg.backbone, cfg.data, DemoPretrainConfig()))
+    for stage, found in keys.items():
+        shared = len(set(found)) == 1 and len(found) == len(points)
+        assert shared == (stage not in ablation.stages), (stage, found)
+
+
+def test_register_refuses_stages_that_are_not_what_the_axis_changes() -> None:
+    before = dict(ABLATIONS)
+    with pytest.raises(ValueError, match=r"stages=\('phase2',\), but its axis changes \('phase1', 'phase2'\) "
+                                         r"\(prompt\.length changes phase1, phase2\)"):
+        register(Ablation("test_length", "x", "P", points=tuple(sweep("prompt.length", [1, 2])), reference="1"))
+    with pytest.raises(ValueError, match=r"axis changes \('phase1', 'phase2'\) \(eval\.knn_k changes phase1"):
+        register(Ablation("test_knn", "x", "k", points=tuple(sweep("eval.knn_k", [5, 10])), reference="5"))
+    with pytest.raises(ValueError, match=r"stages=\('phase1', 'phase2'\), but its axis changes \('phase2',\)"):
+        register(Ablation("test_pool", "x", "m", points=tuple(sweep("prompt.pool_size", [5, 10])), reference="5",
+                          stages=("phase1", "phase2")))
+    with pytest.raises(ValueError, match=r"axis changes \('pretrain', 'phase1', 'phase2'\)"):
+        register(Ablation("test_width", "x", "w", points=tuple(sweep("backbone.model_kwargs.embed_dim", [64, 128])),
+                          reference="64", stages=("phase1", "phase2")))
+    with pytest.raises(ValueError, match=r"only some rows run phase2"):
+        register(Ablation("test_stop", "x", "r", points=(Point("p1", {RUN_UNTIL: "phase1"}), Point("all", {})),
+                          reference="all", stages=()))
     assert ABLATIONS == before
 
 

@@ -7,6 +7,7 @@ dataset `test_blobs` is registered once per session in lpt_core's dataset regist
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,6 +57,32 @@ def blobs_dataset(cfg: DataConfig, norm: Normalization) -> DatasetBundle:
 
 if DATASET not in DATASETS:
     register_dataset(DATASET)(blobs_dataset)
+
+
+TIMING_KEYS = {"epoch_time_s", "train_images_per_s"}  # wall-clock measures: the only part of a result that varies
+
+
+def without_timing(rows: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+def assert_same(a: Any, b: Any, where: str = "state") -> None:
+    """Equal structure and values; tensors bit-exact; NaN equals NaN (a class group without classes)."""
+    assert type(a) is type(b), where
+    if torch.is_tensor(a):
+        assert a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b), where
+    else:
+        assert a == b, where
 
 
 class QuietHooks(PhaseHooks):

@@ -3,9 +3,8 @@ config fields outside the stage's key. So a phase 1 interrupted at one pool size
 checkpoint that still does not fit is refused by name, not by torch's size-mismatch error."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 import torch
@@ -15,9 +14,8 @@ from lpt_core.config import LPTConfig, to_dict
 from lpt_core.stages import STAGE_FIELDS, stage_config
 from lpt_core.train import run_phase
 
-from .conftest import QuietHooks
+from .conftest import QuietHooks, assert_same, without_timing
 
-TIMING_KEYS = {"epoch_time_s", "train_images_per_s"}
 PHASE1_PARTS = ["shared_prompt.tokens", "head.weight"]
 # two trials that share phase 1's key and differ in fields outside it (the pool, matching, phase 2)
 POOL_5 = {"prompt": {"pool_size": 5, "top_k": 1, "block_k": 1}, "phase2": {"epochs": 7}}
@@ -38,29 +36,6 @@ class PreemptAfter(QuietHooks):
             raise _Preempted
 
 
-def _assert_same(a: Any, b: Any, where: str = "state") -> None:
-    """Equal structure and values; tensors bit-exact; NaN equals NaN (a class group without classes)."""
-    assert type(a) is type(b), where
-    if torch.is_tensor(a):
-        assert a.shape == b.shape and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert list(a) == list(b), where
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert math.isnan(b), where
-    else:
-        assert a == b, where
-
-
-def _without_timing(history: list[dict[str, float]]) -> list[dict[str, float]]:
-    return [{k: v for k, v in h.items() if k not in TIMING_KEYS} for h in history]
-
-
 def test_phase1_checkpoints_of_trials_that_share_its_key_are_the_same(make_config: Callable[..., LPTConfig],
                                                                        tmp_path: Path, quiet_hooks) -> None:
     runs = [run_phase(make_config(other), "phase1", tmp_path / name, quiet_hooks)
@@ -68,8 +43,8 @@ def test_phase1_checkpoints_of_trials_that_share_its_key_are_the_same(make_confi
     (a, meta_a), (b, meta_b) = (load_checkpoint(r.checkpoint_dir) for r in runs)
     assert list(a["model"]) == PHASE1_PARTS  # no pool: its shape is [m, ...]
     assert a["optimizer_params"] == PHASE1_PARTS
-    a["history"], b["history"] = _without_timing(a["history"]), _without_timing(b["history"])
-    _assert_same(a, b)
+    a["history"], b["history"] = without_timing(a["history"]), without_timing(b["history"])
+    assert_same(a, b)
     del meta_a["sha256"], meta_b["sha256"]  # state.pt holds the epochs' timings
     assert meta_a == meta_b
     assert meta_a["config"] == stage_config(make_config(POOL_20), "phase1")
@@ -117,9 +92,9 @@ def test_phase1_interrupted_at_one_pool_size_resumes_at_another(make_config: Cal
                         resume_from=checkpoint)
 
     assert resumed.extras["resumed_after_epoch"] == 1
-    _assert_same(_without_timing(resumed.history), _without_timing(straight.history), "history")
-    _assert_same(*_without_timing([resumed.metrics, straight.metrics]), "metrics")
-    _assert_same(load_checkpoint(resumed.checkpoint_dir)[0]["model"],
+    assert_same(without_timing(resumed.history), without_timing(straight.history), "history")
+    assert_same(*without_timing([resumed.metrics, straight.metrics]), "metrics")
+    assert_same(load_checkpoint(resumed.checkpoint_dir)[0]["model"],
                  load_checkpoint(straight.checkpoint_dir)[0]["model"])
 
 
