@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.settings import DebugSettings, TrackingSettings, apply_overrides
-from lpt_core.config import LPTConfig, from_dict, to_dict
+from lpt_core.config import ConfigError, LPTConfig, from_dict, to_dict
 from lpt_core.files import atomic_write_bytes
 from orchestration.stages import StageSpec, stage_chain
 
@@ -114,4 +114,16 @@ class PlanRecord:
 
     @classmethod
     def read(cls, folder: Path) -> PlanRecord:
-        return cls(**json.loads((folder / PLAN_FILE).read_text()))
+        """The record of an existing sweep; a damaged or foreign plan.json is refused, never overwritten."""
+        path = folder / PLAN_FILE
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path}: unreadable ({err}); it was left unchanged. Use another sweep.name") from err
+        fields = dataclasses.fields(cls)
+        required = [f.name for f in fields if f.default is dataclasses.MISSING]
+        missing = [name for name in required if not isinstance(values, dict) or name not in values]
+        if missing:
+            raise ConfigError(f"{path}: not a sweep plan (missing {missing}); it was left unchanged. "
+                              f"Use another sweep.name")
+        return cls(**{f.name: values[f.name] for f in fields if f.name in values})

@@ -17,7 +17,10 @@ pytestmark = pytest.mark.slow
 def _earlier_sweep(root, name="group_size-demo"):
     folder = root / "sweeps" / name
     folder.mkdir(parents=True)
-    files = {"plan.json": json.dumps({"fingerprint": "0123456789abcdef"}), "state.json": '{"status": "complete"}',
+    plan = {"fingerprint": "0123456789abcdef", "name": name, "ablation": "group_size", "experiment": "demo",
+            "axis": "m", "rows": ["5", "10", "20", "40"], "seeds": [0], "search": "grid", "metric": "acc",
+            "stage_root": str(root / "stages")}  # the keys an earlier version wrote (no content: old two-hash case)
+    files = {"plan.json": json.dumps(plan), "state.json": '{"status": "complete"}',
              "trials.json": "[]"}
     for file, text in files.items():
         (folder / file).write_text(text)
@@ -78,6 +81,15 @@ def test_a_sweep_with_another_configuration_under_the_same_name_is_refused(sweep
     result = run_sweep_cli(sweep_overrides("ablation=group_size", "resume=true"))
     assert result.returncode == 2 and "different configuration" in result.stderr
     assert _unchanged(folder, files)
+
+
+def test_a_damaged_plan_file_is_refused_and_left_alone(sweep_overrides, tmp_path):
+    folder = tmp_path / "sweeps" / "group_size-demo"
+    folder.mkdir(parents=True)
+    (folder / "plan.json").write_text('{"fingerprint": "0123')
+    result = run_sweep_cli(sweep_overrides("ablation=group_size", "resume=true"))
+    assert result.returncode == 2 and f"{folder / 'plan.json'}: unreadable" in result.stderr
+    assert (folder / "plan.json").read_text() == '{"fingerprint": "0123'
 
 
 def test_unreachable_cluster_fails_fast_and_writes_nothing(sweep_overrides, tmp_path):
