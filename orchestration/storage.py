@@ -60,20 +60,38 @@ def check_shared_storage(roots: dict[str, str | Path], timeout_s: float = 120.0,
     try:
         pending = {n["NodeID"]: reader.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(probes) for n in nodes}
-        ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=timeout_s)
-        answers = {node: ray.get(ref) for node, ref in pending.items() if ref in ready}
+        answers = _collect(pending, timeout_s)
     finally:
         for path, _ in probes.values():
             Path(path).unlink(missing_ok=True)
     problems = []
     for node in nodes:
         where = f"node {node['NodeName']} ({node['NodeManagerHostname']}, id {node['NodeID'][:12]})"
-        answer = answers.get(node["NodeID"])
-        if answer is None:
-            problems.append(f"{where} did not answer the storage check within {timeout_s:g} s")
-        problems += [f"{where}: {label}: {problem}" for label, problem in answer["problems"].items()] if answer else []
+        answer = answers[node["NodeID"]]
+        if isinstance(answer, str):
+            problems.append(f"{where} {answer}")
+        else:
+            problems += [f"{where}: {label}: {problem}" for label, problem in answer["problems"].items()]
     if problems:
         raise StorageError("the sweep's storage must be one filesystem that every node sees at the same path; "
                            + "; ".join(problems) + ". Point " + " and ".join(roots) + " at a shared filesystem")
     log(f"storage: {', '.join(f'{k}={Path(v).resolve()}' for k, v in roots.items())} seen by all "
         f"{len(nodes)} nodes")
+
+
+def _collect(pending: dict[str, object], timeout_s: float) -> dict[str, dict | str]:
+    """Each node's answer, or why there is none (no answer in time, or the check failed there)."""
+    import ray
+
+    ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=timeout_s)
+    answers: dict[str, dict | str] = {}
+    for node, ref in pending.items():
+        if ref not in ready:
+            answers[node] = f"did not answer the storage check within {timeout_s:g} s"
+            continue
+        try:
+            answers[node] = ray.get(ref)
+        except ray.exceptions.RayError as err:  # e.g. the project is not importable there
+            answers[node] = f"could not run the storage check ({(str(err).strip().splitlines() or ['?'])[-1]})"
+    return answers
+
