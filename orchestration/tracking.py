@@ -1,7 +1,9 @@
 """MLflow bookkeeping: one parent run per sweep, one child run per stage execution, idempotent per-epoch metrics.
 
-`RunRegistry` holds the runs: they are found again by tag (lpt.sweep for the parent, lpt.stage_key for a stage),
-so a retried or resumed trial continues its own run instead of starting a duplicate. `MetricSpool` holds the
+`RunRegistry` holds the runs: they are found again by tag (lpt.sweep for the parent, lpt.sweep and lpt.stage_key
+for a stage), so a retried or resumed trial continues its own run instead of starting a duplicate, and a stage
+trained again for another sweep (its stage store cleaned, another stages.root) gets a run of its own, linked to
+the first run of its key by the tag lpt.first_run_id. `MetricSpool` holds the
 epoch metrics on their way: a step already logged is never logged twice (MLflow keeps every `log_metric` call),
 and what a tracking outage keeps from the server waits on disk, in step order, until it can be sent. Everything
 goes through MlflowClient with an explicit tracking URI: nothing depends on MLflow's process-global active run,
@@ -27,9 +29,11 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from lpt_core.files import atomic_write_bytes
 
 T = TypeVar("T")
-TAG_SWEEP, TAG_ROLE, TAG_STAGE_KEY = "lpt.sweep", "lpt.role", "lpt.stage_key"
+TAG_SWEEP, TAG_ROLE, TAG_STAGE_KEY, TAG_FIRST_RUN = "lpt.sweep", "lpt.role", "lpt.stage_key", "lpt.first_run_id"
 TAG_ERROR, TAG_PREVIOUS_ERROR = "lpt.error", "lpt.previous_error"
 PARAM_VALUE_LIMIT = 6000
+# MLflow 3 shows an experiment without this tag as a GenAI one (traces first); ours is one of model training
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 _SECRET = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<userinfo>[^/@\s]+)@")
 _SECRET_QUERY = re.compile(r"(?i)((?:token|secret|password|key|signature)=)[^&\s]+")
 
@@ -40,7 +44,18 @@ def redact(value: str) -> str:
 
 
 def default_tracking_uri(sweep_root: str | Path) -> str:
+    """One SQLite store for every sweep under sweep.root (beside their folders), so one `mlflow ui` shows them all."""
     return f"sqlite:///{(Path(sweep_root).resolve() / 'mlflow.db')}"
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its runs' artifacts: beside a SQLite store, in mlartifacts/<experiment>, so the
+    store's folder holds everything (a client without a server would write to ./mlruns, wherever it runs); None,
+    the server's own artifact store, for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    folder = Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts"
+    return (folder / re.sub(r"[^\w.-]", "_", experiment)).as_uri()
 
 
 def is_outage(err: BaseException) -> bool:
@@ -84,8 +99,8 @@ class RunRegistry:
         self.uri, self.outage_wait_s = uri, outage_wait_s
         self.client = tracking_client(uri)
         found = self._call(lambda: self.client.get_experiment_by_name(experiment))
-        self.experiment_id = (found.experiment_id if found is not None
-                              else self._call(lambda: self.client.create_experiment(experiment)))
+        self.experiment_id = found.experiment_id if found is not None else self._call(
+            lambda: self.client.create_experiment(experiment, artifact_location(uri, experiment), EXPERIMENT_TAGS))
 
     def _call(self, call: Callable[[], T]) -> T:
         return _retry(call, self.outage_wait_s)
@@ -107,19 +122,33 @@ class RunRegistry:
 
     def stage_run(self, parent_id: str, sweep: str, key: str, name: str, params: dict[str, Any],
                   tags: dict[str, str]) -> str:
-        """The stage's run: found by its key (a retry continues it) or created once with its params."""
-        run_id = self._find(f"tags.`{TAG_STAGE_KEY}` = '{key}'")
+        """The stage's run in this sweep: found by sweep and key (a retry continues it) or created once with its
+        params, linked to the first run of the key where another sweep trained it before."""
+        run_id = self._find(f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_STAGE_KEY}` = '{key}'")
         if run_id is not None:
             self._reopen(run_id)
             return run_id
+        first = self._find(f"tags.`{TAG_STAGE_KEY}` = '{key}'")
         all_tags = {TAG_SWEEP: sweep, TAG_ROLE: "stage", TAG_STAGE_KEY: key, MLFLOW_PARENT_RUN_ID: parent_id,
-                    MLFLOW_RUN_NAME: name, **tags}
+                    MLFLOW_RUN_NAME: name, **({TAG_FIRST_RUN: first} if first else {}), **tags}
         run = self._call(lambda: self.client.create_run(self.experiment_id, run_name=name, tags=all_tags))
-        run_id = run.info.run_id
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """Params, credentials in URIs redacted; a key already logged must keep its value (MLflow's rule)."""
         items = [Param(k, redact(str(v))[:PARAM_VALUE_LIMIT]) for k, v in sorted(params.items())]
         for start in range(0, len(items), 100):
             self._call(lambda: self.client.log_batch(run_id, params=items[start:start + 100]))
-        return run_id
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
+        """Values that describe the run as a whole (step 0), logged where the run does not hold them already:
+        a sweep resumed with more trials finished updates its summary without repeating the unchanged values."""
+        held = self._call(lambda: self.client.get_run(run_id)).data.metrics
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, 0) for k, v in metrics.items() if held.get(k) != float(v)]
+        if items:
+            self._call(lambda: self.client.log_batch(run_id, metrics=items))
 
     def _reopen(self, run_id: str) -> None:
         """A run continued by a retry or a resume is RUNNING again; the error that ended its previous attempt
@@ -154,13 +183,17 @@ class RunRegistry:
             self.set_tags(run_id, {TAG_ERROR: failed[:5000]})
         self._call(lambda: self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED"))
 
+    def sweep_parents(self) -> list:
+        """The parent run of every sweep in the experiment, oldest first."""
+        return self._call(lambda: self.client.search_runs([self.experiment_id], f"tags.`{TAG_ROLE}` = 'sweep'",
+                                                      max_results=10000, order_by=["attributes.start_time ASC"]))
+
+    def set_experiment_tag(self, key: str, value: str) -> None:
+        self._call(lambda: self.client.set_experiment_tag(self.experiment_id, key, value))
+
     def runs_of_sweep(self, sweep: str) -> list:
         return self._call(lambda: self.client.search_runs([self.experiment_id], f"tags.`{TAG_SWEEP}` = '{sweep}'",
                                                       max_results=10000))
-
-    def run_for_stage(self, key: str):
-        run_id = self._find(f"tags.`{TAG_STAGE_KEY}` = '{key}'")
-        return None if run_id is None else self._call(lambda: self.client.get_run(run_id))
 
 
 class MetricSpool:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
 
 import pytest
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from orchestration.tracking import MetricSpool, RunRegistry, default_tracking_uri, redact
+from orchestration.tracking import MetricSpool, RunRegistry, artifact_location, default_tracking_uri, redact
 
 _names = itertools.count()
 
@@ -34,12 +35,45 @@ def stage(runs: RunRegistry, sweep: str, params: dict | None = None) -> tuple[st
     return parent, runs.stage_run(parent, sweep, key, "phase1", params or {"prompt.length": 4}, {"lpt.row": "5"})
 
 
-def test_default_tracking_uri_is_sqlite_in_the_sweep_folder(tmp_path: Path) -> None:
-    assert default_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+def test_default_tracking_uri_is_one_sqlite_store_under_sweep_root(tmp_path: Path) -> None:
+    assert default_tracking_uri(tmp_path / "sweeps") == f"sqlite:///{tmp_path.resolve()}/sweeps/mlflow.db"
 
 
 def test_same_experiment_is_reused(uri: str, runs: RunRegistry) -> None:
     assert RunRegistry(uri, "lpt-test").experiment_id == runs.experiment_id
+
+
+def test_an_experiment_trains_models_and_keeps_its_artifacts_beside_the_store(tmp_path: Path) -> None:
+    runs = RunRegistry(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}", "places_lt")
+    experiment = runs.client.get_experiment(runs.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    folder = tmp_path / "store" / "mlartifacts" / "places_lt"
+    assert experiment.artifact_location == folder.as_uri()
+    parent = runs.parent_run("s", {})
+    (tmp_path / "report.md").write_text("table")
+    runs.log_artifacts(parent, [tmp_path / "report.md"], "report")
+    assert (folder / parent / "artifacts" / "report" / "report.md").read_text() == "table"
+    assert artifact_location("http://127.0.0.1:5000", "demo") is None  # a server's own artifact store
+    assert artifact_location("sqlite:///team.db", "a/b") == (Path("mlartifacts").resolve() / "a_b").as_uri()
+
+
+def test_log_metrics_logs_only_what_changed(runs: RunRegistry, sweep: str) -> None:
+    parent = runs.parent_run(sweep, {})
+    runs.log_metrics(parent, {"acc/m:5": 50.0, "acc/m:20": 40.0})
+    runs.log_metrics(parent, {"acc/m:5": 50.0, "acc/m:20": 45.0, "acc/m:40": 30.0})  # a resume finished more
+    assert runs.client.get_run(parent).data.metrics == {"acc/m:5": 50.0, "acc/m:20": 45.0, "acc/m:40": 30.0}
+    assert [m.value for m in runs.client.get_metric_history(parent, "acc/m:5")] == [50.0]
+    assert [m.value for m in runs.client.get_metric_history(parent, "acc/m:20")] == [40.0, 45.0]
+
+
+def test_sweep_parents_oldest_first(tmp_path: Path) -> None:
+    runs = RunRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}", "demo")
+    first = runs.parent_run("b-first", {})
+    while int(time.time() * 1000) <= runs.client.get_run(first).info.start_time:  # start times are in ms
+        pass
+    second = runs.parent_run("a-second", {})
+    stage(runs, "b-first")
+    assert [r.info.run_id for r in runs.sweep_parents()] == [first, second]
 
 
 def test_parent_run_is_get_or_create(runs: RunRegistry, sweep: str) -> None:
@@ -58,8 +92,6 @@ def test_stage_run_is_get_or_create_by_key(runs: RunRegistry, sweep: str) -> Non
     assert run.data.params == {"prompt.length": "4", "seed": "0"}  # logged once, by the creating call
     assert run.data.tags[MLFLOW_PARENT_RUN_ID] == parent
     assert run.data.tags["lpt.stage_key"] == f"phase1-{sweep}" and run.data.tags["lpt.row"] == "5"
-    assert runs.run_for_stage(f"phase1-{sweep}").info.run_id == run_id
-    assert runs.run_for_stage("phase1-nothing") is None
     assert {r.info.run_id for r in runs.runs_of_sweep(sweep)} == {parent, run_id}
 
 
@@ -121,3 +153,26 @@ def test_stage_run_params_are_redacted(runs: RunRegistry, sweep: str) -> None:
     logged = runs.client.get_run(run_id).data.params
     assert logged == {"sweep.storage": "s3://***@bucket/x?token=***", "data.root": "/data/places"}
     assert "pw" not in str(logged) and "t0k" not in str(logged)
+
+
+def test_a_stage_trained_again_for_another_sweep_gets_its_own_run(runs: RunRegistry, sweep: str) -> None:
+    """The stage store was cleaned (or another stages.root used): sweep B trains stage K again, which sweep A
+    trained and tracked. B's run is its own, linked to A's; A's keeps its steps; B's epochs are all logged."""
+    parent_a, run_a = stage(runs, sweep)
+    spool = MetricSpool(runs.client)
+    for step in (0, 1):
+        spool.log_epoch(run_a, step, {"loss": 2.0 - step})
+    runs.finish(run_a)
+    parent_b = runs.parent_run(f"{sweep}-b", {})
+    run_b = runs.stage_run(parent_b, f"{sweep}-b", f"phase1-{sweep}", "phase1", {"prompt.length": 4}, {})
+    assert run_b != run_a
+    assert [spool.log_epoch(run_b, step, {"loss": 3.0 - step}) for step in (0, 1)] == [True, True]
+    tags = runs.client.get_run(run_b).data.tags
+    assert tags["lpt.first_run_id"] == run_a and tags["lpt.sweep"] == f"{sweep}-b"
+    assert tags[MLFLOW_PARENT_RUN_ID] == parent_b
+    assert [m.value for m in runs.client.get_metric_history(run_a, "loss")] == [2.0, 1.0]
+    assert runs.client.get_run(run_a).info.status == "FINISHED"
+    # a retry of B's trial continues B's run, and its own steps stay logged once
+    assert runs.stage_run(parent_b, f"{sweep}-b", f"phase1-{sweep}", "phase1", {}, {}) == run_b
+    assert not MetricSpool(runs.client).log_epoch(run_b, 1, {"loss": 9.0})
+    assert "lpt.first_run_id" not in runs.client.get_run(run_a).data.tags
