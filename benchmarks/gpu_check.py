@@ -80,10 +80,10 @@ def sweep_numbers(folder: Path, stage_root: Path, wall_s: float) -> dict[str, An
     """What the sweep did, from its folder, its MLflow store and the stage store."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("lpt")
-    runs = [r for r in client.search_runs([experiment.experiment_id], max_results=1000)
-            if r.data.tags.get("lpt.stage") == "phase2"]
+    client = MlflowClient(f"sqlite:///{folder.parent / 'mlflow.db'}")  # the default store, beside the sweep folder
+    experiment = client.get_experiment_by_name("demo")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`lpt.sweep` = '{folder.name}' and "
+                                                          f"tags.`lpt.stage` = 'phase2'", max_results=1000)
     images_per_s = []
     for run in runs:
         result = json.loads((stage_root / run.data.tags["lpt.stage_key"] / "result.json").read_text())

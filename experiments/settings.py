@@ -91,8 +91,8 @@ class StageSettings:
 
 @dataclass
 class TrackingSettings:
-    uri: str | None = None  # default sqlite:///<sweep root>/<name>/mlflow.db; any `mlflow server` URI works
-    experiment: str = "lpt"
+    uri: str | None = None  # default sqlite:///<sweep.root>/mlflow.db, shared by every sweep; or an `mlflow server`
+    experiment: str | None = None  # the MLflow experiment; default: the experiment's name (demo, places_lt, ...)
     flush_timeout_s: float = 120.0  # how long a finished stage waits for an unreachable server before moving on
 
 

@@ -2,12 +2,14 @@
 
 Sweep folder (sweep.root/<name>/): plan.json (what is computed: its fingerprint and, key by key, its content),
 state.json (complete or not, the failed trials), trials.json (one record per finished trial), report.{md,csv} and
-plots, mlflow.db (default tracking store), tune/ (Tune storage unless sweep.storage points elsewhere: `upstream`,
-`trials` and the reruns of their failed trials, `trials-rerun1`, ...), .lock (held by the running driver).
+plots, tune/ (Tune storage unless sweep.storage points elsewhere: `upstream`, `trials` and the reruns of their
+failed trials, `trials-rerun1`, ...), .lock (held by the running driver). Beside the sweep folders, in sweep.root:
+the default tracking store of every sweep (mlflow.db, artifacts in mlartifacts/).
 """
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import re
 import shutil
@@ -15,18 +17,21 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
 from omegaconf import DictConfig
 
 from lpt_core.files import FileLocked, atomic_write_bytes, file_lock
 from lpt_core.stages import stages_changed_by
 from orchestration.cluster import check_resources, connect
 from orchestration.plan import SweepPlan, build_plan, resolve_backbones
-from orchestration.report import build_report
+from orchestration.report import Report, build_report
+from orchestration.run_names import sweep_params
 from orchestration.specs import PLAN_FILE, PlanRecord
 from orchestration.stages import StageStore
 from orchestration.storage import check_shared_storage
 from orchestration.tracking import RunRegistry, default_tracking_uri, redact
 from orchestration.tuning import run_tuner
+from orchestration.workbench import summarise_sweep, ui_link, write_view
 
 
 class SweepError(RuntimeError):
@@ -147,13 +152,34 @@ def _check_existing(plan: SweepPlan, folder: Path, fingerprint: str) -> str:
     return "resume"
 
 
-def _git_commit() -> str:
+def _git_commit() -> dict[str, str]:
+    """MLflow's own source-version tag (the runs table's Version column), where the code is a git checkout."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return {}
+    return {MLFLOW_GIT_COMMIT: out.stdout.strip()} if out.returncode == 0 and out.stdout.strip() else {}
+
+
+def _parent_run(runs: RunRegistry, plan: SweepPlan, record: PlanRecord, upstream: dict, tracking_uri: str) -> str:
+    """The sweep's parent run (found again by a resume), with what the sweep varies as its params."""
+    parent = runs.parent_run(plan.name, {
+        "lpt.ablation": plan.ablation.name, "lpt.experiment": plan.experiment, "lpt.search": plan.settings.search.name,
+        "lpt.stage_keys": ",".join(sorted(upstream))[:5000], "lpt.tracking_uri": redact(tracking_uri),
+        MLFLOW_SOURCE_NAME: "orchestration/sweep.py", MLFLOW_SOURCE_TYPE: "LOCAL", MLFLOW_USER: getpass.getuser(),
+        **_git_commit()})
+    runs.log_params(parent, sweep_params(record))
+    return parent
+
+
+def _summarise(runs: RunRegistry, parent: str, record: PlanRecord, report: Report, log) -> None:
+    """The parent run's summary, the view over every sweep of the experiment, and how to open it."""
+    summarise_sweep(runs, parent, record, report)
+    write_view(runs)
+    command, link = ui_link(redact(runs.uri), runs.experiment_id)
+    log(f"MLflow: this sweep beside every other of experiment {record.tracking_experiment!r}"
+        + (f"; serve the store with\n    {command}\nand open " if command else ": ") + link)
 
 
 def run_sweep(cfg: DictConfig | dict, log=print) -> int:
@@ -172,14 +198,11 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
         plan = resolve_backbones(plan, log)
         record.write(folder)
         _write_json(folder / "state.json", {"status": "running"})
-        tracking_uri = plan.settings.tracking.uri or default_tracking_uri(folder)
-        runs = RunRegistry(tracking_uri, plan.settings.tracking.experiment,
+        tracking_uri = plan.settings.tracking.uri or default_tracking_uri(plan.settings.sweep.root)
+        runs = RunRegistry(tracking_uri, record.tracking_experiment,
                            outage_wait_s=plan.settings.tracking.flush_timeout_s)
         upstream = plan.upstream_keys()
-        parent = runs.parent_run(plan.name, {
-            "lpt.ablation": plan.ablation.name, "lpt.experiment": plan.experiment, "lpt.git_commit": _git_commit(),
-            "lpt.search": plan.settings.search.name, "lpt.stage_keys": ",".join(sorted(upstream))[:5000],
-            "lpt.tracking_uri": redact(tracking_uri)})
+        parent = _parent_run(runs, plan, record, upstream, tracking_uri)
         context = plan.context(tracking_uri, parent)
         storage = plan.settings.sweep.storage or str(folder / "tune")
         store = StageStore(plan.settings.stages.root)
@@ -199,7 +222,7 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
         _write_json(folder / "state.json", {"status": "complete" if complete else "incomplete", "failed": failed})
         report = build_report(folder, tracking_uri=tracking_uri, parent_run_id=parent)
         log(report.markdown)
-        log(f"MLflow: mlflow ui --backend-store-uri {redact(tracking_uri)} --host 127.0.0.1")
+        _summarise(runs, parent, record, report, log)
         runs.finish(parent, failed=None if complete else f"{len(failed)} trial(s) failed: {failed}")
         if not complete:
             log(f"{len(failed)} trial(s) failed: {failed}. {RESUME_AFTER_FAILURE}")

@@ -180,6 +180,9 @@ def build_plan(cfg: DictConfig | dict) -> SweepPlan:
     ablation = get_ablation(settings.ablation.name)
     base = _absolute_paths(build_lpt(spec.lpt))  # the base config alone must be valid
     name = settings.sweep.name or f"{ablation.name}-{spec.name}"
+    # one MLflow experiment per dataset experiment (demo, places_lt, ...) unless tracking.experiment names one
+    tracking = dataclasses.replace(settings.tracking, experiment=settings.tracking.experiment or spec.name)
+    settings = dataclasses.replace(settings, tracking=tracking)
     if settings.search.name == "optuna" and settings.ablation.values is not None:
         raise ConfigError("ablation.values selects grid rows; it has no meaning with search=optuna")
     points = _select_points(ablation, spec.name, settings.ablation.values)

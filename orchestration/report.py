@@ -238,7 +238,7 @@ def main(argv: list[str]) -> int:
     if not (folder / PLAN_FILE).exists():
         print(f"error: no sweep at {folder} ({PLAN_FILE} missing)", file=sys.stderr)
         return 2
-    uri = args.get("tracking_uri") or default_tracking_uri(folder)
+    uri = args.get("tracking_uri") or default_tracking_uri(folder.parent)
     report = build_report(folder, tracking_uri=uri, log_to_mlflow=False)
     print(report.markdown)
     print("\nfiles: " + ", ".join(str(p) for p in report.files))

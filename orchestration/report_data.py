@@ -1,7 +1,8 @@
 """What a report is made of, and where each part is read from.
 
-- Point estimates: the MLflow run of every trial (the store of record); trials.json's copy when the tracking
-  store cannot be reached, and the report says so.
+- Point estimates: the MLflow run of every trial (the store of record; its metric names read back as
+  lpt_core's keys, run_names.lpt_metrics); trials.json's copy when the tracking store cannot be reached, and
+  the report says so.
 - Per-image predictions (for intervals): the stage store first (`<stage_root>/<key>/predictions.parquet`, on the
   same filesystem as the sweep), the run's MLflow artifact when the stage folder is gone or elsewhere.
 - The phase 1 under a phase-2 trial: its key from the stage store's result.json (MLflow's `lpt.upstream_key` tag
@@ -18,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestration.run_names import lpt_metrics
 from orchestration.tracking import RunRegistry, redact
 
 PREDICTIONS = "predictions.parquet"
@@ -86,7 +88,7 @@ def load_runs(folder: Path, sources: Sources) -> list[Run]:
         metrics = dict(record["metrics"])
         upstream = _stage_result(sources.stage_root, record["stage_key"]).get("upstream")
         if mlflow_run is not None:
-            metrics.update(mlflow_run.data.metrics)
+            metrics.update(lpt_metrics(mlflow_run.data.metrics))
             upstream = upstream or mlflow_run.data.tags.get("lpt.upstream_key")
         runs.append(Run(str(record["row"]), int(record["seed"]), record["stage"], record["stage_key"],
                         record.get("run_id"), metrics, dict(record.get("config") or {}), upstream,
@@ -107,7 +109,8 @@ def upstream_runs(runs: list[Run], sources: Sources) -> dict[str, Run]:
         mlflow_run = _mlflow_run(sources.client, run_id)
         if mlflow_run is None and not result:
             continue
-        metrics = {**result.get("metrics", {}), **(mlflow_run.data.metrics if mlflow_run is not None else {})}
+        held = lpt_metrics(mlflow_run.data.metrics) if mlflow_run is not None else {}
+        metrics = {**result.get("metrics", {}), **held}
         found[run.upstream] = Run("phase 1", run.seed, result.get("phase", "phase1"), run.upstream, run_id, metrics,
                                   in_tracking=mlflow_run is not None)
     return found

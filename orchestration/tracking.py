@@ -32,7 +32,8 @@ T = TypeVar("T")
 TAG_SWEEP, TAG_ROLE, TAG_STAGE_KEY, TAG_FIRST_RUN = "lpt.sweep", "lpt.role", "lpt.stage_key", "lpt.first_run_id"
 TAG_ERROR, TAG_PREVIOUS_ERROR = "lpt.error", "lpt.previous_error"
 PARAM_VALUE_LIMIT = 6000
-# MLflow 3 shows an experiment without this tag as a GenAI one (traces first); ours is one of model training
+# what kind of experiment it is, for the MLflow clients that read it (the 3.17 UI follows the browser's workflow
+# toggle instead, which the printed link sets: workbench.py)
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 _SECRET = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<userinfo>[^/@\s]+)@")
 _SECRET_QUERY = re.compile(r"(?i)((?:token|secret|password|key|signature)=)[^&\s]+")

@@ -19,11 +19,11 @@ from ray import tune
 
 from experiments.settings import DebugSettings
 from lpt_core.checkpoint import CheckpointError, read_meta, verify_checkpoint
-from lpt_core.config import flatten, to_dict
 from lpt_core.runtime import resolve_device
 from lpt_core.train import NonFiniteLossError, PhaseHooks, PhaseOutOfMemoryError, run_phase
 from orchestration.cluster import device_tag
-from orchestration.specs import SweepContext, TrialSpec, tune_values
+from orchestration.run_names import mlflow_metrics, stage_params, stage_run_name, trained_params
+from orchestration.specs import BASE_ROW, SweepContext, TrialSpec, tune_values
 from orchestration.stages import StageOutput, StageSpec, StageStore
 from orchestration.tracking import MetricSpool, RunRegistry, is_outage, redact
 
@@ -46,7 +46,7 @@ class TrialHooks(PhaseHooks):
         print(f"[{self.spec.key}] {message}", flush=True)
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float], checkpoint_dir: Path) -> None:
-        self.spool.log_epoch(self.run_id, epoch, metrics)
+        self.spool.log_epoch(self.run_id, epoch, mlflow_metrics(metrics))
         if "acc" in metrics:
             self.last_eval = {k: v for k, v in metrics.items() if k not in ("loss", "lr")}
         if self.report_to_tune:
@@ -122,6 +122,14 @@ def _stage_tags(context: SweepContext, trial: TrialSpec, spec: StageSpec, upstre
     return tags
 
 
+def _run_name(context: SweepContext, trial: TrialSpec, spec: StageSpec) -> str:
+    """The stage run's name, with the rows whose trials run this stage (a shared phase 1 names them all)."""
+    if context.space:  # a search: its upstream serves every sampled trial; a sampled row names its own values
+        return stage_run_name(spec.stage, None, [] if trial.row == BASE_ROW else [trial.row], trial.seed)
+    rows = [t.row for t in context.trials.values() if spec in t.chain]
+    return stage_run_name(spec.stage, context.axis, list(dict.fromkeys(rows)), trial.seed)
+
+
 @dataclasses.dataclass
 class Tracking:
     """A trial's way to MLflow: its runs, and the spool its epoch metrics wait in during an outage."""
@@ -138,11 +146,10 @@ def run_stage(context: SweepContext, trial: TrialSpec, spec: StageSpec, upstream
             log(f"{spec.stage} reused from the stage store")
             return store.load(spec.key)
         cfg = trial.config
-        name = f"{spec.stage} {context.axis}={trial.row} seed={trial.seed}"
         device = resolve_device(cfg.device)
         tags = {**_stage_tags(context, trial, spec, upstream), "lpt.device": device_tag(device, cfg.device, log)}
-        run_id = tracking.runs.stage_run(context.parent_run_id, context.sweep, spec.key, name, flatten(to_dict(cfg)),
-                                         tags)
+        run_id = tracking.runs.stage_run(context.parent_run_id, context.sweep, spec.key,
+                                         _run_name(context, trial, spec), stage_params(cfg, spec.stage), tags)
         tracking.spool.load(run_id)  # what an earlier attempt of this run could not send goes first
         hooks = TrialHooks(tracking.spool, run_id, spec, final, _faults_for(context.debug, trial.row), store,
                            device, trial)
@@ -171,7 +178,8 @@ def _close_run(tracking: Tracking, run_id: str, history: list, output: StageOutp
             f"`python -m orchestration.tracking replay {spool.folder} --uri <tracking uri>`")
         return
     try:
-        runs.log_final(run_id, len(history), output.metrics)
+        runs.log_final(run_id, len(history), mlflow_metrics(output.metrics))
+        runs.log_params(run_id, trained_params(output.extras))
         runs.log_artifacts(run_id, [output.checkpoint_dir, *[p for p in output.files.values() if p.exists()]])
         runs.finish(run_id)
     except Exception as err:

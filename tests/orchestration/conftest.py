@@ -30,14 +30,19 @@ def demo_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("demo_cache")
 
 
+def tiny_sweep(root: Path, demo_cache: Path, *extra: str) -> list[str]:
+    """Overrides for a tiny demo sweep whose outputs live in root (sweeps with their tracking store, stages) and
+    demo_cache."""
+    return [*TINY_DEMO, f"data.cache_dir={demo_cache}", f"sweep.root={root / 'sweeps'}",
+            f"stages.root={root / 'stages'}", *extra]
+
+
 @pytest.fixture
 def sweep_overrides(tmp_path, demo_cache):
-    """Overrides for a tiny demo sweep whose outputs live in tmp_path (stages and sweeps) and demo_cache."""
+    """tiny_sweep in tmp_path (or another root)."""
 
     def make(*extra: str, root: Path | None = None) -> list[str]:
-        root = root or tmp_path
-        return [*TINY_DEMO, f"data.cache_dir={demo_cache}", f"sweep.root={root / 'sweeps'}",
-                f"stages.root={root / 'stages'}", *extra]
+        return tiny_sweep(root or tmp_path, demo_cache, *extra)
 
     return make
 
@@ -76,11 +81,12 @@ def run_sweep_cli(overrides: list[str], timeout: float = 600, **kwargs) -> subpr
 
 
 def mlflow_runs(sweep_root: Path, sweep: str):
+    """The runs of one demo sweep (its parent and the stages it trained) in the default store under sweep_root."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{sweep_root / sweep / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("lpt")
-    return client, client.search_runs([experiment.experiment_id], max_results=1000)
+    client = MlflowClient(f"sqlite:///{sweep_root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("demo")
+    return client, client.search_runs([experiment.experiment_id], f"tags.`lpt.sweep` = '{sweep}'", max_results=1000)
 
 
 def stage_runs(runs, stage: str) -> list:

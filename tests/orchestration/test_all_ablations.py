@@ -18,6 +18,7 @@ from experiments.ablations import ABLATIONS, get_ablation
 from experiments.settings import compose_config
 from orchestration.driver import run_sweep
 from orchestration.report_stats import POINT_KEYS, RULE_KEYS
+from orchestration.run_names import lpt_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -35,17 +36,11 @@ def _report(folder: Path) -> tuple[str, list[dict]]:
 
 
 def _held(folder: Path, run_id: str) -> dict[str, float]:
-    """What MLflow holds for a run: in the sweep's own store, or, for a phase 1 reused from the stage store, in
-    the store of the sweep that trained it (every sweep here has its own sqlite file)."""
-    from mlflow.exceptions import MlflowException
+    """What MLflow holds for a run, by lpt_core's keys: every sweep here, and so the phase 1 a sweep reused from
+    the stage store, is tracked in the one default store beside the sweep folders."""
     from mlflow.tracking import MlflowClient
 
-    for store in [folder / "mlflow.db", *sorted(folder.parent.glob("*/mlflow.db"))]:
-        try:
-            return MlflowClient(f"sqlite:///{store}").get_run(run_id).data.metrics
-        except MlflowException:
-            continue
-    raise AssertionError(f"run {run_id} is in no MLflow store under {folder.parent}")
+    return lpt_metrics(MlflowClient(f"sqlite:///{folder.parent / 'mlflow.db'}").get_run(run_id).data.metrics)
 
 
 def _mlflow_means(folder: Path, row: dict) -> dict[str, float]:

@@ -252,4 +252,4 @@ def test_plan_json_is_read_back_into_its_record(group_size: SweepPlan, tmp_path:
     record.write(tmp_path)
     assert PlanRecord.read(tmp_path) == record
     assert record.fingerprint == group_size.fingerprint() and record.content == group_size.content()
-    assert (record.rows, record.search, record.tracking_experiment) == (["5", "10", "20", "40"], "grid", "lpt")
+    assert (record.rows, record.search, record.tracking_experiment) == (["5", "10", "20", "40"], "grid", "demo")

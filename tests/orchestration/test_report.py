@@ -16,6 +16,7 @@ import torch
 from lpt_core.metrics import accuracy_report, match_histogram, match_table, per_class_table, prediction_table
 from lpt_core.uncertainty import bootstrap_accuracies, percentile_interval
 from orchestration.report import build_report, main
+from orchestration.run_names import metric_name
 from orchestration.specs import PlanRecord
 
 # 4 classes x 10 test images; train counts 200 / 50 / 20 / 5: authors' few = classes 2, 3, standard few = class 3
@@ -216,11 +217,12 @@ def test_optuna_report_lists_best_trials_and_importances(tmp_path: Path) -> None
 # ---------------------------------------------------------------------------------------------- real MLflow
 def _log_runs(uri: str, folder: Path, shift: float) -> dict[str, dict[str, float]]:
     """An MLflow run for every trial and phase-1 stage, holding the stage's metrics + shift (so they differ from
-    trials.json's) and the predictions artifact; returns run id -> metrics as logged."""
+    trials.json's) under the names the runs use, and the predictions artifact; returns run id -> metrics as logged,
+    by lpt_core's keys."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    experiment = client.create_experiment("lpt")
+    experiment = client.create_experiment("lpt", artifact_location=(folder / "mlartifacts").as_uri())
     plan = json.loads((folder / "plan.json").read_text())
     logged, stage_root = {}, Path(plan["stage_root"])
     records = json.loads((folder / "trials.json").read_text())
@@ -229,7 +231,7 @@ def _log_runs(uri: str, folder: Path, shift: float) -> dict[str, dict[str, float
         run = client.create_run(experiment, tags={"lpt.stage_key": stage.name})
         metrics = {k: v + shift for k, v in result["metrics"].items() if not math.isnan(v)}
         for key, value in metrics.items():
-            client.log_metric(run.info.run_id, key, value)
+            client.log_metric(run.info.run_id, metric_name(key), value)
         client.log_artifact(run.info.run_id, str(stage / "predictions.parquet"))
         result["run_id"] = run.info.run_id
         (stage / "result.json").write_text(json.dumps(result))

@@ -1,43 +1,61 @@
 """End-to-end sweeps on the tiny demo: real Ray Tune, real MLflow SQLite store, real files."""
 from __future__ import annotations
 
+import csv
 import json
+import subprocess
 
 import pytest
 
 from experiments.settings import compose_config
 from orchestration.driver import run_sweep
 
-from .conftest import mlflow_runs, stage_runs, steps
+from .conftest import REPO, mlflow_runs, stage_runs, steps
 
 pytestmark = pytest.mark.slow
 
 
 def test_group_size_trains_phase1_once_and_one_phase2_per_m(ray_session, sweep_overrides, tmp_path, capsys):
     overrides = sweep_overrides("ablation=group_size")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     assert run_sweep(compose_config(overrides)) == 0
 
     client, runs = mlflow_runs(tmp_path / "sweeps", "group_size-demo")
     phase1, phase2 = stage_runs(runs, "phase1"), stage_runs(runs, "phase2")
     assert len(phase1) == 1
     assert sorted(int(r.data.params["prompt.pool_size"]) for r in phase2) == [5, 10, 20, 40]
+    assert sorted(r.info.run_name for r in phase2) == [f"phase2 m={m} seed=0" for m in (10, 20, 40, 5)]
+    assert phase1[0].info.run_name == "phase1 (shared by m=5,10,20,40) seed=0"
+    assert not [k for k in phase1[0].data.params if k.startswith(("prompt.pool_size", "phase2.", "joint."))]
+    assert not [k for r in phase2 for k in r.data.params if k.startswith(("phase1.", "joint."))]
+    params = phase1[0].data.params
+    assert params["derived.lr"] == str(float(params["phase1.base_lr"]) * 8 / 256)  # x phase1.batch_size / 256
+    assert int(phase1[0].data.params["derived.trainable_params"]) > 0
     assert steps(client, phase1[0]) == [0, 1]
     for run in phase2:
         assert steps(client, run) == [0, 1, 2]
         assert steps(client, run, "acc") == [0, 1, 2]
         assert run.data.tags["lpt.upstream_run_id"] == phase1[0].info.run_id
         assert run.data.tags["mlflow.parentRunId"] == phase1[0].data.tags["mlflow.parentRunId"]
-        assert {"acc", "few", "few_std", "match_consistency", "query_knn_acc"} <= set(run.data.metrics)
+        assert {"acc", "authors/few", "standard/few", "matching/consistency_frac", "query/knn_acc"} <= set(
+            run.data.metrics)
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"final", "per_class.parquet",
                                                                             "match.parquet"}
     parent = [r for r in runs if r.data.tags.get("lpt.role") == "sweep"]
     assert len(parent) == 1 and parent[0].data.tags["lpt.ablation"] == "group_size"
-    assert "lpt.git_commit" in parent[0].data.tags
+    assert parent[0].data.tags["mlflow.source.git.commit"] == commit
+    assert parent[0].data.params == {"ablation": "group_size", "experiment": "demo", "axis": "m", "search": "grid",
+                                     "seeds": "0", "metric": "acc", "rows": "5,10,20,40", "reference": "m=20"}
 
     folder = tmp_path / "sweeps" / "group_size-demo"
     records = json.loads((folder / "trials.json").read_text())
     assert sorted(r["row"] for r in records) == ["10", "20", "40", "5"]
     report = (folder / "report" / "report.md").read_text()
+    assert parent[0].data.tags["mlflow.note.content"] == report.rstrip("\n")  # the report as its description
+    with open(folder / "report" / "report.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["role"] != "upstream"]
+    assert parent[0].data.metrics == {f"acc/m:{row['row']}{end}": float(row[f"acc{column}"])
+                                      for row in rows for end, column in (("", ""), ("/lo", "_lo"), ("/hi", "_hi"))}
     assert report.count("| phase2 |") == 8  # 4 rows x 2 split rules
     assert (folder / "report" / "axis.png").stat().st_size > 0
     assert (folder / "report" / "matches.png").stat().st_size > 0
@@ -58,6 +76,9 @@ def test_group_size_trains_phase1_once_and_one_phase2_per_m(ray_session, sweep_o
     _, topk_runs = mlflow_runs(tmp_path / "sweeps", "topk-demo")
     assert stage_runs(topk_runs, "phase1") == []
     assert len(stage_runs(topk_runs, "phase2")) == 1
+    # one store for both sweeps: the topk report reads the reused phase 1's run from it too
+    topk_report = (tmp_path / "sweeps" / "topk-demo" / "report" / "report.md").read_text()
+    assert "| phase 1 (shared upstream) | phase1 |" in topk_report and "not in this tracking store" not in topk_report
     assert (tmp_path / "stages" / phase1[0].data.tags["lpt.stage_key"] / "DONE").stat().st_mtime_ns == \
         done_times[phase1[0].data.tags["lpt.stage_key"]]
 

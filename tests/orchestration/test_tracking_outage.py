@@ -110,7 +110,7 @@ def test_sweep_keeps_training_through_a_tracking_outage(ray_session, server, swe
     server.start()
     worker.join(600)
     assert outcome.get("rc") == 0
-    runs = RunRegistry(server.uri, "lpt")
+    runs = RunRegistry(server.uri, "demo")  # the sweep's experiment: its dataset experiment's name
     (run,) = stage_runs(runs.runs_of_sweep("group_size-demo"), "phase2")
     for name in ("epoch", "loss", "acc"):
         assert steps(runs.client, run, name) == [0, 1, 2, 3, 4, 5], name
