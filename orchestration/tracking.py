@@ -99,9 +99,21 @@ class RunRegistry:
     def __init__(self, uri: str, experiment: str, outage_wait_s: float = 120.0) -> None:
         self.uri, self.outage_wait_s = uri, outage_wait_s
         self.client = tracking_client(uri)
-        found = self._call(lambda: self.client.get_experiment_by_name(experiment))
-        self.experiment_id = found.experiment_id if found is not None else self._call(
-            lambda: self.client.create_experiment(experiment, artifact_location(uri, experiment), EXPERIMENT_TAGS))
+        self.experiment_id = self._experiment(experiment)
+
+    def _experiment(self, name: str) -> str:
+        """The experiment's id, created if missing (with its artifact location and kind). Sweeps started at once
+        share the store: the one that finds the name taken between its look-up and its create reads it again."""
+        found = self._call(lambda: self.client.get_experiment_by_name(name))
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self._call(lambda: self.client.create_experiment(name, artifact_location(self.uri, name),
+                                                                    EXPERIMENT_TAGS))
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self._call(lambda: self.client.get_experiment_by_name(name)).experiment_id
 
     def _call(self, call: Callable[[], T]) -> T:
         return _retry(call, self.outage_wait_s)

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from orchestration.tracking import MetricSpool, RunRegistry, artifact_location, default_tracking_uri, redact
@@ -41,6 +42,21 @@ def test_default_tracking_uri_is_one_sqlite_store_under_sweep_root(tmp_path: Pat
 
 def test_same_experiment_is_reused(uri: str, runs: RunRegistry) -> None:
     assert RunRegistry(uri, "lpt-test").experiment_id == runs.experiment_id
+
+
+def test_an_experiment_created_by_another_sweep_meanwhile_is_used(tmp_path: Path, monkeypatch) -> None:
+    """Two sweeps start at once on a fresh store: both look the experiment up before either creates it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = RunRegistry(uri, "demo")
+    lookup, calls = MlflowClient.get_experiment_by_name, []
+
+    def raced(self, name):  # the second sweep's first look-up ran before the first sweep's create
+        calls.append(name)
+        return None if len(calls) == 1 else lookup(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", raced)
+    assert RunRegistry(uri, "demo").experiment_id == first.experiment_id
+    assert calls == ["demo", "demo"]
 
 
 def test_an_experiment_trains_models_and_keeps_its_artifacts_beside_the_store(tmp_path: Path) -> None:
