@@ -135,11 +135,15 @@ class RunRegistry:
 
     def stage_run(self, parent_id: str, sweep: str, key: str, name: str, params: dict[str, Any],
                   tags: dict[str, str]) -> str:
-        """The stage's run in this sweep: found by sweep and key (a retry continues it) or created once with its
-        params, linked to the first run of the key where another sweep trained it before."""
+        """The stage's run in this sweep: found by sweep and key (a retry continues it, completing params a killed
+        attempt did not log, never changing one it did) or created with its params, linked to the first run of the
+        key where another sweep trained it before."""
         run_id = self._find(f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_STAGE_KEY}` = '{key}'")
         if run_id is not None:
             self._reopen(run_id)
+            # a trial killed between create_run and log_params left the run without (some of) its params
+            held = self._call(lambda: self.client.get_run(run_id)).data.params
+            self.log_params(run_id, {k: v for k, v in params.items() if k not in held})
             return run_id
         first = self._find(f"tags.`{TAG_STAGE_KEY}` = '{key}'")
         all_tags = {TAG_SWEEP: sweep, TAG_ROLE: "stage", TAG_STAGE_KEY: key, MLFLOW_PARENT_RUN_ID: parent_id,
