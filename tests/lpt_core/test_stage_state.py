@@ -23,7 +23,7 @@ POOL_20 = {"prompt": {"pool_size": 20, "top_k": 3}}
 
 
 class _Preempted(Exception):
-    pass
+    """Stands for the process being killed mid-phase (raised from a hook after an epoch's checkpoint)."""
 
 
 class PreemptAfter(QuietHooks):

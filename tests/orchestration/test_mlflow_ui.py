@@ -4,6 +4,7 @@ the rendered pages show is read back from their DOM; the screenshots stay in the
 parent.png, artifacts.png) for a person to look at."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -59,12 +60,10 @@ def _printed(lines: list[str]) -> tuple[list[str], str]:
 def _wait_until_served(base: str, server: subprocess.Popen, log: Path, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        try:
+        with contextlib.suppress(OSError):  # refused or reset: the server is still starting
             with urllib.request.urlopen(f"{base}/health", timeout=5) as answer:
                 if answer.read() == b"OK":
                     return
-        except OSError:
-            pass
         if server.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"mlflow ui did not answer on {base} (exit code {server.poll()}):\n"
                                  f"{log.read_text()[-3000:]}")

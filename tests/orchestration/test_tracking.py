@@ -86,7 +86,7 @@ def test_sweep_parents_oldest_first(tmp_path: Path) -> None:
     runs = RunRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}", "demo")
     first = runs.parent_run("b-first", {})
     while int(time.time() * 1000) <= runs.client.get_run(first).info.start_time:  # start times are in ms
-        pass
+        time.sleep(0.001)
     second = runs.parent_run("a-second", {})
     stage(runs, "b-first")
     assert [r.info.run_id for r in runs.sweep_parents()] == [first, second]
