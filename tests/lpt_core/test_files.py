@@ -74,7 +74,7 @@ def test_lock_refuses_without_waiting_and_names_the_holder(tmp_path: Path) -> No
     with file_lock(path):
         with pytest.raises(FileLocked, match=f"locked by pid {os.getpid()}") as refused:
             with file_lock(path, wait=False):
-                pass
+                raise AssertionError("a second holder was given the lock")
         assert refused.value.holder == f"pid {os.getpid()}"
     with file_lock(path, wait=False):  # released: free again
         assert path.read_text() == f"pid {os.getpid()}"
