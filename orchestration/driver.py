@@ -29,7 +29,7 @@ from orchestration.run_names import sweep_params
 from orchestration.specs import PLAN_FILE, PlanRecord
 from orchestration.stages import StageStore
 from orchestration.storage import check_shared_storage
-from orchestration.tracking import RunRegistry, default_tracking_uri, redact
+from orchestration.tracking import RunRegistry, redact
 from orchestration.tuning import run_tuner
 from orchestration.workbench import summarise_sweep, ui_link, write_view
 
@@ -136,13 +136,19 @@ def _refuse_changed(plan: SweepPlan, folder: Path, saved: PlanRecord, fingerprin
         f"name, e.g. sweep.name={plan.name}-{number}: {_reused_stages(plan, saved.content, changed)}")
 
 
-def _check_existing(plan: SweepPlan, folder: Path, fingerprint: str) -> str:
-    """'new', 'resume' or 'complete'; refuses to overwrite a different or unfinished sweep."""
+def _check_existing(plan: SweepPlan, folder: Path, record: PlanRecord) -> str:
+    """'new', 'resume' or 'complete'; refuses to overwrite a different or unfinished sweep, or to track a resume
+    into another store or experiment than its first runs (the sweep's runs would be split between the two)."""
     if not (folder / PLAN_FILE).exists():
         return "new"
     saved = PlanRecord.read(folder)
-    if saved.fingerprint != fingerprint:
-        raise _refuse_changed(plan, folder, saved, fingerprint)
+    if saved.fingerprint != record.fingerprint:
+        raise _refuse_changed(plan, folder, saved, record.fingerprint)
+    moved = saved.tracking_changes(record)
+    if moved:
+        raise SweepError(f"sweep {plan.name!r} in {folder} is tracked in another place: {', '.join(moved)}; "
+                         f"nothing was changed. Its runs would be split between the two: give the original "
+                         f"tracking.uri / tracking.experiment to resume it, or start a new sweep.name")
     state = json.loads((folder / "state.json").read_text()) if (folder / "state.json").exists() else {}
     if state.get("status") == "complete":
         return "complete"
@@ -187,10 +193,10 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
     record = plan.record()  # before the demo backbones are resolved
     folder = _prepare_folder(plan)
     with sweep_lock(folder):
-        status = _check_existing(plan, folder, record.fingerprint)
+        status = _check_existing(plan, folder, record)
         if status == "complete":
             log(f"sweep {plan.name!r} is complete; nothing to train. Report:")
-            log(build_report(folder, log_to_mlflow=False).markdown)
+            log(build_report(folder, tracking_uri=plan.tracking_uri(), log_to_mlflow=False).markdown)
             return 0
         connect(plan.settings.cluster, log=log)  # before writing anything: an unreachable cluster changes nothing
         check_resources(plan.settings.resources.cpu, plan.settings.resources.gpu)
@@ -198,7 +204,7 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
         plan = resolve_backbones(plan, log)
         record.write(folder)
         _write_json(folder / "state.json", {"status": "running"})
-        tracking_uri = plan.settings.tracking.uri or default_tracking_uri(plan.settings.sweep.root)
+        tracking_uri = plan.tracking_uri()
         runs = RunRegistry(tracking_uri, record.tracking_experiment,
                            outage_wait_s=plan.settings.tracking.flush_timeout_s)
         upstream = plan.upstream_keys()

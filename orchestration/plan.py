@@ -18,6 +18,7 @@ from lpt_core.config import ConfigError, LPTConfig, flatten, to_dict
 from lpt_core.files import content_key
 from orchestration.settings import check_sweep_settings
 from orchestration.specs import BASE_ROW, PlanRecord, SweepContext, TrialSpec, with_overrides
+from orchestration.tracking import default_tracking_uri, redact
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,17 @@ class SweepPlan:
             content.update({f"rows[{row}].{key}": value for key, value in overrides.items()})
         return json.loads(json.dumps(content, default=str))
 
+    def tracking_uri(self) -> str:
+        """The MLflow store of this sweep's runs: tracking.uri, or the one store under sweep.root."""
+        return self.settings.tracking.uri or default_tracking_uri(self.settings.sweep.root)
+
     def record(self) -> PlanRecord:
         """plan.json of this plan (taken before the demo backbones are resolved: what the sweep computes)."""
         s = self.settings
         return PlanRecord(self.fingerprint(), self.name, self.ablation.name, self.experiment, self.ablation.axis,
                           list(self.points), s.seeds, s.search.name, self.ablation.metric,
-                          str(Path(s.stages.root).resolve()), self.content(), s.search.mode, s.tracking.experiment)
+                          str(Path(s.stages.root).resolve()), self.content(), s.search.mode, s.tracking.experiment,
+                          redact(self.tracking_uri()))
 
     def context(self, tracking_uri: str, parent_run_id: str) -> SweepContext:
         """What every trial receives (tune.with_parameters)."""

@@ -227,6 +227,12 @@ def build_report(folder: str | Path, tracking_uri: str | None = None, parent_run
     return Report(text, rows, files)
 
 
+def _recorded_uri(plan: PlanRecord) -> str | None:
+    """The store the sweep tracked to, as plan.json keeps it; None where it is not usable (an earlier version did not
+    keep it, or its credentials were redacted: pass tracking_uri= then)."""
+    return plan.tracking_uri if plan.tracking_uri and "***" not in plan.tracking_uri else None
+
+
 def main(argv: list[str]) -> int:
     args = dict(a.split("=", 1) for a in argv if "=" in a)
     unknown = set(args) - {"sweep", "root", "tracking_uri"}
@@ -238,7 +244,7 @@ def main(argv: list[str]) -> int:
     if not (folder / PLAN_FILE).exists():
         print(f"error: no sweep at {folder} ({PLAN_FILE} missing)", file=sys.stderr)
         return 2
-    uri = args.get("tracking_uri") or default_tracking_uri(folder.parent)
+    uri = args.get("tracking_uri") or _recorded_uri(PlanRecord.read(folder)) or default_tracking_uri(folder.parent)
     report = build_report(folder, tracking_uri=uri, log_to_mlflow=False)
     print(report.markdown)
     print("\nfiles: " + ", ".join(str(p) for p in report.files))

@@ -107,6 +107,16 @@ class PlanRecord:
     content: dict[str, Any] | None = None  # None: written by a version that kept only the fingerprint
     mode: str = "max"  # search.mode: whether a larger metric is better
     tracking_experiment: str = "lpt"  # the MLflow experiment (the default where an earlier version wrote none)
+    tracking_uri: str | None = None  # the store its runs are in, credentials redacted; None: an earlier version
+
+    def tracking_changes(self, other: PlanRecord) -> list[str]:
+        """`key=saved -> given` for each tracking setting in which `other` differs (none for a plan.json of an
+        earlier version, which did not record where it tracked)."""
+        if self.tracking_uri is None:
+            return []
+        pairs = [("tracking.uri", self.tracking_uri, other.tracking_uri),
+                 ("tracking.experiment", self.tracking_experiment, other.tracking_experiment)]
+        return [f"{key}={saved!r} -> {given!r}" for key, saved, given in pairs if saved != given]
 
     def write(self, folder: Path) -> None:
         payload = json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True, default=str)

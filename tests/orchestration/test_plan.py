@@ -144,23 +144,56 @@ def write_existing(folder: Path, fingerprint: str, status: str | None) -> None:
 
 
 def test_check_existing(group_size: SweepPlan, tmp_path: Path) -> None:
-    assert _check_existing(group_size, tmp_path / "new", group_size.fingerprint()) == "new"
+    record = group_size.record()
+    assert _check_existing(group_size, tmp_path / "new", record) == "new"
     write_existing(tmp_path / "done", group_size.fingerprint(), "complete")
-    assert _check_existing(group_size, tmp_path / "done", group_size.fingerprint()) == "complete"
+    assert _check_existing(group_size, tmp_path / "done", record) == "complete"
     write_existing(tmp_path / "half", group_size.fingerprint(), "incomplete")
     with pytest.raises(SweepError, match="unfinished; pass resume=true"):
-        _check_existing(group_size, tmp_path / "half", group_size.fingerprint())
+        _check_existing(group_size, tmp_path / "half", record)
     resuming = dataclasses.replace(group_size, settings=dataclasses.replace(group_size.settings, resume=True))
-    assert _check_existing(resuming, tmp_path / "half", group_size.fingerprint()) == "resume"
+    assert _check_existing(resuming, tmp_path / "half", record) == "resume"
     write_existing(tmp_path / "nostate", group_size.fingerprint(), None)
-    assert _check_existing(resuming, tmp_path / "nostate", group_size.fingerprint()) == "resume"
+    assert _check_existing(resuming, tmp_path / "nostate", record) == "resume"
 
 
 def test_check_existing_refuses_a_changed_configuration(group_size: SweepPlan, tmp_path: Path) -> None:
     write_existing(tmp_path, "0123456789abcdef", "complete")
     resuming = dataclasses.replace(group_size, settings=dataclasses.replace(group_size.settings, resume=True))
     with pytest.raises(SweepError, match="different configuration.*0123456789abcdef"):
-        _check_existing(resuming, tmp_path, group_size.fingerprint())
+        _check_existing(resuming, tmp_path, group_size.record())
+
+
+def resuming_with_tracking(plan: SweepPlan, **tracking) -> SweepPlan:
+    settings = dataclasses.replace(plan.settings, resume=True,
+                                   tracking=dataclasses.replace(plan.settings.tracking, **tracking))
+    return dataclasses.replace(plan, settings=settings)
+
+
+def test_a_resume_must_track_where_the_sweep_began(group_size: SweepPlan, tmp_path: Path) -> None:
+    """Another store or experiment on resume would split the sweep's runs between two places: refused, naming the
+    key and both values, with plan.json untouched; the same settings resume."""
+    group_size.record().write(tmp_path)
+    (tmp_path / "state.json").write_text(json.dumps({"status": "incomplete"}))
+    before = (tmp_path / "plan.json").read_bytes()
+    default_uri = group_size.tracking_uri()
+    assert default_uri == f"sqlite:///{Path(group_size.settings.sweep.root).resolve() / 'mlflow.db'}"
+    same = resuming_with_tracking(group_size)
+    assert _check_existing(same, tmp_path, same.record()) == "resume"
+    elsewhere = resuming_with_tracking(group_size, uri="http://mlflow.example:5000")
+    with pytest.raises(SweepError, match=rf"tracking.uri='{default_uri}' -> 'http://mlflow.example:5000'; "
+                                         "nothing was changed"):
+        _check_existing(elsewhere, tmp_path, elsewhere.record())
+    renamed = resuming_with_tracking(group_size, experiment="other")
+    with pytest.raises(SweepError, match=r"tracking.experiment='demo' -> 'other'"):
+        _check_existing(renamed, tmp_path, renamed.record())
+    assert (tmp_path / "plan.json").read_bytes() == before
+
+
+def test_plan_json_keeps_the_store_without_its_credentials(group_size: SweepPlan) -> None:
+    secret = resuming_with_tracking(group_size, uri="https://alice:hunter2@mlflow.example/?token=abc")
+    assert secret.record().tracking_uri == "https://***@mlflow.example/?token=***"
+    assert secret.tracking_uri() == "https://alice:hunter2@mlflow.example/?token=abc"
 
 
 def with_root(plan: SweepPlan, root: Path, **settings) -> SweepPlan:

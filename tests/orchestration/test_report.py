@@ -305,3 +305,17 @@ def test_cli_prints_the_report(group_size: Path, capsys: pytest.CaptureFixture) 
     out = capsys.readouterr().out
     assert "| **20** (reference) | phase2 | 50.0 ± 0.0 |" in out and "report.csv" in out
 
+
+
+def test_cli_reads_the_store_plan_json_names(group_size: Path, capsys: pytest.CaptureFixture) -> None:
+    """A sweep tracked with tracking.uri=<elsewhere>: `report.py sweep=...` finds that store without being told;
+    a recorded store whose credentials were redacted is not guessed at (the default store beside the sweeps)."""
+    elsewhere = f"sqlite:///{group_size.parent.parent / 'elsewhere' / 'mlflow.db'}"
+    (group_size.parent.parent / "elsewhere").mkdir()
+    dataclasses.replace(PlanRecord.read(group_size), tracking_uri=elsewhere).write(group_size)
+    assert main([f"sweep={group_size.name}", f"root={group_size.parent}"]) == 0
+    assert f"point estimates from MLflow ({elsewhere})" in capsys.readouterr().out
+    dataclasses.replace(PlanRecord.read(group_size), tracking_uri="https://***@mlflow.example").write(group_size)
+    assert main([f"sweep={group_size.name}", f"root={group_size.parent}"]) == 0
+    default = f"sqlite:///{group_size.parent.resolve() / 'mlflow.db'}"
+    assert f"point estimates from MLflow ({default})" in capsys.readouterr().out
