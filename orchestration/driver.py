@@ -1,7 +1,7 @@
 """The sweep driver: folder, lock and guards, MLflow parent run, the two Tune runs, trials.json, the report.
 
 Sweep folder (sweep.root/<name>/): plan.json (what is computed: its fingerprint and, key by key, its content),
-state.json (complete or not, the failed trials), trials.json (one record per finished trial), report.{md,csv} and
+state.json (complete or not, the failed trials, those scheduler=asha stopped early), trials.json (one record per finished trial), report.{md,csv} and
 plots, tune/ (Tune storage unless sweep.storage points elsewhere: `upstream`, `trials` and the reruns of their
 failed trials, `trials-rerun1`, ...), .lock (held by the running driver). Beside the sweep folders, in sweep.root:
 the default tracking store of every sweep (mlflow.db, artifacts in mlartifacts/).
@@ -215,17 +215,18 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
         missing = {k: v for k, v in upstream.items() if not store.is_done(k, log=log)}
         if missing:
             log(f"upstream: {len(missing)} distinct stage(s) to train, {len(upstream) - len(missing)} cached")
-            _, failed = run_tuner(plan, context, storage, "upstream", list(missing.values()), log)
+            failed = run_tuner(plan, context, storage, "upstream", list(missing.values()), log).failed
             if failed:
                 _write_json(folder / "state.json", {"status": "incomplete", "failed": failed})
                 log(f"upstream stage(s) failed for {failed}; the trials on top of them were not started. "
                     f"{RESUME_AFTER_FAILURE}")
                 runs.finish(parent, failed=f"upstream stage(s) failed: {failed}")
                 return 1
-        records, failed = run_tuner(plan, context, storage, "trials", plan.rows(), log)
-        _write_json(folder / "trials.json", records)
-        complete = not failed
-        _write_json(folder / "state.json", {"status": "complete" if complete else "incomplete", "failed": failed})
+        result = run_tuner(plan, context, storage, "trials", plan.rows(), log)
+        _write_json(folder / "trials.json", result.records)
+        failed, complete = result.failed, not result.failed
+        _write_json(folder / "state.json", {"status": "complete" if complete else "incomplete", "failed": failed,
+                                            "stopped": result.stopped})
         report = build_report(folder, tracking_uri=tracking_uri, parent_run_id=parent)
         log(report.markdown)
         _summarise(runs, parent, record, report, log)

@@ -9,6 +9,7 @@ estimates are the numbers MLflow holds for the trials' runs (trials.json when th
 from __future__ import annotations
 
 import csv
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -84,7 +85,30 @@ def collect(folder: Path, sources: D.Sources, replicates: int = U.REPLICATES) ->
     if sources.client is not None and elsewhere:
         notes.insert(0, f"runs not in this tracking store (cached stages, tracked in the store of the sweep that "
                         f"trained them), numbers from trials.json / the stage store: {', '.join(elsewhere)}")
-    return Tables(plan, ablation, lines, reference, row_upstreams, [sources.note, *notes])
+    return Tables(plan, ablation, lines, reference, row_upstreams,
+                  [sources.note, *_unfinished(folder, plan, lines), *notes])
+
+
+def _unfinished(folder: Path, plan: PlanRecord, lines: list[Line]) -> list[str]:
+    """What the table lacks, said where it is: rows or seeds without a finished trial (a row's cells are over the
+    seeds it has), and why (state.json: failed, or stopped early by scheduler=asha)."""
+    state_path = folder / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    notes = []
+    if plan.search == "grid":
+        finished = {ln.label: ln.seeds for ln in lines}
+        for row in plan.rows:
+            seeds = finished.get(row, ())
+            if not seeds:
+                notes.append(f"{row}: no finished trial, not in the table")
+            elif len(seeds) < len(plan.seeds):
+                notes.append(f"{row}: {len(seeds)} of {len(plan.seeds)} seeds finished ({', '.join(map(str, seeds))}); "
+                             f"its cells are over those")
+    if state.get("stopped"):
+        notes.append(f"stopped early by scheduler=asha, not in the table: {', '.join(state['stopped'])}")
+    if state.get("failed"):
+        notes.append(f"failed (resume=true runs them again): {', '.join(state['failed'])}")
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------------- markdown

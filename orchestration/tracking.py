@@ -30,7 +30,7 @@ from lpt_core.files import atomic_write_bytes
 
 T = TypeVar("T")
 TAG_SWEEP, TAG_ROLE, TAG_STAGE_KEY, TAG_FIRST_RUN = "lpt.sweep", "lpt.role", "lpt.stage_key", "lpt.first_run_id"
-TAG_ERROR, TAG_PREVIOUS_ERROR = "lpt.error", "lpt.previous_error"
+TAG_ERROR, TAG_PREVIOUS_ERROR, TAG_STOPPED = "lpt.error", "lpt.previous_error", "lpt.stopped"
 PARAM_VALUE_LIMIT = 6000
 # what kind of experiment it is, for the MLflow clients that read it (the 3.17 UI follows the browser's workflow
 # toggle instead, which the printed link sets: workbench.py)
@@ -195,10 +195,15 @@ class RunRegistry:
             elif path.is_file():
                 self._call(lambda: self.client.log_artifact(run_id, str(path), artifact_path))
 
-    def finish(self, run_id: str, failed: str | None = None) -> None:
+    def finish(self, run_id: str, failed: str | None = None, stopped: str | None = None) -> None:
+        """FINISHED; FAILED with the reason in lpt.error; or KILLED with the reason in lpt.stopped (a trial the
+        scheduler stopped early)."""
         if failed is not None:
             self.set_tags(run_id, {TAG_ERROR: failed[:5000]})
-        self._call(lambda: self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED"))
+        if stopped is not None:
+            self.set_tags(run_id, {TAG_STOPPED: stopped})
+        status = "FAILED" if failed else "KILLED" if stopped else "FINISHED"
+        self._call(lambda: self.client.set_terminated(run_id, status))
 
     def sweep_parents(self) -> list:
         """The parent run of every sweep in the experiment, oldest first."""

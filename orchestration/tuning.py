@@ -51,8 +51,9 @@ def _search_space(plan: SweepPlan, rows: list[tuple[str, int]], optuna_search: b
     return {"trial": tune.grid_search([{"row": r, "seed": s} for r, s in rows])}
 
 
-def _tune_config(plan: SweepPlan, optuna_search: bool, rerun: bool = False) -> tune.TuneConfig:
-    """rerun: a follow-up run of failed trials, each on its own fixed config (no searcher, no early stopping)."""
+def _tune_config(plan: SweepPlan, optuna_search: bool, early_stopping: bool) -> tune.TuneConfig:
+    """early_stopping: ASHA may stop weak trials (scheduler=asha, the trials' run only: an upstream stage that others
+    need is never stopped, and a rerun of failed trials runs each of them to its end)."""
     search = plan.settings.search
     search_alg, num_samples = None, 1
     if optuna_search:
@@ -60,7 +61,7 @@ def _tune_config(plan: SweepPlan, optuna_search: bool, rerun: bool = False) -> t
         search_alg, num_samples = ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent), search.num_samples
     epochs = max(plan.base.phase_config(p).epochs for p in PHASES)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1, grace_period=1)
-                 if plan.settings.scheduler == "asha" and not rerun else FIFOScheduler())
+                 if early_stopping else FIFOScheduler())
     return tune.TuneConfig(
         metric=plan.ablation.metric, mode=search.mode, search_alg=search_alg, scheduler=scheduler,
         num_samples=num_samples, max_concurrent_trials=plan.settings.max_concurrent_trials or None,
@@ -89,7 +90,8 @@ def _columns(plan: SweepPlan, optuna_search: bool, prefix: str = "") -> dict[str
 class TrialOutcome:
     ident: str  # the trial's id in state.json and MLflow: '<row>/seed=<s>' (the row of an Optuna trial: its values)
     config: dict[str, Any]  # what lpt_trainable reads: {'row', 'seed'} or Optuna's sampled keys and 'seed'
-    status: str  # complete | failed (NaN loss / out of memory: ended on purpose) | error | stopped | unfinished
+    status: str  # complete | failed (NaN loss / out of memory: ended on purpose) | error | stopped (by ASHA, or
+    #              ended without a result) | unfinished
     metrics: dict[str, Any]
     reason: str = ""
 
@@ -136,9 +138,16 @@ def _runs(path: str) -> list[str]:
     return found
 
 
+@dataclass
+class TunerResult:
+    records: list[dict]  # trials.json: one per trial that ran to its end
+    failed: list[str]  # ids of the trials a resume runs again
+    stopped: list[str]  # ids of the trials ASHA stopped early: finished, not in the report's table
+
+
 def run_tuner(plan: SweepPlan, context: SweepContext, storage: str, name: str,
-              rows: list[tuple[str, int]], log=print) -> tuple[list[dict], list[str]]:
-    """Runs (or restores) one Tune run; returns (records of finished trials, ids of failed trials).
+              rows: list[tuple[str, int]], log=print) -> TunerResult:
+    """Runs (or restores) one Tune run.
 
     On a resume, every Tune run of `name` is restored (unfinished and errored trials resumed, OptunaSearch's
     state kept). A trial that ended on purpose before this driver started (NaN loss, out of memory: Tune marks it
@@ -146,6 +155,7 @@ def run_tuner(plan: SweepPlan, context: SweepContext, storage: str, name: str,
     it continues from its newest checkpoint in the stage store and its MLflow run, like any resumed trial.
     """
     optuna_search = plan.optuna and name == "trials"
+    early_stopping = plan.settings.scheduler == "asha" and name == "trials"
     if name == "upstream":
         context = dataclasses.replace(context, upstream_only=True)
     path = f"{storage.rstrip('/')}/{name}"
@@ -153,7 +163,7 @@ def run_tuner(plan: SweepPlan, context: SweepContext, storage: str, name: str,
     trainable = _trainable(plan, context)
     if not runs:
         tuner = tune.Tuner(trainable, param_space=_search_space(plan, rows, optuna_search),
-                           tune_config=_tune_config(plan, optuna_search),
+                           tune_config=_tune_config(plan, optuna_search, early_stopping),
                            run_config=_run_config(plan, storage, name, _columns(plan, optuna_search)))
         latest = _fit(tuner, context)
     else:
@@ -172,14 +182,18 @@ def run_tuner(plan: SweepPlan, context: SweepContext, storage: str, name: str,
             log(f"{name}: {len(again)} trial(s) that failed before run again from their last checkpoints "
                 f"(Tune run {rerun}): {[o.ident for o in again]}")
             tuner = tune.Tuner(trainable, param_space={"trial": tune.grid_search([o.config for o in again])},
-                               tune_config=_tune_config(plan, optuna_search=False, rerun=True),
+                               tune_config=_tune_config(plan, optuna_search=False, early_stopping=False),
                                run_config=_run_config(plan, storage, rerun, _columns(plan, optuna_search, "trial/")))
             latest.update(_fit(tuner, context))
-    failed = [o for o in latest.values() if o.status != "complete"]
+    stopped = [o for o in latest.values() if o.status == "stopped" and early_stopping]
+    failed = [o for o in latest.values() if o.status != "complete" and o not in stopped]
+    if stopped:
+        log(f"{name}: {len(stopped)} trial(s) stopped early by scheduler=asha (not in the report's table): "
+            f"{[o.ident for o in stopped]}")
     for outcome in failed:
         log(f"{name}: trial {outcome.ident} failed: {outcome.reason}")
-    return [_record(plan, o, optuna_search) for o in latest.values() if o.status == "complete"], \
-        [o.ident for o in failed]
+    return TunerResult([_record(plan, o, optuna_search) for o in latest.values() if o.status == "complete"],
+                       [o.ident for o in failed], [o.ident for o in stopped])
 
 
 def _record(plan: SweepPlan, outcome: TrialOutcome, optuna_search: bool) -> dict[str, Any]:

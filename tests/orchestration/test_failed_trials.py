@@ -27,7 +27,7 @@ def _started(sweep_overrides, *overrides: str) -> Path:
 
 def _resume(sweep_overrides, folder: Path, *overrides: str) -> str:
     plan = build_plan(compose_config(sweep_overrides(*overrides, "resume=true")))
-    return _check_existing(plan, folder, plan.fingerprint())
+    return _check_existing(plan, folder, plan.record())
 
 
 def _refusal(sweep_overrides, folder: Path, *overrides: str) -> str:
@@ -100,7 +100,8 @@ def test_out_of_memory_trial_runs_again_on_resume_and_only_it(ray_session, sweep
     assert run_sweep(compose_config([*overrides, "debug.oom_at_epoch=1", "debug.fail_row=5"])) == 1
     assert "resume=true: the failed trials (and only they) run again" in capsys.readouterr().out
     folder, stages = tmp_path / "sweeps" / "group_size-demo", tmp_path / "stages"
-    assert json.loads((folder / "state.json").read_text()) == {"status": "incomplete", "failed": ["5/seed=0"]}
+    assert json.loads((folder / "state.json").read_text()) == {"status": "incomplete", "failed": ["5/seed=0"],
+                                                                  "stopped": []}
     client, runs = mlflow_runs(tmp_path / "sweeps", "group_size-demo")
     before = _by_row(runs, "phase2")
     assert before["5"].info.status == "FAILED" and steps(client, before["5"]) == [0, 1]
@@ -132,7 +133,7 @@ def test_out_of_memory_trial_runs_again_on_resume_and_only_it(ray_session, sweep
     assert after["10"].info.end_time == before["10"].info.end_time
     assert _rerun_trials(folder, "trials-rerun1") == [{"row": "5", "seed": 0}]
 
-    assert json.loads((folder / "state.json").read_text()) == {"status": "complete", "failed": []}
+    assert json.loads((folder / "state.json").read_text()) == {"status": "complete", "failed": [], "stopped": []}
     records = json.loads((folder / "trials.json").read_text())
     assert sorted((r["row"], r["run_id"]) for r in records) == sorted((row, r.info.run_id) for row, r in after.items())
     parent = [r for r in runs if r.data.tags.get("lpt.role") == "sweep"][0]
@@ -160,5 +161,5 @@ def test_failed_phase1_runs_again_on_resume(ray_session, sweep_overrides, tmp_pa
     phase2 = _by_row(runs, "phase2")
     assert sorted(phase2) == ["10", "5"] and all(steps(client, r) == [0, 1, 2] for r in phase2.values())
     assert _rerun_trials(folder, "upstream-rerun1") == [{"row": "5", "seed": 0}]
-    assert json.loads((folder / "state.json").read_text()) == {"status": "complete", "failed": []}
+    assert json.loads((folder / "state.json").read_text()) == {"status": "complete", "failed": [], "stopped": []}
     assert sorted(r["row"] for r in json.loads((folder / "trials.json").read_text())) == ["10", "5"]

@@ -72,4 +72,4 @@ def test_optuna_sweep_restored_after_driver_kill_runs_exactly_num_samples(sweep_
     assert len(records) == 3
     assert sorted(tuple(str(r["config"][k]) for k in SPACE) for r in records) == sorted(sampled)
     assert sorted(r["run_id"] for r in records) == sorted(r.info.run_id for r in phase2)
-    assert json.loads((folder / "state.json").read_text()) == {"status": "complete", "failed": []}
+    assert json.loads((folder / "state.json").read_text()) == {"status": "complete", "failed": [], "stopped": []}
