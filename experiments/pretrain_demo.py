@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save
 
 from experiments.settings import CONF_DIR
+from lpt_core.backbone import set_norm_eps
 from lpt_core.config import BackboneConfig, DataConfig, build_dataclass
 from lpt_core.data.synthetic import demo_source_split, source_digest
 from lpt_core.files import atomic_write_bytes, content_key, file_lock
@@ -54,12 +55,14 @@ class DemoPretrainConfig:
 
 # the LPTConfig fields the pretrained backbone depends on (what backbone_hash reads: the architecture, and the
 # source split, which data.options shapes): an ablation over any of them changes the demo's pretrain stage
-PRETRAIN_FIELDS = ("backbone.name", "backbone.model_kwargs", "data.options")
+PRETRAIN_FIELDS = ("backbone.name", "backbone.model_kwargs", "backbone.norm_eps", "data.options")
 
 
 def backbone_hash(backbone: BackboneConfig, data: DataConfig, pretrain: DemoPretrainConfig) -> str:
     key = {"name": backbone.name, "model_kwargs": backbone.model_kwargs, "source": source_digest(data),
            "pretrain": dataclasses.asdict(pretrain)}
+    if backbone.norm_eps is not None:  # timm's default keeps the names of the backbones cached before the key
+        key["norm_eps"] = backbone.norm_eps
     return content_key(key)
 
 
@@ -121,6 +124,8 @@ def pretrain_micro_vit(backbone: BackboneConfig, images: torch.Tensor, labels: t
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     model = timm.create_model(backbone.name, pretrained=False, num_classes=num_classes, **backbone.model_kwargs)
+    if backbone.norm_eps is not None:  # pretrained with the eps LPT will run it with
+        set_norm_eps(model, backbone.norm_eps)
     # weight decay on matrices only: not on biases, norms, the class token or the position embedding
     decays = {n: p.ndim > 1 and "pos_embed" not in n and "token" not in n for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(

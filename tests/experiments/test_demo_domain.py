@@ -92,7 +92,7 @@ def test_hash_names_architecture_source_split_and_recipe(tmp_path: Path) -> None
     ("backbone.name", "vit_small_patch16_224", True), ("backbone.model_kwargs", {"embed_dim": 64}, True),
     ("data.options", {"source_per_class": 3}, True),
     ("backbone.pretrained", True, False), ("backbone.weights_file", "/w.safetensors", False),
-    ("backbone.norm_eps", 1e-5, False), ("data.img_size", 64, False), ("data.crop_min_scale", 0.3, False),
+    ("backbone.norm_eps", 1e-5, True), ("data.img_size", 64, False), ("data.crop_min_scale", 0.3, False),
     ("data.root", "/elsewhere", False), ("data.eval_batch_size", 7, False),
 ])
 def test_the_hash_reads_exactly_the_pretrain_fields(tmp_path: Path, field: str, value, changes: bool) -> None:
@@ -105,6 +105,18 @@ def test_the_hash_reads_exactly_the_pretrain_fields(tmp_path: Path, field: str, 
     base = backbone_hash(configs["backbone"], configs["data"], TINY_PRETRAIN)
     assert (backbone_hash(edited["backbone"], edited["data"], TINY_PRETRAIN) != base) == changes
     assert any(field == f or field.startswith(f"{f}.") for f in PRETRAIN_FIELDS) == changes
+
+
+def test_pretraining_uses_the_norm_eps_lpt_runs_the_backbone_with(tmp_path: Path) -> None:
+    """backbone.norm_eps on the demo: the backbone is pretrained with that eps (one forward differs from timm's 1e-6
+    from the first step on), so LPT does not run it with another LayerNorm than it learned with."""
+    images, labels, num_classes = demo_source_split(tiny_data(tmp_path), "train")
+    one_step = dataclasses.replace(TINY_PRETRAIN, epochs=1, batch_size=len(labels))
+    models = {eps: pretrain_micro_vit(dataclasses.replace(TINY_BACKBONE, norm_eps=eps), images, labels, num_classes,
+                                      one_step, log=lambda line: None) for eps in (None, 0.5)}
+    assert {m.eps for m in models[0.5].modules() if isinstance(m, torch.nn.LayerNorm)} == {0.5}
+    assert {m.eps for m in models[None].modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-6}
+    assert not torch.equal(models[0.5].state_dict()["head.weight"], models[None].state_dict()["head.weight"])
 
 
 def test_demo_backbone_is_the_micro_model_of_the_config_tree() -> None:
