@@ -2,9 +2,9 @@
 
 Sweep folder (sweep.root/<name>/): plan.json (what is computed: its fingerprint and, key by key, its content),
 state.json (complete or not, the failed trials, those scheduler=asha stopped early), trials.json (one record per
-finished trial), report.{md,csv} and plots, tune/ (Tune storage unless sweep.storage points elsewhere: `upstream`, `trials` and the reruns of their
-failed trials, `trials-rerun1`, ...), .lock (held by the running driver). Beside the sweep folders, in sweep.root:
-the default tracking store of every sweep (mlflow.db, artifacts in mlartifacts/).
+finished trial), report.{md,csv} and plots, tune/ (Tune storage unless sweep.storage points elsewhere: `upstream`,
+`trials` and the reruns of their failed trials, `trials-rerun1`, ...), .lock (held by the running driver). Beside
+the sweep folders, in sweep.root: the default tracking store of every sweep (mlflow.db, artifacts in mlartifacts/).
 """
 from __future__ import annotations
 
