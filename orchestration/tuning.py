@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's concise CLIReporter table, not the verbose new engine
+# Tune snapshots the experiment every num_to_keep checkpoints of a trial, and warns when two snapshots fall within
+# 5 s: on the demo's seconds-long epochs that is every other epoch, a cheap local copy, and three lines of noise
+# under the progress table each time. Its warning about a slow (> 30 s) snapshot stays on.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 import optuna  # noqa: E402
 from ray import tune  # noqa: E402
