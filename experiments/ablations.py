@@ -57,6 +57,9 @@ class Ablation:
     demo_reference: str | None = None  # the reference among demo_points (the demo's default model, ...)
     # accuracies whose paired difference to the reference a report shows (report keys: acc, few, few_std, ...)
     compare: tuple[str, ...] = ("acc", "few", "few_std")
+    # (row, baseline) pairs compared besides the reference: the paper's step-by-step contributions (Tab. 8), which a
+    # difference to one reference row cannot show; rows of `points` (and of `demo_points` where it has them)
+    steps: tuple[tuple[str, str], ...] = ()
 
     def points_for(self, experiment: str) -> tuple[Point, ...]:
         return self.demo_points if experiment == "demo" and self.demo_points is not None else self.points
@@ -96,6 +99,11 @@ def register(ablation: Ablation) -> Ablation:
     _check_reference(ablation, ablation.points, ablation.reference, "reference")
     if ablation.demo_points is not None:
         _check_reference(ablation, ablation.demo_points, ablation.demo_reference, "demo_reference")
+    for points in filter(None, (ablation.points, ablation.demo_points)):
+        labels = [p.label for p in points]
+        for step in ablation.steps:
+            if len(step) != 2 or step[0] == step[1] or not set(step) <= set(labels):
+                raise ValueError(f"ablation {ablation.name!r}: step {step!r} must be two different rows of {labels}")
     changed = changed_stages(ablation)
     if set(ablation.stages) != set(changed):
         raise ValueError(f"ablation {ablation.name!r}: stages={ablation.stages}, but its axis changes {changed} "
@@ -213,6 +221,8 @@ register(Ablation(
     ),
     stages=("phase1", "phase2"), paper={"vpt_ce_instance": 37.52, "phase1_agcl": 49.41, "full_lpt": 50.07},
     reference="full_lpt",
+    # Tab. 8's steps: (b) - (a) the shared prompt, (c) - (b) A-GCL instead of CE; (d) - (c) is the reference's own
+    steps=(("phase1_ce", "linear_probe"), ("phase1_agcl", "phase1_ce")),
 ))
 register(Ablation(
     "loss", "A-GCL focusing and the instance-branch weight: lambda+, lambda- and eta (Optuna, or a small grid)",

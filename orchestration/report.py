@@ -79,14 +79,14 @@ def collect(folder: Path, sources: D.Sources, replicates: int = U.REPLICATES) ->
     set_points(lines + extra)
     tables = {r.stage_key: t for ln in lines + extra for r in ln.runs
               if (t := D.load_predictions(r, sources)) is not None}
-    notes = set_intervals(lines, tables, reference, ablation.compare, replicates)
+    notes, steps = set_intervals(lines, tables, reference, ablation.compare, replicates, ablation.steps)
     set_intervals(extra, tables, None, (), replicates)
     elsewhere = [f"{ln.label} (run {r.run_id})" for ln in lines for r in ln.runs if not r.in_tracking]
     if sources.client is not None and elsewhere:
         notes.insert(0, f"runs not in this tracking store (cached stages, tracked in the store of the sweep that "
                         f"trained them), numbers from trials.json / the stage store: {', '.join(elsewhere)}")
     return Tables(plan, ablation, lines, reference, row_upstreams,
-                  [sources.note, *_unfinished(folder, plan, lines), *notes])
+                  [sources.note, *_unfinished(folder, plan, lines), *notes], steps)
 
 
 def _unfinished(folder: Path, plan: PlanRecord, lines: list[Line]) -> list[str]:
@@ -175,15 +175,17 @@ def _comparison_table(tables: Tables) -> list[str]:
         return ["", f"The reference row {plan.axis} = {wanted} is not in this sweep (ablation.values, or its "
                     f"trials failed): no paired comparison."]
     keys = tables.ablation.compare
-    out = ["", f"### paired differences to the reference row {plan.axis} = {reference.label}", "",
+    title = f"paired differences to the reference row {plan.axis} = {reference.label}"
+    out = ["", f"### {title}" + (", and between steps" if tables.steps else ""), "",
            f"| {plan.axis} | " + " | ".join(f"Δ {KEY_NAMES[k]}" for k in keys) + " |",
            "|" + "---|" * (len(keys) + 1)]
-    for line in tables.lines:
+    for line in tables.lines + tables.steps:
         if line is not reference:
             out.append(f"| {_label(line)} | " + " | ".join(_delta_cell(line, k) for k in keys) + " |")
-    out += ["", f"Δ = row - reference in points, 95 % paired bootstrap interval (the same resampled test images and "
-                f"seeds for both rows); * = the difference is significant after Holm's correction over the "
-                f"{comparison_count(tables.lines)} comparisons of this table (family-wise α = 0.05)."]
+    steps = " (a step `a - b`: row a minus row b)" if tables.steps else ""
+    out += ["", f"Δ = row - reference in points{steps}, 95 % paired bootstrap interval (the same resampled test "
+                f"images and seeds for both rows); * = the difference is significant after Holm's correction over the "
+                f"{comparison_count(tables.lines + tables.steps)} comparisons of this table (family-wise α = 0.05)."]
     return out
 
 
@@ -206,7 +208,7 @@ def markdown(tables: Tables, optuna_lines: list[str]) -> str:
 def csv_rows(tables: Tables) -> list[dict]:
     """One dict per table line: point estimates (MLflow's), interval ends, paired differences, run ids."""
     rows = []
-    for line in tables.lines:
+    for line in tables.lines + tables.steps:
         row = {"row": line.label, "stage": line.stage, "role": line.role, "n": len(line.runs),
                "run_ids": ";".join(str(r.run_id) for r in line.runs)}
         if tables.plan.search == "optuna":

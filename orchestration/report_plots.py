@@ -119,8 +119,8 @@ def plot_axis(path: Path, tables: Tables) -> None:
 
 def plot_compare(path: Path, tables: Tables) -> bool:
     """Forest plot of every paired difference; filled = significant after Holm's correction."""
-    keys = [k for k in tables.ablation.compare if any(k in ln.delta for ln in tables.lines)]
-    compared = [ln for ln in tables.lines if ln.delta]
+    keys = [k for k in tables.ablation.compare if any(k in ln.delta for ln in tables.lines + tables.steps)]
+    compared = [ln for ln in tables.lines + tables.steps if ln.delta]
     if not keys:
         return False
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys) + 1.5, 0.45 * len(compared) + 1.8),
@@ -135,11 +135,12 @@ def plot_compare(path: Path, tables: Tables) -> bool:
             axis.errorbar(i.estimate, y, xerr=[[i.estimate - i.low], [i.high - i.estimate]], fmt="o", capsize=3,
                           color=ROW, mfc=ROW if c.significant else "white")
         axis.axvline(0, color=REFERENCE, linewidth=1)
-        axis.set_xlabel(f"Δ {KEY_NAMES.get(key, key)} vs reference (points)")
+        axis.set_xlabel(f"Δ {KEY_NAMES.get(key, key)} (points)")
     axes[0][0].set_yticks(ys, [ln.label for ln in compared])
     axes[0][0].set_ylim(-0.7, len(compared) - 0.3)
-    fig.suptitle(f"paired differences to {tables.plan.axis} = {tables.reference.label} (red line), 95 % "
-                 f"intervals; filled = significant after Holm", fontsize=10)
+    steps = "; a - b: row a minus row b" if tables.steps else ""
+    fig.suptitle(f"paired differences to {tables.plan.axis} = {tables.reference.label}{steps}; 95 % intervals, "
+                 f"filled = significant after Holm", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -65,6 +65,7 @@ class Tables:
     reference: Line | None
     row_upstreams: dict[str, Line]  # a row's own phase 1 where rows do not share one (plots only)
     notes: list[str]
+    steps: list[Line] = field(default_factory=list)  # the ablation's steps (row - baseline), role 'step'
 
 
 def _mean(values: list[float]) -> float:
@@ -112,11 +113,14 @@ def _bootstrap(lines: list[Line], evals: dict[str, _Eval], replicates: int) -> d
 
 
 def set_intervals(lines: list[Line], tables: dict[str, pa.Table], reference: Line | None, compare: tuple[str, ...],
-                  replicates: int = U.REPLICATES) -> list[str]:
+                  replicates: int = U.REPLICATES,
+                  steps: tuple[tuple[str, str], ...] = ()) -> tuple[list[str], list[Line]]:
     """Intervals for every line whose runs all have predictions (tables: stage key -> predictions); paired
-    differences to `reference` for the lines on its images and seeds, Holm-adjusted over the table. Returns notes
-    on what could not be computed."""
+    differences to `reference` for the lines on its images and seeds, and for each step (row, baseline) of the
+    ablation, Holm-adjusted together over the table. Returns (notes on what could not be computed, one line per
+    step compared: label 'row - baseline', role 'step', its differences in `delta`)."""
     notes: list[str] = []
+    step_lines: list[Line] = []
     evals = {key: _parse(table) for key, table in tables.items()}
     ready = [line for line in lines if line.runs and all(r.stage_key in evals for r in line.runs)]
     if len(ready) < len(lines):
@@ -136,14 +140,20 @@ def set_intervals(lines: list[Line], tables: dict[str, pa.Table], reference: Lin
                              f"{line.point['acc']:.4f}; intervals are from the predictions")
         if reference is not None and reference in group:
             _compare(group, reps, reference, compare)
+        step_lines += _steps(group, reps, steps, compare)
     if reference is not None and reference not in ready:
         notes.append(f"the reference row {reference.label} has no predictions: no paired comparison")
     elif reference is not None:
         apart = [line.label for line in ready if line is not reference and not line.delta]
         if apart:
             notes.append(f"{', '.join(apart)}: other seeds or test images than the reference row, not compared")
-    _holm(lines)
-    return notes
+    ready_labels = {line.label for line in ready}
+    done = {line.label for line in step_lines}
+    unpaired = [f"{a} - {b}" for a, b in steps if {a, b} <= ready_labels and f"{a} - {b}" not in done]
+    if unpaired:
+        notes.append(f"{', '.join(unpaired)}: the two rows have other seeds or test images, not compared")
+    _holm(lines + step_lines)
+    return notes, step_lines
 
 
 def _compare(group: list[Line], reps: dict[str, np.ndarray], reference: Line, compare: tuple[str, ...]) -> None:
@@ -157,6 +167,26 @@ def _compare(group: list[Line], reps: dict[str, np.ndarray], reference: Line, co
             diffs = reps[key][:, i] - reps[key][:, ref]
             estimate = line.point[key] - reference.point[key]
             line.delta[key] = Comparison(U.percentile_interval(diffs, estimate), U.bootstrap_p_value(diffs))
+
+
+def _steps(group: list[Line], reps: dict[str, np.ndarray], steps: tuple[tuple[str, str], ...],
+           compare: tuple[str, ...]) -> list[Line]:
+    """The paired differences row - baseline of the steps whose two rows are both in `group`."""
+    index = {line.label: i for i, line in enumerate(group)}
+    found = []
+    for row, baseline in steps:
+        if row not in index or baseline not in index:
+            continue
+        step = Line(f"{row} - {baseline}", "", [], role="step")
+        for key in compare:
+            a, b = group[index[row]], group[index[baseline]]
+            estimate = a.point.get(key, math.nan) - b.point.get(key, math.nan)
+            if key not in reps or math.isnan(estimate):
+                continue
+            diffs = reps[key][:, index[row]] - reps[key][:, index[baseline]]
+            step.delta[key] = Comparison(U.percentile_interval(diffs, estimate), U.bootstrap_p_value(diffs))
+        found.append(step)
+    return found
 
 
 def _holm(lines: list[Line]) -> None:

@@ -90,7 +90,7 @@ def row_metrics(metric: str, axis: str | None, rows: Sequence[dict[str, Any]]) -
     its 95 % interval: `acc/m:20`, `acc/m:20/lo`, `acc/m:20/hi`. Values the report does not have are left out."""
     found = {}
     for row in rows:
-        if row["role"] == "upstream":
+        if row["role"] in ("upstream", "step"):
             continue
         name = row_metric_name(metric, axis, row["row"])
         for suffix, column in (("", metric), ("/lo", f"{metric}_lo"), ("/hi", f"{metric}_hi")):

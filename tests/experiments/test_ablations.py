@@ -201,4 +201,10 @@ def test_every_grid_names_its_reference_row_and_register_checks_it() -> None:
     with pytest.raises(ValueError, match=r"demo_reference='a' must be one of its rows \['s', 'l'\]"):
         register(Ablation("test_bad_demo_ref", "x", "x", points=tuple(sweep("x", [1, 2])), reference="1",
                           demo_points=tuple(sweep("y", ["s", "l"])), demo_reference="a"))
+    with pytest.raises(ValueError, match=r"step \('2', '3'\) must be two different rows of \['1', '2'\]"):
+        register(Ablation("test_bad_step", "x", "x", points=tuple(sweep("x", [1, 2])), reference="1",
+                          steps=(("2", "3"),)))
+    with pytest.raises(ValueError, match=r"step \('1', '1'\) must be two different rows"):
+        register(Ablation("test_self_step", "x", "x", points=tuple(sweep("x", [1, 2])), reference="1",
+                          steps=(("1", "1"),)))
     assert ABLATIONS == before

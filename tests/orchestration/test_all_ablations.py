@@ -70,10 +70,17 @@ def test_ablation_end_to_end(name, ray_session, sweep_overrides, shared_root):
     ablation = get_ablation(name)
     assert run_sweep(compose_config(sweep_overrides(f"ablation={name}", root=shared_root))) == 0
     folder = shared_root / "sweeps" / f"{name}-demo"
-    markdown, rows = _report(folder)
+    markdown, all_rows = _report(folder)
+    rows = [r for r in all_rows if r["role"] != "step"]
     labels = [p.label for p in ablation.points_for("demo")]
     reference = ablation.reference_for("demo")
     assert [r["row"] for r in rows if r["role"] != "upstream"] == labels
+    steps = [r for r in all_rows if r["role"] == "step"]  # per_phase: Tab. 8's steps, paired like the rows
+    assert [r["row"] for r in steps] == [f"{a} - {b}" for a, b in ablation.steps]
+    for step in steps:
+        a, b = (next(r for r in rows if r["row"] == label) for label in step["row"].split(" - "))
+        assert float(step["d_acc"]) == pytest.approx(float(a["acc"]) - float(b["acc"]))
+        assert float(step["d_acc_lo"]) <= float(step["d_acc"]) <= float(step["d_acc_hi"])
     assert [r["row"] for r in rows if r["role"] == "reference"] == [reference]
     assert f"| **{reference}** (reference) |" in markdown
     upstream = [r["row"] for r in rows if r["role"] == "upstream"]

@@ -171,6 +171,40 @@ def test_two_seeds_carry_the_seed_to_seed_variation(tmp_path: Path) -> None:
     assert table(report.markdown, "paired differences")[0][1] == "+50.0 [+0.0, +100.0]"
 
 
+def test_per_phase_steps_are_paired_differences_between_rows(tmp_path: Path) -> None:
+    """Tab. 8's steps (phase1_ce - linear_probe, phase1_agcl - phase1_ce) beside the differences to full LPT, in
+    one Holm family; every class all right or all wrong, so each difference is exact with a zero-width interval."""
+    rows = {"linear_probe": class_right(0), "vpt_ce_instance": class_right(0), "phase1_ce": class_right(0, 1),
+            "phase1_agcl": class_right(0, 1, 2), "full_lpt": class_right(0, 1, 2, 3)}
+    folder = make_sweep(tmp_path, {label: {0: ("phase2" if label == "full_lpt" else "phase1", right, None, None)}
+                                   for label, right in rows.items()}, ablation="per_phase", axis="row")
+    report = build_report(folder, tracking_uri=None)
+    assert "### paired differences to the reference row row = full_lpt, and between steps" in report.markdown
+    deltas = {line[0]: line[1:] for line in table(report.markdown, "paired differences")}
+    assert list(deltas) == ["linear_probe", "vpt_ce_instance", "phase1_ce", "phase1_agcl",
+                            "phase1_ce - linear_probe", "phase1_agcl - phase1_ce"]
+    # overall / few (authors: classes 2, 3) / few (standard: class 3)
+    assert deltas["phase1_ce - linear_probe"] == ["+25.0 [+25.0, +25.0] *", "+0.0 [+0.0, +0.0]", "+0.0 [+0.0, +0.0]"]
+    assert deltas["phase1_agcl - phase1_ce"] == ["+25.0 [+25.0, +25.0] *", "+50.0 [+50.0, +50.0] *",
+                                                 "+0.0 [+0.0, +0.0]"]
+    assert deltas["phase1_agcl"] == ["-25.0 [-25.0, -25.0] *", "-50.0 [-50.0, -50.0] *", "-100.0 [-100.0, -100.0] *"]
+    assert "Holm's correction over the 18 comparisons of this table" in report.markdown
+    steps = {r["row"]: r for r in read_csv(folder) if r["role"] == "step"}
+    assert sorted(steps) == ["phase1_agcl - phase1_ce", "phase1_ce - linear_probe"]
+    assert float(steps["phase1_agcl - phase1_ce"]["d_few"]) == 50.0 and steps["phase1_agcl - phase1_ce"]["acc"] == "nan"
+    assert "compare.png" in {p.name for p in report.files}
+
+
+def test_a_step_needs_both_rows_on_the_same_seeds(tmp_path: Path) -> None:
+    rows = {"phase1_ce": {0: ("phase1", class_right(0, 1), None, None)},
+            "phase1_agcl": {1: ("phase1", class_right(0, 1, 2), None, None)},
+            "full_lpt": {1: ("phase2", class_right(0, 1, 2, 3), None, None)}}
+    folder = make_sweep(tmp_path, rows, ablation="per_phase", axis="row", seeds=(0, 1))
+    report = build_report(folder, tracking_uri=None)
+    assert "phase1_agcl - phase1_ce: the two rows have other seeds or test images, not compared" in report.markdown
+    assert "phase1_ce - linear_probe" not in report.markdown  # a row of the step is not in the sweep
+
+
 def test_no_reference_row_and_no_predictions_are_said(tmp_path: Path) -> None:
     stages = tmp_path / "stages"
     folder = make_sweep(tmp_path, {"5": {0: ("phase2", REF, PHASE1, None)}, "10": {0: ("phase2", MIXED, PHASE1, None)}})
