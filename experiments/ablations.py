@@ -172,6 +172,11 @@ register(Ablation(
     points=tuple(sweep("prompt.top_k", [1, 2, 3, 4])), paper={"2": 50.07}, reference="2",
 ))
 register(Ablation(
+    "routing", "Control: group routing (m = 20, k = 2) vs one second-stage prompt for every image (m = k = 1). Not "
+    "in the paper; it says whether phase 2's gain comes from the groups or from the extra prompt", "routing",
+    points=(Point("routed", {}), Point("unrouted", {"prompt.pool_size": 1, "prompt.top_k": 1})), reference="routed",
+))
+register(Ablation(
     "ensemble", "How the k matched prompts are combined: mean (authors' code) or concatenation", "ensemble",
     points=tuple(sweep("prompt.ensemble", ["mean", "concat"])), reference="mean",
 ))

@@ -66,7 +66,7 @@ def _check_numbers_and_intervals(folder: Path, rows: list[dict]) -> None:
 
 @pytest.mark.parametrize("name", sorted(ABLATIONS))
 def test_ablation_end_to_end(name, ray_session, sweep_overrides, shared_root):
-    assert len(ABLATIONS) == 10
+    assert len(ABLATIONS) == 11
     ablation = get_ablation(name)
     assert run_sweep(compose_config(sweep_overrides(f"ablation={name}", root=shared_root))) == 0
     folder = shared_root / "sweeps" / f"{name}-demo"
