@@ -156,37 +156,33 @@ def set_intervals(lines: list[Line], tables: dict[str, pa.Table], reference: Lin
     return notes, step_lines
 
 
+def _differences(group: list[Line], reps: dict[str, np.ndarray], i: int, j: int,
+                 compare: tuple[str, ...]) -> dict[str, Comparison]:
+    """group[i] minus group[j] on each key of `compare`, paired over the same resampled images and seeds."""
+    found = {}
+    for key in compare:
+        estimate = group[i].point.get(key, math.nan) - group[j].point.get(key, math.nan)
+        if key not in reps or math.isnan(estimate):
+            continue  # e.g. a shot group without classes
+        diffs = reps[key][:, i] - reps[key][:, j]
+        found[key] = Comparison(U.percentile_interval(diffs, estimate), U.bootstrap_p_value(diffs))
+    return found
+
+
 def _compare(group: list[Line], reps: dict[str, np.ndarray], reference: Line, compare: tuple[str, ...]) -> None:
     ref = group.index(reference)
     for i, line in enumerate(group):
-        if line is reference:
-            continue
-        for key in compare:
-            if key not in reps or math.isnan(line.point.get(key, math.nan) - reference.point.get(key, math.nan)):
-                continue  # e.g. a shot group without classes
-            diffs = reps[key][:, i] - reps[key][:, ref]
-            estimate = line.point[key] - reference.point[key]
-            line.delta[key] = Comparison(U.percentile_interval(diffs, estimate), U.bootstrap_p_value(diffs))
+        if line is not reference:
+            line.delta = _differences(group, reps, i, ref, compare)
 
 
 def _steps(group: list[Line], reps: dict[str, np.ndarray], steps: tuple[tuple[str, str], ...],
            compare: tuple[str, ...]) -> list[Line]:
     """The paired differences row - baseline of the steps whose two rows are both in `group`."""
     index = {line.label: i for i, line in enumerate(group)}
-    found = []
-    for row, baseline in steps:
-        if row not in index or baseline not in index:
-            continue
-        step = Line(f"{row} - {baseline}", "", [], role="step")
-        for key in compare:
-            a, b = group[index[row]], group[index[baseline]]
-            estimate = a.point.get(key, math.nan) - b.point.get(key, math.nan)
-            if key not in reps or math.isnan(estimate):
-                continue
-            diffs = reps[key][:, index[row]] - reps[key][:, index[baseline]]
-            step.delta[key] = Comparison(U.percentile_interval(diffs, estimate), U.bootstrap_p_value(diffs))
-        found.append(step)
-    return found
+    return [Line(f"{row} - {baseline}", "", [], role="step",
+                 delta=_differences(group, reps, index[row], index[baseline], compare))
+            for row, baseline in steps if row in index and baseline in index]
 
 
 def _holm(lines: list[Line]) -> None:
