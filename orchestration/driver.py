@@ -30,7 +30,7 @@ from orchestration.specs import PLAN_FILE, PlanRecord
 from orchestration.stages import StageStore
 from orchestration.storage import check_shared_storage
 from orchestration.tracking import RunRegistry, redact
-from orchestration.tuning import run_tuner
+from orchestration.tuning import TrialOutcome, run_tuner
 from orchestration.workbench import summarise_sweep, ui_link, write_view
 
 
@@ -188,6 +188,15 @@ def _summarise(runs: RunRegistry, parent: str, record: PlanRecord, report: Repor
         + (f"; serve the store with\n    {command}\nand open " if command else ": ") + link)
 
 
+def _close_stopped(runs: RunRegistry, stopped: list[TrialOutcome]) -> None:
+    """The stage runs of the trials ASHA stopped: KILLED, with the reason. Done here, after the Tune run: a trial
+    stopped in its report is ended by Tune at once, with no time to close its run itself."""
+    for outcome in stopped:
+        if "run_id" in outcome.metrics:  # a trial stopped before its first report has no run to close
+            runs.finish(outcome.metrics["run_id"], stopped=f"stopped by the ASHA scheduler after "
+                                                          f"{int(outcome.metrics['epoch']) + 1} epoch(s)")
+
+
 def run_sweep(cfg: DictConfig | dict, log=print) -> int:
     plan = build_plan(cfg)
     record = plan.record()  # before the demo backbones are resolved
@@ -225,8 +234,9 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
         result = run_tuner(plan, context, storage, "trials", plan.rows(), log)
         _write_json(folder / "trials.json", result.records)
         failed, complete = result.failed, not result.failed
+        _close_stopped(runs, result.stopped)
         _write_json(folder / "state.json", {"status": "complete" if complete else "incomplete", "failed": failed,
-                                            "stopped": result.stopped})
+                                            "stopped": [o.ident for o in result.stopped]})
         report = build_report(folder, tracking_uri=tracking_uri, parent_run_id=parent)
         log(report.markdown)
         _summarise(runs, parent, record, report, log)

@@ -41,18 +41,17 @@ class TrialHooks(PhaseHooks):
         self.report_to_tune, self.debug, self.store = report_to_tune, debug, store
         self.last_eval: dict[str, float] = {"acc": float("nan"), "few": float("nan")}
         self.device, self.trial = device, trial
-        self.last_epoch = -1
 
     def log(self, message: str) -> None:
         print(f"[{self.spec.key}] {message}", flush=True)
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float], checkpoint_dir: Path) -> None:
-        self.last_epoch = epoch
         self.spool.log_epoch(self.run_id, epoch, mlflow_metrics(metrics))
         if "acc" in metrics:
             self.last_eval = {k: v for k, v in metrics.items() if k not in ("loss", "lr")}
         if self.report_to_tune:
-            report = {**self.last_eval, **metrics, "stage": self.spec.stage, "stage_key": self.spec.key}
+            report = {**self.last_eval, **metrics, "stage": self.spec.stage, "stage_key": self.spec.key,
+                      "run_id": self.run_id}  # a trial ASHA stops ends here: the driver closes this run
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
         self._signal(epoch)
         self._maybe_fail(epoch)
@@ -160,10 +159,6 @@ def run_stage(context: SweepContext, trial: TrialSpec, spec: StageSpec, upstream
                                init_from=upstream.checkpoint_dir if upstream else None,
                                resume_from=_resume_point(store, spec, log))
         except InjectedFault:
-            raise
-        except SystemExit:  # Tune stopped the trial in its report (scheduler=asha): a decision, not a failure
-            tracking.runs.finish(run_id, stopped=f"stopped early by the ASHA scheduler after "
-                                                 f"{hooks.last_epoch + 1} epoch(s)")
             raise
         except Exception as err:
             tracking.runs.finish(run_id, failed=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}")

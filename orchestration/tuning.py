@@ -146,7 +146,7 @@ def _runs(path: str) -> list[str]:
 class TunerResult:
     records: list[dict]  # trials.json: one per trial that ran to its end
     failed: list[str]  # ids of the trials a resume runs again
-    stopped: list[str]  # ids of the trials ASHA stopped early: finished, not in the report's table
+    stopped: list[TrialOutcome]  # the trials ASHA stopped early: finished, not in the report's table
 
 
 def run_tuner(plan: SweepPlan, context: SweepContext, storage: str, name: str,
@@ -197,7 +197,7 @@ def run_tuner(plan: SweepPlan, context: SweepContext, storage: str, name: str,
     for outcome in failed:
         log(f"{name}: trial {outcome.ident} failed: {outcome.reason}")
     return TunerResult([_record(plan, o, optuna_search) for o in latest.values() if o.status == "complete"],
-                       [o.ident for o in failed], [o.ident for o in stopped])
+                       [o.ident for o in failed], stopped)
 
 
 def _record(plan: SweepPlan, outcome: TrialOutcome, optuna_search: bool) -> dict[str, Any]:

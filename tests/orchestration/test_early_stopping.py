@@ -34,7 +34,7 @@ def test_trials_stopped_by_asha_complete_the_sweep(ray_session, sweep_overrides,
     assert sorted(trial for trial, r in phase2.items() if r.info.status == "KILLED") == sorted(stopped)
     for trial, run in phase2.items():
         if trial in stopped:
-            assert run.data.tags["lpt.stopped"] == "stopped early by the ASHA scheduler after 1 epoch(s)"
+            assert run.data.tags["lpt.stopped"] == "stopped by the ASHA scheduler after 1 epoch(s)"
             assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [0]
         else:
             assert run.info.status == "FINISHED" and "lpt.stopped" not in run.data.tags
