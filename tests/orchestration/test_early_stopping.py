@@ -1,13 +1,19 @@
 """scheduler=asha: a trial ASHA stops early is a decision, not a failure. The sweep completes (exit 0, a resume has
 nothing to do), state.json and the report name the stopped trials, their MLflow runs are KILLED with the reason,
-and the shared phase 1 that every trial needs is never a candidate for stopping."""
+and the shared phase 1 that every trial needs is never a candidate for stopping.
+
+ASHA's own decisions on the tiny demo hang on accuracies that mostly tie at chance on 40 test images, so which
+trial it stops would vary between machines. The test fixes the decision instead: an ASHAScheduler that stops row
+40 at its first result and keeps every other trial, through Tune's real stop path (TrialScheduler.STOP)."""
 from __future__ import annotations
 
 import json
 
 import pytest
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from experiments.settings import compose_config
+from orchestration import tuning
 from orchestration.driver import run_sweep
 
 from .conftest import mlflow_runs, stage_runs
@@ -15,25 +21,30 @@ from .conftest import mlflow_runs, stage_runs
 pytestmark = pytest.mark.slow
 
 TRIALS = [f"{row}/seed={seed}" for seed in (0, 1) for row in ("5", "10", "20", "40")]
+STOPPED = ["40/seed=0", "40/seed=1"]
 
 
-def test_trials_stopped_by_asha_complete_the_sweep(ray_session, sweep_overrides, tmp_path, capsys):
-    # one trial at a time: each is judged at epoch 1 against those before it (ASHA stops a result below the
-    # rung's 75th percentile), so of eight trials some are stopped
-    overrides = sweep_overrides("ablation=group_size", "seeds=[0,1]", "scheduler=asha", "max_concurrent_trials=1")
+class StopsRow40(ASHAScheduler):
+    def on_trial_result(self, tune_controller, trial, result):
+        super().on_trial_result(tune_controller, trial, result)  # ASHA's bookkeeping, its decision overridden
+        return TrialScheduler.STOP if trial.config["trial"]["row"] == "40" else TrialScheduler.CONTINUE
+
+
+def test_trials_stopped_by_asha_complete_the_sweep(ray_session, sweep_overrides, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tuning, "ASHAScheduler", StopsRow40)
+    overrides = sweep_overrides("ablation=group_size", "seeds=[0,1]", "scheduler=asha")
     assert run_sweep(compose_config(overrides)) == 0
     output = capsys.readouterr().out
     folder = tmp_path / "sweeps" / "group_size-demo"
-    state = json.loads((folder / "state.json").read_text())
-    stopped = state["stopped"]
-    assert state["status"] == "complete" and state["failed"] == [] and stopped
+    assert json.loads((folder / "state.json").read_text()) == {"status": "complete", "failed": [],
+                                                              "stopped": STOPPED}
 
     client, runs = mlflow_runs(tmp_path / "sweeps", "group_size-demo")
     phase2 = {f"{r.data.tags['lpt.row']}/seed={r.data.tags['lpt.seed']}": r for r in stage_runs(runs, "phase2")}
     assert sorted(phase2) == sorted(TRIALS)
-    assert sorted(trial for trial, r in phase2.items() if r.info.status == "KILLED") == sorted(stopped)
     for trial, run in phase2.items():
-        if trial in stopped:
+        if trial in STOPPED:
+            assert run.info.status == "KILLED"
             assert run.data.tags["lpt.stopped"] == "stopped by the ASHA scheduler after 1 epoch(s)"
             assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [0]
         else:
@@ -41,18 +52,13 @@ def test_trials_stopped_by_asha_complete_the_sweep(ray_session, sweep_overrides,
     assert [r.info.status for r in stage_runs(runs, "phase1")] == ["FINISHED", "FINISHED"]  # one per seed
 
     records = json.loads((folder / "trials.json").read_text())
-    assert sorted(r["trial_id"] for r in records) == sorted(set(TRIALS) - set(stopped))
+    assert sorted(r["trial_id"] for r in records) == sorted(set(TRIALS) - set(STOPPED))
     report = (folder / "report" / "report.md").read_text()
-    assert f"stopped early by scheduler=asha, not in the table: {', '.join(stopped)}" in report
-    for row in ("5", "10", "20", "40"):
-        seeds = [trial.split("=")[1] for trial in TRIALS if trial.startswith(f"{row}/") and trial not in stopped]
-        if not seeds:
-            assert f"- {row}: no finished trial, not in the table" in report
-        elif len(seeds) == 1:
-            assert f"- {row}: 1 of 2 seeds finished ({seeds[0]}); its cells are over those" in report
-        else:
-            assert f"- {row}:" not in report
-    assert f"trials: {len(stopped)} trial(s) stopped early by scheduler=asha" in output
+    assert "- 40: no finished trial, not in the table" in report
+    assert "- stopped early by scheduler=asha, not in the table: 40/seed=0, 40/seed=1" in report
+    assert "| 40 |" not in report
+    assert "trials: 2 trial(s) stopped early by scheduler=asha (not in the report's table): " \
+           "['40/seed=0', '40/seed=1']" in output
 
     assert run_sweep(compose_config([*overrides, "resume=true"])) == 0
     assert "is complete; nothing to train" in capsys.readouterr().out
