@@ -26,7 +26,7 @@ from orchestration.cluster import check_resources, connect
 from orchestration.plan import SweepPlan, build_plan, resolve_backbones
 from orchestration.report import Report, build_report
 from orchestration.run_names import sweep_params
-from orchestration.specs import PLAN_FILE, PlanRecord
+from orchestration.specs import PLAN_FILE, PlanRecord, read_state
 from orchestration.stages import StageStore
 from orchestration.storage import check_shared_storage
 from orchestration.tracking import RunRegistry, redact
@@ -149,8 +149,7 @@ def _check_existing(plan: SweepPlan, folder: Path, record: PlanRecord) -> str:
         raise SweepError(f"sweep {plan.name!r} in {folder} is tracked in another place: {', '.join(moved)}; "
                          f"nothing was changed. Its runs would be split between the two: give the original "
                          f"tracking.uri / tracking.experiment to resume it, or start a new sweep.name")
-    state = json.loads((folder / "state.json").read_text()) if (folder / "state.json").exists() else {}
-    if state.get("status") == "complete":
+    if read_state(folder).get("status") == "complete":
         return "complete"
     if not plan.settings.resume:
         raise SweepError(f"sweep {plan.name!r} in {folder} exists and is unfinished; pass resume=true to finish "

@@ -9,7 +9,6 @@ estimates are the numbers MLflow holds for the trials' runs (trials.json when th
 from __future__ import annotations
 
 import csv
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from orchestration import report_data as D
 from orchestration import report_optuna, report_plots
 from orchestration.report_stats import KEY_NAMES, MAX_OPTUNA_ROWS, POINT_KEYS, RULE_KEYS, Line, Tables, \
     comparison_count, set_intervals, set_points
-from orchestration.specs import PLAN_FILE, PlanRecord
+from orchestration.specs import PLAN_FILE, PlanRecord, read_state
 from orchestration.tracking import RunRegistry, default_tracking_uri
 
 RULE_TITLES = {"authors": "authors' split (many > 100, 20 < medium <= 100, few <= 20)",
@@ -92,8 +91,7 @@ def collect(folder: Path, sources: D.Sources, replicates: int = U.REPLICATES) ->
 def _unfinished(folder: Path, plan: PlanRecord, lines: list[Line]) -> list[str]:
     """What the table lacks, said where it is: rows or seeds without a finished trial (a row's cells are over the
     seeds it has), and why (state.json: failed, or stopped early by scheduler=asha)."""
-    state_path = folder / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    state = read_state(folder)
     notes = []
     if plan.search == "grid":
         finished = {ln.label: ln.seeds for ln in lines}

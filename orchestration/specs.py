@@ -22,6 +22,13 @@ from orchestration.stages import StageSpec, stage_chain
 
 BASE_ROW = "base"  # the row of an Optuna search's upstream trial: the base configuration, nothing sampled
 PLAN_FILE = "plan.json"
+STATE_FILE = "state.json"
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """state.json of a sweep folder (status, failed and stopped trials); {} before the driver has written one."""
+    path = folder / STATE_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def with_overrides(cfg: LPTConfig, overrides: dict[str, Any]) -> LPTConfig:
