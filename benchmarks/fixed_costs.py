@@ -3,11 +3,11 @@
     python -m benchmarks.fixed_costs --workdir DIR [--epochs 2]
 
 - import: ray, ray.tune, mlflow and the orchestration package;
-- Ray start: orchestration.cluster.connect with the local cluster settings (what sweep.py does);
+- Ray start: orchestration.cluster.ray_connection.connect with the local cluster settings (what sweep.py does);
 - Tune: a run of 3 no-op trials, one at a time: from fit() to the first trial, between trials (a trial's
   process, placement and bookkeeping), from the last trial to the end of fit();
 - checkpoint: tune.report with a checkpoint folder of a demo phase-2 checkpoint's size, per epoch, timed inside
-  the trial (the persist Tune does on top of run_phase's own checkpoint), and the stage store's final copy +
+  the trial (the persist Tune does on top of run_stage's own checkpoint), and the stage store's final copy +
   checksum;
 - MLflow: the tracker calls of one stage (run with the flattened config as params, per-epoch metrics, final
   metrics, checkpoint artifact, finish) on a SQLite store like the sweep's default.
@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _timed(fn):
@@ -34,16 +33,16 @@ def _timed(fn):
 
 
 def demo_checkpoint(folder: Path) -> Path:
-    """A phase-2 checkpoint of the demo's micro model (trainable tensors + SGD state), as run_phase writes it."""
+    """A phase-2 checkpoint of the demo's micro model (trainable tensors + SGD state), as run_stage writes it."""
     import torch
 
     from benchmarks.steps import build_model
     from lpt_core.checkpoint import save_checkpoint
-    from lpt_core.config import PhaseConfig
+    from lpt_core.config import StageConfig
     from lpt_core.schedule import build_optimizer
 
     model = build_model("micro", torch.device("cpu"))
-    optimizer = build_optimizer(model.set_trainable("phase2"), PhaseConfig())
+    optimizer = build_optimizer(model.set_trainable("phase2"), StageConfig())
     for p in optimizer.param_groups[0]["params"]:
         p.grad = torch.zeros_like(p)
     optimizer.step()
@@ -89,7 +88,7 @@ def tune_run(storage: Path, trials: int, checkpoint: Path, epochs: int) -> dict[
 
 def mlflow_stage(work: Path, checkpoint: Path, epochs: int) -> dict[str, float]:
     from lpt_core.config import LPTConfig, flatten, to_dict
-    from orchestration.tracking import MetricSpool, RunRegistry, default_tracking_uri
+    from orchestration.tracking.registry import MetricSpool, RunRegistry, default_tracking_uri
 
     params = flatten(to_dict(LPTConfig()))  # a stage run's params: the flattened config
     setup, runs = _timed(lambda: RunRegistry(default_tracking_uri(work), "bench"))
@@ -120,11 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     result: dict[str, float] = {}
     result["import_s"], _ = _timed(lambda: (__import__("ray.tune"), __import__("mlflow"),
-                                            __import__("orchestration.driver")))
+                                            __import__("orchestration.execute.driver")))
     checkpoint = demo_checkpoint(work / "checkpoint")
     from lpt_core.checkpoint import verify_checkpoint
-    from orchestration.cluster import connect
-    from experiments.settings import ClusterSettings
+    from orchestration.cluster.ray_connection import connect
+    from experiments.schema import ClusterSettings
 
     def finalize_copy() -> None:
         tmp = Path(tempfile.mkdtemp(dir=work))

@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
+from benchmarks.gpu_section import markdown, with_section
+from benchmarks.run import main as run_benchmarks
 
 REPO = Path(__file__).resolve().parents[1]
-START, END = "<!-- gpu-check: start -->", "<!-- gpu-check: end -->"
 SWEEP_NAME = "gpu-check"
 SWEEP_LENGTH = ("phase1.epochs=2", "phase2.epochs=2", "phase1.steps_per_epoch=20", "phase2.steps_per_epoch=20",
                 "eval.every_epochs=1")
@@ -113,40 +113,6 @@ def run_sweep(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {"command": command, **sweep_numbers(work / "sweeps" / SWEEP_NAME, work / "stages", wall)}
 
 
-def markdown(check: dict[str, Any]) -> str:
-    from benchmarks.measures import gpu
-
-    run, sweep = check["run"], check["sweep"]
-    lines = [START, "## GPU check (`make gpu-check`)", "",
-             f"Measured by `{run['command']}` on {run['device_name']} ({run['date']}).", ""]
-    if check.get("measure") is not None:
-        lines += ["### Measure 6", "", gpu.markdown(check["measure"]), ""]
-    acc = ", ".join(f"m = {row}: " + ("n/a" if value is None else f"{value:.1f} %")
-                    for row, value in sorted(sweep["acc"].items(), key=lambda item: int(item[0])))
-    lines += ["### Sweep", "", f"`python {sweep['command']}`", "",
-              f"- {sweep['status']} in {sweep['wall_s']:.0f} s; phase-2 trials from first start to last end "
-              f"{sweep['window_s']:.1f} s, at most {sweep['trials_at_once']} at once",
-              f"- phase-2 training {sweep['phase2_images_per_s_median']:.0f} images/s per trial (median over epochs)",
-              f"- accuracy: {acc}", f"- trials' lpt.device: {'; '.join(sweep['devices'])}", END]
-    return "\n".join(lines)
-
-
-def with_section(results_md: str, section: str) -> str:
-    """RESULTS.md with the GPU check section replaced (or added at the end)."""
-    if START in results_md and END in results_md:
-        before, rest = results_md.split(START, 1)
-        return before + section + rest.split(END, 1)[1]
-    return (results_md.rstrip("\n") + "\n\n" if results_md.strip() else "") + section + "\n"
-
-
-def keep_section(out: Path) -> None:
-    """After benchmarks/run.py rewrote <out>/RESULTS.md: put the last GPU check back in."""
-    check = out / "gpu_check.json"
-    results_md = out / "RESULTS.md"
-    if check.is_file() and results_md.is_file():
-        results_md.write_text(with_section(results_md.read_text(), markdown(json.loads(check.read_text()))))
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -164,8 +130,6 @@ def main(argv: list[str] | None = None) -> int:
                                      "device_name": device_name, "date": time.strftime("%Y-%m-%d %H:%M %Z")},
                              "measure": None}
     if not args.sweep_only:
-        from benchmarks.run import main as run_benchmarks
-
         run_benchmarks(measure_command(work)[2:])
         check["measure"] = json.loads((work / "bench" / "results.json").read_text())["sections"]["gpu"]
     check["sweep"] = run_sweep(args, work)

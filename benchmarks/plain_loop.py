@@ -1,4 +1,4 @@
-"""The plain way to run an ablation's trials: one process, a for-loop over run_phase, no Ray, no MLflow.
+"""The plain way to run an ablation's trials: one process, a for-loop over run_stage, no Ray, no MLflow.
 
     python -m benchmarks.plain_loop --workdir DIR <hydra overrides, as for orchestration/sweep.py>
     python -m benchmarks.plain_loop --prepare-only <overrides>   # only pretrain (or find) the demo backbone
@@ -15,16 +15,16 @@ import time
 from pathlib import Path
 
 START = time.perf_counter()
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from experiments.ablations import RUN_UNTIL, get_ablation  # noqa: E402
-from experiments.settings import apply_overrides, build_lpt, compose_config, resolve_backbone, split  # noqa: E402
-from lpt_core.train import PhaseHooks, run_phase  # noqa: E402
+from experiments.ablations import RUN_UNTIL, get_ablation
+from experiments.compose import compose_config, split
+from experiments.pretrain_demo import resolve_backbone
+from lpt_core.train import StageHooks, run_stage
 
 
-class QuietHooks(PhaseHooks):
+class QuietHooks(StageHooks):
     def log(self, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
@@ -49,24 +49,22 @@ def main(argv: list[str] | None = None) -> None:
     wanted = spec.settings.ablation.values  # ablation.values: the rows a sweep would keep
     points = [p for p in ablation.points_for(spec.name) if wanted is None or p.label in map(str, wanted)]
     hooks, stages = QuietHooks(), []
-    if spec.lpt.get("threads"):  # the demo pins one thread; pretraining, if needed, runs with it as well
-        torch.set_num_threads(spec.lpt["threads"])
-    base = resolve_backbone(build_lpt(spec.lpt), spec.pretrain, log=hooks.log)  # the sweep's driver does the same
+    if spec.lpt.threads:  # the demo pins one thread; pretraining, if needed, runs with it as well
+        torch.set_num_threads(spec.lpt.threads)
+    base = resolve_backbone(spec.lpt, spec.pretrain, log=hooks.log)  # the sweep's driver does the same
     if args.prepare_only:
         return
     workdir = Path(args.workdir)
-    base_values = apply_overrides(spec.lpt, {"backbone.weights_file": base.backbone.weights_file})
     phase1_ckpt = None
     for i, point in enumerate(points):
-        overrides = {k: v for k, v in point.overrides.items() if k != RUN_UNTIL}
-        cfg = build_lpt(apply_overrides(base_values, overrides))
+        cfg = base.with_overrides({k: v for k, v in point.overrides.items() if k != RUN_UNTIL})
         if phase1_ckpt is None:  # the rows differ in phase-2 fields only: one phase 1 serves them all
             start = time.perf_counter()
-            result = run_phase(cfg, "phase1", workdir / "phase1", hooks)
+            result = run_stage(cfg, "phase1", workdir / "phase1", hooks)
             stages.append({"stage": "phase1", "wall_s": time.perf_counter() - start, **training(result.history)})
             phase1_ckpt = result.checkpoint_dir
         start = time.perf_counter()
-        result = run_phase(cfg, "phase2", workdir / f"phase2-{i}", hooks, init_from=phase1_ckpt)
+        result = run_stage(cfg, "phase2", workdir / f"phase2-{i}", hooks, init_from=phase1_ckpt)
         stages.append({"stage": "phase2", "row": point.label, "wall_s": time.perf_counter() - start,
                        **training(result.history)})
     print(json.dumps({"import_s": imported, "stages": stages, "total_s": time.perf_counter() - START}), flush=True)

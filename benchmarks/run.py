@@ -20,15 +20,13 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.context import PLANS, Context  # noqa: E402
-from benchmarks.gpu_check import keep_section  # noqa: E402
-from benchmarks.machine import describe, load_average  # noqa: E402
-from benchmarks.measures import MEASURES  # noqa: E402
-from benchmarks.report import render  # noqa: E402
+from benchmarks.context import PLANS, Context
+from benchmarks.gpu_section import keep_section
+from benchmarks.machine import describe, load_average
+from benchmarks.measures import MEASURES
+from benchmarks.results_table import render
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """Models, batches and the training step that the throughput measures time.
 
-The step is lpt_core's own (`lpt_core.step.train_step`, what run_phase runs for every batch): one class-balanced
+The step is lpt_core's own (`lpt_core.step.train_step`, what run_stage runs for every batch): one class-balanced
 and one instance-balanced batch concatenated into one forward, the phase's losses per branch (A-GCL + matching
 term, weighted by beta of the first of 90 epochs), backward, an SGD step over the phase's trainable parameters.
 What is the benchmark's own: random-weight models, batches of random tensors already in memory (the data pipeline
@@ -15,7 +15,7 @@ import timm
 import torch
 from torch import Tensor
 
-from lpt_core.config import PhaseConfig, PromptConfig
+from lpt_core.config import StageConfig, PromptConfig
 from lpt_core.model import LPTModel
 from lpt_core.sampling import branches_for
 from lpt_core.schedule import build_optimizer
@@ -39,11 +39,10 @@ NUM_CLASSES = 100
 @functools.cache
 def demo_shape() -> Shape:
     """The demo experiment's micro ViT, image size and prompt length, read from its composed config."""
-    from experiments.settings import compose_config, split
+    from experiments.compose import compose_config, split
 
     lpt = split(compose_config([])).lpt
-    return Shape(lpt["backbone"]["name"], dict(lpt["backbone"]["model_kwargs"]), lpt["data"]["img_size"],
-                 lpt["prompt"]["length"])
+    return Shape(lpt.backbone.name, dict(lpt.backbone.model_kwargs), lpt.data.img_size, lpt.prompt.length)
 
 
 def shape_of(name: str) -> Shape:
@@ -90,7 +89,7 @@ class DualStep:
 
     def __init__(self, forward: Forward, params: list[torch.nn.Parameter], device: torch.device,
                  precision: str = "fp32") -> None:
-        pcfg = PhaseConfig()  # the authors' recipe: SGD, A-GCL, dual sampling, 90 epochs
+        pcfg = StageConfig()  # the authors' recipe: SGD, A-GCL, dual sampling, 90 epochs
         self.forward, self.device, self.precision = forward, device, precision
         self.optimizer = build_optimizer(params, pcfg)
         self.loss = StepLoss.for_epoch(pcfg, class_counts(), epoch=0)

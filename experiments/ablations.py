@@ -1,22 +1,22 @@
 """The paper's ablations as data: each is an axis over dotted config keys, the metric it reports and the stages
 it changes. The sweep driver expands them without knowing anything about LPT.
 
-Adding an ablation = one `register(Ablation(...))` here: experiments.settings.register_configs makes every
+Adding an ablation = one `register(Ablation(...))` here: experiments.compose.register_configs makes every
 registered name a choice of the `ablation` config group. `register` checks the stages an entry names against the
 stages its keys change (lpt_core.stages.STAGE_FIELDS; PRETRAIN_FIELDS for the demo's pretrained backbone).
 """
 from __future__ import annotations
 
-import difflib
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from experiments.pretrain_demo import PRETRAIN_FIELDS
+from experiments.schema import PRETRAIN_FIELDS
+from lpt_core.suggest import did_you_mean
 from lpt_core.config import ConfigError
 from lpt_core.stages import stages_changed_by, touches
 
-STAGES = ("pretrain", "phase1", "phase2", "joint")
+ABLATION_STAGES = ("pretrain", "phase1", "phase2", "joint")
 PAPER_EXPERIMENT = "places_lt"  # the dataset of the paper's ablation numbers (`Ablation.paper`)
 RUN_UNTIL = "run_until"  # reserved point key: the last stage a row runs (Tab. 8 rows that stop after phase 1)
 
@@ -93,7 +93,7 @@ ABLATIONS: dict[str, Ablation] = {}
 def register(ablation: Ablation) -> Ablation:
     if ablation.name in ABLATIONS:
         raise ValueError(f"ablation {ablation.name!r} registered twice")
-    unknown = set(ablation.stages) - set(STAGES)
+    unknown = set(ablation.stages) - set(ABLATION_STAGES)
     if unknown:
         raise ValueError(f"ablation {ablation.name!r}: unknown stages {sorted(unknown)}")
     _check_reference(ablation, ablation.points, ablation.reference, "reference")
@@ -131,11 +131,11 @@ def _stage_changes(ablation: Ablation) -> tuple[dict[str, set[str]], set[str]]:
 
 
 def changed_stages(ablation: Ablation) -> tuple[str, ...]:
-    """The stages whose result differs between the rows, in STAGES order: those that depend on an axis key
+    """The stages whose result differs between the rows, in ABLATION_STAGES order: those that depend on an axis key
     (lpt_core.stages.STAGE_FIELDS; PRETRAIN_FIELDS for the demo's pretraining) and those only some rows run."""
     by_key, partial = _stage_changes(ablation)
     changed = partial.union(*by_key.values())
-    return tuple(stage for stage in STAGES if stage in changed)
+    return tuple(stage for stage in ABLATION_STAGES if stage in changed)
 
 
 def _explain(ablation: Ablation) -> str:
@@ -157,9 +157,8 @@ def _check_reference(ablation: Ablation, points: tuple[Point, ...], reference: s
 
 def get_ablation(name: str) -> Ablation:
     if name not in ABLATIONS:
-        close = difflib.get_close_matches(name, ABLATIONS, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"ablation={name!r}: unknown ablation{hint} Registered: {', '.join(sorted(ABLATIONS))}")
+        hint = did_you_mean(name, sorted(ABLATIONS), what="ablations", list_all=True)
+        raise ConfigError(f"ablation={name!r}: unknown ablation; {hint}")
     return ABLATIONS[name]
 
 

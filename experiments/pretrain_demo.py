@@ -5,7 +5,7 @@ earlier call did; the hash names the architecture, the source split and this con
 parallel trials from training the same backbone twice. The file holds the ViT without its source classifier and
 loads through the normal path: `create_backbone(BackboneConfig(name, model_kwargs=..., weights_file=path))`.
 
-    python -m experiments.pretrain_demo [--cache-dir outputs/cache] [--epochs N]
+    lpt-pretrain-demo [--cache-dir outputs/cache] [--epochs N]
 """
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import timm
 import torch
@@ -24,9 +23,10 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from safetensors.torch import save
 
-from experiments.settings import CONF_DIR
+from experiments.compose import CONF_DIR
+from experiments.schema import DemoPretrainConfig
 from lpt_core.backbone import set_norm_eps
-from lpt_core.config import BackboneConfig, DataConfig, build_dataclass
+from lpt_core.config import BackboneConfig, DataConfig, LPTConfig, build_dataclass
 from lpt_core.data.synthetic import demo_source_split, source_digest
 from lpt_core.files import atomic_write_bytes, content_key, file_lock
 from lpt_core.schedule import lr_at
@@ -37,27 +37,6 @@ DEMO_BACKBONE = build_dataclass(
     BackboneConfig, OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "micro.yaml").backbone), "backbone")
 
 
-@dataclass
-class DemoPretrainConfig:
-    """The recipe: 8 epochs over the 18,000 default source images reach 93% source test accuracy (chance 1.7%) in
-    about 3.5 min on two cores; 5 epochs reach 73%, and the demo's phase 1 / phase 2 lose 5 points with it."""
-
-    epochs: int = 8
-    batch_size: int = 64
-    lr: float = 1e-3  # AdamW peak learning rate
-    weight_decay: float = 0.05
-    warmup_epochs: float = 0.5  # linear warm-up, then cosine to 0, per step
-    label_smoothing: float = 0.1
-    crop_min_scale: float = 0.5  # random resized crop (area fraction) of each source image
-    flip: bool = True  # the source label (texture, hue) is mirror invariant
-    seed: int = 0
-
-
-# the LPTConfig fields the pretrained backbone depends on (what backbone_hash reads: the architecture, and the
-# source split, which data.options shapes): an ablation over any of them changes the demo's pretrain stage
-PRETRAIN_FIELDS = ("backbone.name", "backbone.model_kwargs", "backbone.norm_eps", "data.options")
-
-
 def backbone_hash(backbone: BackboneConfig, data: DataConfig, pretrain: DemoPretrainConfig) -> str:
     key = {"name": backbone.name, "model_kwargs": backbone.model_kwargs, "source": source_digest(data),
            "pretrain": dataclasses.asdict(pretrain)}
@@ -66,13 +45,19 @@ def backbone_hash(backbone: BackboneConfig, data: DataConfig, pretrain: DemoPret
     return content_key(key)
 
 
+def demo_backbone_path(backbone: BackboneConfig, data: DataConfig, pretrain: DemoPretrainConfig,
+                       cache_dir: str | Path) -> Path:
+    """Where the pretrained micro ViT's weights are cached (whether or not they are trained yet)."""
+    return Path(cache_dir) / "demo_backbone" / backbone_hash(backbone, data, pretrain) / WEIGHTS_NAME
+
+
 def ensure_demo_backbone(backbone: BackboneConfig, data: DataConfig, pretrain: DemoPretrainConfig,
                          cache_dir: str | Path, log: Callable[[str], None] = print) -> Path:
     """Path of the pretrained micro ViT's weights, training and caching them unless a previous call did."""
-    folder = Path(cache_dir) / "demo_backbone" / backbone_hash(backbone, data, pretrain)
-    weights = folder / WEIGHTS_NAME
+    weights = demo_backbone_path(backbone, data, pretrain, cache_dir)
     if weights.is_file():
         return weights
+    folder = weights.parent
     waiting = f"waiting for another process to finish pretraining the backbone in {folder}"
     with file_lock(folder / ".lock", on_wait=lambda holder: log(waiting)):  # then it finds the weights trained
         if not weights.is_file():
@@ -165,6 +150,37 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return correct / max(1, len(labels))
 
 
+
+def with_demo_weights(cfg: LPTConfig, pretrain: DemoPretrainConfig | None) -> LPTConfig:
+    """The demo's config pointing at the micro ViT the project pretrains itself (cached by content hash; trained by
+    `ensure_demo_weights`); a real backbone, or weights a user named, are left as they are. Cheap: a sweep sets
+    every trial's weights file (and so its stage keys) before anything is trained."""
+    if pretrain is None or cfg.backbone.weights_file is not None:
+        return cfg
+    path = demo_backbone_path(cfg.backbone, cfg.data, pretrain, cfg.data.cache_dir)
+    return dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, weights_file=str(path)))
+
+
+def ensure_demo_weights(configs: Iterable[LPTConfig], pretrain: DemoPretrainConfig | None,
+                        log: Callable[[str], None] = print) -> None:
+    """Pretrains, once each, the demo backbones that these configs (set by `with_demo_weights`) load and that no
+    earlier call cached."""
+    if pretrain is None:
+        return
+    for cfg in configs:
+        expected = demo_backbone_path(cfg.backbone, cfg.data, pretrain, cfg.data.cache_dir)
+        if cfg.backbone.weights_file == str(expected):
+            ensure_demo_backbone(cfg.backbone, cfg.data, pretrain, cfg.data.cache_dir, log=log)
+
+
+def resolve_backbone(cfg: LPTConfig, pretrain: DemoPretrainConfig | None, log: Callable[[str], None] = print
+                     ) -> LPTConfig:
+    """One config with its demo backbone set and trained (a single run, a benchmark)."""
+    cfg = with_demo_weights(cfg, pretrain)
+    ensure_demo_weights([cfg], pretrain, log)
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache-dir", default="outputs/cache")
@@ -181,5 +197,9 @@ def main(argv: list[str] | None = None) -> Path:
     return weights
 
 
-if __name__ == "__main__":
+def cli() -> None:
     main()
+
+
+if __name__ == "__main__":
+    cli()

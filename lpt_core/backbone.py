@@ -6,7 +6,6 @@ real AugReg checkpoints take the same path.
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from lpt_core.suggest import did_you_mean
 from lpt_core.config import BackboneConfig, ConfigError
 
 LOCAL_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
@@ -37,8 +37,8 @@ def create_backbone(cfg: BackboneConfig) -> VisionTransformer:
     """Creates the ViT without its classifier, frozen and in eval mode (dropout/drop-path off for good)."""
     base_name = cfg.name.split(".")[0]
     if not timm.is_model(base_name):
-        close = difflib.get_close_matches(base_name, timm.list_models("vit_*"), n=3)
-        raise ConfigError(f"backbone.name={cfg.name!r}: unknown timm model; closest: {close}")
+        hint = did_you_mean(base_name, timm.list_models("vit_*"), what="timm ViTs")
+        raise ConfigError(f"backbone.name={cfg.name!r}: unknown timm model; {hint}")
     model = timm.create_model(cfg.name, num_classes=0, **_pretrained_kwargs(cfg), **cfg.model_kwargs)
     if not isinstance(model, VisionTransformer) or model.cls_token is None:
         raise ConfigError(f"backbone.name={cfg.name!r}: LPT needs a timm VisionTransformer with a class token")

@@ -145,3 +145,8 @@ def replace_directory(src: Path, dst: Path) -> None:
     if dst.exists():
         shutil.rmtree(dst)
     os.replace(src, dst)
+
+
+def stage_of(meta: dict[str, Any]) -> str | None:
+    """The stage a checkpoint's meta names; checkpoints written before the key was 'stage' call it 'phase'."""
+    return meta.get("stage", meta.get("phase"))

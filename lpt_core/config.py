@@ -6,16 +6,20 @@ key, so nothing deeper in the code has to re-check its inputs.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-import difflib
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Phase = Literal["phase1", "phase2", "joint"]
-PHASES: tuple[str, ...] = ("phase1", "phase2", "joint")
+from lpt_core.suggest import did_you_mean
+
+Stage = Literal["phase1", "phase2", "joint"]
+STAGES: tuple[str, ...] = ("phase1", "phase2", "joint")
+# free-form mappings whose keys belong to a dataset or a timm model, not to this schema: any key may be set there
+OPEN_MAPPINGS = ("data.options", "backbone.model_kwargs")
 
 
 class ConfigError(ValueError):
@@ -69,7 +73,7 @@ class LossConfig:
 
 
 @dataclass
-class PhaseConfig:
+class StageConfig:
     epochs: int = 90
     batch_size: int = 256  # per branch: one class-balanced and one instance-balanced batch per step
     sampling: Literal["dual", "class_balanced", "instance"] = "dual"
@@ -108,7 +112,7 @@ class DataConfig:
 class EvalConfig:
     every_epochs: int = 1  # evaluate on the eval split every n epochs (and always after the last)
     knn_k: int = 10
-    feature_stats: bool = True  # K-NN accuracy and gamma of the query features at the end of a phase
+    feature_stats: bool = True  # K-NN accuracy and gamma of the query features at the end of a stage
 
 
 @dataclass
@@ -116,9 +120,9 @@ class LPTConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    phase1: PhaseConfig = field(default_factory=PhaseConfig)
-    phase2: PhaseConfig = field(default_factory=PhaseConfig)
-    joint: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=80))
+    phase1: StageConfig = field(default_factory=StageConfig)
+    phase2: StageConfig = field(default_factory=StageConfig)
+    joint: StageConfig = field(default_factory=lambda: StageConfig(epochs=80))
     eval: EvalConfig = field(default_factory=EvalConfig)
     training: Literal["decoupled", "joint"] = "decoupled"
     seed: int = 0
@@ -126,12 +130,21 @@ class LPTConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
 
-    def phase_config(self, phase: str) -> PhaseConfig:
-        return getattr(self, phase)
+    def stage_config(self, stage: str) -> StageConfig:
+        return getattr(self, stage)
 
     def validate(self) -> LPTConfig:
         _validate(self)
         return self
+
+    def with_overrides(self, overrides: dict[str, Any]) -> LPTConfig:
+        """A validated copy with dotted keys set (an ablation row, Optuna's sampled values, the seed): how a sweep
+        derives each trial's config from the one the command line built. A key that does not exist is refused,
+        naming the closest one."""
+        cfg = self
+        for dotted, value in overrides.items():
+            cfg = _replaced(cfg, dotted.split("."), value, dotted)
+        return cfg.validate()
 
 
 def _type_name(tp: Any) -> str:
@@ -197,11 +210,32 @@ def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     for key, value in values.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+            raise ConfigError(f"unknown config key '{dotted}'; {did_you_mean(key, names)}")
         kwargs[key] = _coerce(value, hints[key], dotted)
     return cls(**kwargs)
+
+
+def _replaced(node: Any, parts: list[str], value: Any, dotted: str, depth: int = 0) -> Any:
+    """`node` (a config dataclass, or an open mapping) with the key parts[depth:] set to `value`, typed."""
+    path, part = ".".join(parts[:depth]), parts[depth]
+    last = depth == len(parts) - 1
+    if isinstance(node, dict) and path in OPEN_MAPPINGS:
+        return {**node, part: copy.deepcopy(value) if last else _replaced(node.get(part, {}), parts, value, dotted,
+                                                                          depth + 1)}
+    if isinstance(node, dict) and part in node:  # inside an open mapping
+        return {**node, part: copy.deepcopy(value) if last else _replaced(node[part], parts, value, dotted, depth + 1)}
+    if not dataclasses.is_dataclass(node):
+        raise ConfigError(f"override '{dotted}': no config key '{'.'.join(parts[:depth + 1])}'; '{path}' holds a "
+                          f"value, not keys")
+    names = [f.name for f in dataclasses.fields(node)]
+    if part not in names:
+        hint = did_you_mean(part, names, prefix=f"{path}." if path else "", what=f"keys under {path}" if path else "keys")
+        raise ConfigError(f"override '{dotted}': no config key '{'.'.join(parts[:depth + 1])}'; {hint}")
+    if last:
+        new = _coerce(value, typing.get_type_hints(type(node))[part], dotted)
+    else:
+        new = _replaced(getattr(node, part), parts, value, dotted, depth + 1)
+    return dataclasses.replace(node, **{part: new})
 
 
 def from_dict(values: dict[str, Any]) -> LPTConfig:
@@ -230,19 +264,19 @@ def _check(condition: bool, key: str, value: Any, expectation: str) -> None:
         raise ConfigError(f"{key}={value!r}: {expectation}")
 
 
-def _validate_phase(name: str, phase: PhaseConfig) -> None:
-    _check(phase.epochs >= 1, f"{name}.epochs", phase.epochs, "must be >= 1")
-    _check(phase.batch_size >= 1, f"{name}.batch_size", phase.batch_size, "must be >= 1")
-    _check(phase.images_per_class >= 1, f"{name}.images_per_class", phase.images_per_class, "must be >= 1")
-    _check(phase.base_lr > 0, f"{name}.base_lr", phase.base_lr, "must be > 0")
-    _check(phase.weight_decay >= 0, f"{name}.weight_decay", phase.weight_decay, "must be >= 0")
-    _check(0 <= phase.momentum < 1, f"{name}.momentum", phase.momentum, "must be in [0, 1)")
-    _check(0 <= phase.warmup_epochs < phase.epochs or phase.warmup_epochs == 0, f"{name}.warmup_epochs",
-           phase.warmup_epochs, f"must be in [0, epochs={phase.epochs})")
-    _check(0 <= phase.min_lr < phase.lr, f"{name}.min_lr", phase.min_lr, f"must be in [0, lr={phase.lr})")
-    if phase.steps_per_epoch is not None:
-        _check(phase.steps_per_epoch >= 1, f"{name}.steps_per_epoch", phase.steps_per_epoch, "must be >= 1")
-    loss = phase.loss
+def _validate_stage(name: str, stage: StageConfig) -> None:
+    _check(stage.epochs >= 1, f"{name}.epochs", stage.epochs, "must be >= 1")
+    _check(stage.batch_size >= 1, f"{name}.batch_size", stage.batch_size, "must be >= 1")
+    _check(stage.images_per_class >= 1, f"{name}.images_per_class", stage.images_per_class, "must be >= 1")
+    _check(stage.base_lr > 0, f"{name}.base_lr", stage.base_lr, "must be > 0")
+    _check(stage.weight_decay >= 0, f"{name}.weight_decay", stage.weight_decay, "must be >= 0")
+    _check(0 <= stage.momentum < 1, f"{name}.momentum", stage.momentum, "must be in [0, 1)")
+    _check(0 <= stage.warmup_epochs < stage.epochs or stage.warmup_epochs == 0, f"{name}.warmup_epochs",
+           stage.warmup_epochs, f"must be in [0, epochs={stage.epochs})")
+    _check(0 <= stage.min_lr < stage.lr, f"{name}.min_lr", stage.min_lr, f"must be in [0, lr={stage.lr})")
+    if stage.steps_per_epoch is not None:
+        _check(stage.steps_per_epoch >= 1, f"{name}.steps_per_epoch", stage.steps_per_epoch, "must be >= 1")
+    loss = stage.loss
     for attr in ("lambda_pos_cb", "lambda_neg_cb", "lambda_pos_ib", "lambda_neg_ib", "noise_sigma", "noise_mul",
                  "margin", "eta", "match_weight"):
         _check(getattr(loss, attr) >= 0, f"{name}.loss.{attr}", getattr(loss, attr), "must be >= 0")
@@ -266,8 +300,8 @@ def _validate(cfg: LPTConfig) -> None:
     if not p.shared:
         _check(p.query == "pretrained" or cfg.training == "decoupled", "prompt.shared", p.shared,
                "joint training needs the shared prompt")
-    for name in PHASES:
-        _validate_phase(name, cfg.phase_config(name))
+    for name in STAGES:
+        _validate_stage(name, cfg.stage_config(name))
     d = cfg.data
     _check(d.img_size >= 8, "data.img_size", d.img_size, "must be >= 8")
     _check(d.resize_size >= d.img_size, "data.resize_size", d.resize_size, f"must be >= data.img_size={d.img_size}")

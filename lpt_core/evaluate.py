@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lpt_core import metrics as M
+from lpt_core.metrics import gamma_ratio, knn_predict
 from lpt_core.config import LPTConfig
 from lpt_core.data import DatasetBundle
 from lpt_core.model import LPTModel
@@ -26,14 +26,14 @@ class EvalOutput:
 
 
 @torch.no_grad()
-def evaluate(model: LPTModel, dataset: Dataset, phase: str, device: torch.device, cfg: LPTConfig) -> EvalOutput:
+def evaluate(model: LPTModel, dataset: Dataset, stage: str, device: torch.device, cfg: LPTConfig) -> EvalOutput:
     model.eval()
     loader = DataLoader(dataset, batch_size=cfg.data.eval_batch_size, shuffle=False,
                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     preds, labels, queries, topk = [], [], [], []
     for images, y in loader:
         with autocast(device, cfg.precision):
-            out = model(images.to(device, non_blocking=True), phase)
+            out = model(images.to(device, non_blocking=True), stage)
         preds.append(out.logits.argmax(dim=-1).cpu())
         labels.append(y)
         queries.append(out.query.float().cpu())
@@ -42,14 +42,14 @@ def evaluate(model: LPTModel, dataset: Dataset, phase: str, device: torch.device
     return EvalOutput(torch.cat(preds), torch.cat(labels).long(), torch.cat(queries), torch.cat(topk) if topk else None)
 
 
-def feature_statistics(model: LPTModel, bundle: DatasetBundle, test: EvalOutput, phase: str,
+def feature_statistics(model: LPTModel, bundle: DatasetBundle, test: EvalOutput, stage: str,
                        device: torch.device, cfg: LPTConfig) -> tuple[dict[str, float], torch.Tensor]:
     """K-NN accuracy (train -> eval split) and gamma of the query features (Tab. 2 / Tab. 10), and the K-NN
     predictions [N] behind that accuracy (stored per image, so the K-NN accuracy gets an interval too)."""
-    train = evaluate(model, bundle.train_eval, phase, device, cfg)
-    knn_preds = M.knn_predict(train.query, train.labels, test.query, k=cfg.eval.knn_k)
+    train = evaluate(model, bundle.train_eval, stage, device, cfg)
+    knn_preds = knn_predict(train.query, train.labels, test.query, k=cfg.eval.knn_k)
     knn_acc = 100.0 * int((knn_preds == test.labels).sum()) / len(knn_preds) if len(knn_preds) else math.nan
-    return {"query_knn_acc": knn_acc, "query_gamma": M.gamma_ratio(test.query, test.labels)}, knn_preds
+    return {"query_knn_acc": knn_acc, "query_gamma": gamma_ratio(test.query, test.labels)}, knn_preds
 
 
 def image_paths(dataset: Dataset) -> list[str] | None:

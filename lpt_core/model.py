@@ -78,15 +78,15 @@ class LPTModel(nn.Module):
     def _parts(self, names: tuple[str, ...]) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
-    def trained_parameters(self, phase: str) -> dict[str, nn.Parameter]:
-        """The parameters `phase` trains, by state-dict name, in the order the optimizer holds them."""
-        return {f"{part}.{name}": p for part, module in self._parts(TRAINABLE[phase]).items()
+    def trained_parameters(self, stage: str) -> dict[str, nn.Parameter]:
+        """The parameters `stage` trains, by state-dict name, in the order the optimizer holds them."""
+        return {f"{part}.{name}": p for part, module in self._parts(TRAINABLE[stage]).items()
                 for name, p in module.named_parameters()}
 
-    def set_trainable(self, phase: str) -> list[nn.Parameter]:
+    def set_trainable(self, stage: str) -> list[nn.Parameter]:
         """Freezes everything but the phase's trainable parts and returns their parameters (for the optimizer)."""
         self.requires_grad_(False)
-        params = list(self.trained_parameters(phase).values())
+        params = list(self.trained_parameters(stage).values())
         for p in params:
             p.requires_grad_(True)
         return params
@@ -149,16 +149,16 @@ class LPTModel(nn.Module):
         feature = self.cls_feature(self.run_blocks(block_k_tokens, self.block_k, depth, group))
         return LPTOutput(logits=self.classify(feature), query=query, topk_idx=topk_idx, topk_sim=topk_sim)
 
-    def forward(self, images: Tensor, phase: str) -> LPTOutput:
-        if phase == "phase1":
+    def forward(self, images: Tensor, stage: str) -> LPTOutput:
+        if stage == "phase1":
             return self.forward_phase1(images)
-        return self.forward_grouped(images, joint=phase == "joint")
+        return self.forward_grouped(images, joint=stage == "joint")
 
     def trainable_state(self) -> dict[str, Tensor]:
-        """Every non-backbone tensor: the parts of all phases (a checkpoint holds `stage_state(phase)` instead)."""
+        """Every non-backbone tensor: the parts of all phases (a checkpoint holds `stage_state(stage)` instead)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
 
-    def stage_state(self, phase: str) -> dict[str, Tensor]:
-        """The tensors a checkpoint of `phase` holds (STAGE_PARTS), by state-dict name."""
-        return {f"{part}.{name}": t for part, module in self._parts(STAGE_PARTS[phase]).items()
+    def stage_state(self, stage: str) -> dict[str, Tensor]:
+        """The tensors a checkpoint of `stage` holds (STAGE_PARTS), by state-dict name."""
+        return {f"{part}.{name}": t for part, module in self._parts(STAGE_PARTS[stage]).items()
                 for name, t in module.state_dict().items()}

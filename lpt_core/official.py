@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from lpt_core import metrics as M
+from lpt_core.metrics import accuracy_report, match_stats, per_class_table
 from lpt_core.backbone import create_backbone, norm_eps_values, normalization, set_norm_eps
 from lpt_core.checkpoint import CheckpointError, safe_torch_load
 from lpt_core.config import LPTConfig
@@ -267,9 +267,9 @@ def evaluate_official(cfg: LPTConfig, path: str | Path, log_line: Callable[[str]
     log_line(f"{path}: {summary}; {bundle.name} {cfg.data.eval_split} split, {len(bundle.test)} images, "
              f"on {device}, precision {cfg.precision}")
     out = evaluate(model.to(device), bundle.test, "phase2", device, cfg)
-    metrics = M.accuracy_report(out.preds, out.labels, bundle.class_counts)
-    metrics.update(M.match_stats(out.labels, out.topk_idx, bundle.num_classes, prompt.pool_size))
-    per_class = M.per_class_table(out.preds, out.labels, bundle.class_counts, bundle.class_names)
+    metrics = accuracy_report(out.preds, out.labels, bundle.class_counts)
+    metrics.update(match_stats(out.labels, out.topk_idx, bundle.num_classes, prompt.pool_size))
+    per_class = per_class_table(out.preds, out.labels, bundle.class_counts, bundle.class_names)
     return OfficialEvaluation(bundle.name, len(bundle.test), summary, metrics, _group_counts(per_class), per_class)
 
 

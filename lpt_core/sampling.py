@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lpt_core.losses import BRANCHES, Branch, beta_schedule
 
-# sampling mode -> branches drawn each step (PhaseConfig.sampling)
+# sampling mode -> branches drawn each step (StageConfig.sampling)
 SAMPLING_BRANCHES: dict[str, tuple[str, ...]] = {
     "dual": ("cb", "ib"),
     "class_balanced": ("cb",),
@@ -186,7 +186,7 @@ def build_sampler(branch: Branch, labels: Tensor, *, images_per_class: int, seed
 
 
 def steps_per_epoch(num_samples: int, batch_size: int, override: int | None = None) -> int:
-    """floor(N / B) + 1 as in the authors' code, unless PhaseConfig.steps_per_epoch overrides it."""
+    """floor(N / B) + 1 as in the authors' code, unless StageConfig.steps_per_epoch overrides it."""
     if override is not None:
         return override
     return num_samples // batch_size + 1

@@ -11,7 +11,7 @@ from typing import Iterable
 
 import torch
 
-from lpt_core.config import PhaseConfig
+from lpt_core.config import StageConfig
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0) -> float:
@@ -27,7 +27,7 @@ OPTIMIZERS = {
 }
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: PhaseConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: StageConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters for this phase")

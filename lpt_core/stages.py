@@ -3,7 +3,7 @@
 Phase 1 trains the shared prompt u and the classifier; phase 2 starts from them and trains the group pool;
 joint trains all three at once (lpt_core.model.TRAINABLE). A stage's result is a function of exactly its
 STAGE_FIELDS and, for phase 2, of the phase 1 it starts from (UPSTREAM). The stage store keys a stage by these
-fields plus its upstream's key, and a checkpoint records them (`stage_config`), so a phase 1 shared by trials that
+fields plus its upstream's key, and a checkpoint records them (`stage_inputs`), so a phase 1 shared by trials that
 differ elsewhere is the same whichever trial trained it. tests/lpt_core/test_stage_fields.py proves the
 declaration: changing any field a stage does not declare (directly or through its upstream) leaves that stage
 bit-identical, and changing any declared field changes its key.
@@ -37,9 +37,11 @@ Not in any stage's key:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from lpt_core.config import LPTConfig, to_dict
+from lpt_core.files import content_key
 
 STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "phase1": ("backbone", "data", "eval", "seed", "precision", "phase1", "prompt.length", "prompt.shared",
@@ -63,13 +65,47 @@ def stages_changed_by(keys: Iterable[str]) -> set[str]:
     return {stage for stage in STAGE_FIELDS if stage in direct or UPSTREAM[stage] in direct}
 
 
-def stage_config(cfg: LPTConfig, phase: str) -> dict[str, Any]:
-    """The config a checkpoint of `phase` records: the STAGE_FIELDS of that phase, nested as in LPTConfig."""
+def stage_inputs(cfg: LPTConfig, stage: str) -> dict[str, Any]:
+    """The config a checkpoint of `stage` records: the STAGE_FIELDS of that stage, nested as in LPTConfig."""
     full, picked = to_dict(cfg), {}
-    for dotted in STAGE_FIELDS[phase]:
+    for dotted in STAGE_FIELDS[stage]:
         *parents, leaf = dotted.split(".")
         source, target = full, picked
         for part in parents:
             source, target = source[part], target.setdefault(part, {})
         target[leaf] = source[leaf]
     return picked
+
+
+KEY_LENGTH = 16
+
+
+def _get(values: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        values = values[part]
+    return values
+
+
+def stage_key(stage: str, cfg: LPTConfig, upstream: str | None, salt: str = "") -> str:
+    """Hash of the stage name, its config fields, its upstream key and an optional salt (cache off)."""
+    values = to_dict(cfg)
+    content = {"stage": stage, "upstream": upstream, "salt": salt,
+               "fields": {name: _get(values, name) for name in STAGE_FIELDS[stage]}}
+    return f"{stage}-{content_key(content, KEY_LENGTH)}"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    stage: str  # phase1 | phase2 | joint
+    key: str
+    upstream: str | None
+
+
+def stage_chain(cfg: LPTConfig, run_until: str | None = None, salt: str = "") -> tuple[StageSpec, ...]:
+    """The stages one trial runs, in order; `run_until='phase1'` stops a decoupled trial after phase 1."""
+    if cfg.training == "joint":
+        return (StageSpec("joint", stage_key("joint", cfg, None, salt), None),)
+    phase1 = StageSpec("phase1", stage_key("phase1", cfg, None, salt), None)
+    if run_until == "phase1":
+        return (phase1,)
+    return phase1, StageSpec("phase2", stage_key("phase2", cfg, phase1.key, salt), phase1.key)

@@ -1,4 +1,4 @@
-"""One optimisation step of a stage: what run_phase does for every batch, and what the benchmarks time.
+"""One optimisation step of a stage: what run_stage does for every batch, and what the benchmarks time.
 
 A step draws one batch per sampling branch (class-balanced "cb", instance-balanced "ib"; one of them in the
 single-branch modes), runs them as one concatenated forward, gives each branch's rows its own classification
@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from lpt_core.config import PhaseConfig
+from lpt_core.config import StageConfig
 from lpt_core.losses import build_classification_loss, matching_loss
 from lpt_core.model import LPTOutput
 from lpt_core.runtime import autocast
@@ -32,7 +32,7 @@ class StepLoss:
     match_weight: float
 
     @classmethod
-    def for_epoch(cls, pcfg: PhaseConfig, class_counts: Tensor, epoch: int) -> StepLoss:
+    def for_epoch(cls, pcfg: StageConfig, class_counts: Tensor, epoch: int) -> StepLoss:
         branches = branches_for(pcfg.sampling)
         return cls(branches,
                    tuple(build_classification_loss(pcfg.loss, b, class_counts) for b in branches),

@@ -1,6 +1,6 @@
-"""run_phase: one LPT stage (phase 1, phase 2 or joint) from a typed config to final metrics and a checkpoint.
+"""run_stage: one LPT stage (phase 1, phase 2 or joint) from a typed config to final metrics and a checkpoint.
 
-Engine-agnostic by construction: reporting and checkpoint publishing go through `PhaseHooks`, so the same
+Engine-agnostic by construction: reporting and checkpoint publishing go through `StageHooks`, so the same
 function runs in a plain process (`python -m lpt_core.train`) and inside a Ray Tune trial. A run resumed from one
 of its checkpoints continues bit-exactly on CPU: model, optimizer, samplers, RNG and epoch are all restored.
 """
@@ -20,17 +20,17 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
 
-from lpt_core import metrics as M
+from lpt_core.metrics import accuracy_report, match_histogram, match_stats, match_table, per_class_table, prediction_table
 from lpt_core.backbone import create_backbone, normalization, weights_digest
-from lpt_core.checkpoint import META_FILE, BackboneIdentity, CheckpointError, load_checkpoint, save_checkpoint
-from lpt_core.config import PHASES, LPTConfig, PhaseConfig, from_dict
+from lpt_core.checkpoint import META_FILE, BackboneIdentity, CheckpointError, load_checkpoint, save_checkpoint, stage_of
+from lpt_core.config import STAGES, LPTConfig, StageConfig, from_dict
 from lpt_core.data import DatasetBundle, Normalization, build_dataset
 from lpt_core.evaluate import EvalOutput, evaluate, feature_statistics, image_paths
 from lpt_core.model import LPTModel
 from lpt_core.runtime import is_out_of_memory, release_cached_memory, resolve_device, seed_everything
 from lpt_core.sampling import ClassAwareSampler, InstanceSampler, branches_for, steps_per_epoch
 from lpt_core.schedule import build_optimizer, lr_at
-from lpt_core.stages import stage_config
+from lpt_core.stages import stage_inputs
 from lpt_core.step import StepLoss, train_step
 
 
@@ -38,11 +38,11 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN/inf; raised at the end of the epoch in which it happened."""
 
 
-class PhaseOutOfMemoryError(MemoryError):
+class StageOutOfMemoryError(MemoryError):
     """The device ran out of memory during a stage; deterministic for a given batch size and device share."""
 
 
-class PhaseHooks:
+class StageHooks:
     """Where a runner plugs in reporting and checkpoint publishing; the defaults only print."""
 
     def log(self, message: str) -> None:
@@ -53,15 +53,23 @@ class PhaseHooks:
 
 
 @dataclass
-class PhaseResult:
-    phase: str
+class StageResult:
+    stage: str
     metrics: dict[str, float]  # final evaluation: acc, many/medium/few (both rules), matching and feature stats
     history: list[dict[str, float]]
     per_class: pa.Table
     match: pa.Table | None
     checkpoint_dir: Path
     extras: dict[str, Any] = field(default_factory=dict)  # resumed_after_epoch, trainable_params, backbone
-    predictions: pa.Table | None = None  # one row per evaluated image (metrics.prediction_table): intervals
+    predictions: pa.Table | None = None  # one row per evaluated image (prediction_table): intervals
+
+
+@dataclass
+class _Progress:
+    """What a checkpoint saves besides the trained tensors, so that a resumed epoch draws what it would have."""
+
+    optimizer: torch.optim.Optimizer
+    samplers: dict[str, ClassAwareSampler | InstanceSampler]  # by branch: cb, ib
 
 
 @dataclass
@@ -72,23 +80,23 @@ class _Setup:
     device: torch.device
 
 
-def _setup(cfg: LPTConfig, phase: str, hooks: PhaseHooks) -> _Setup:
+def _setup(cfg: LPTConfig, stage: str, hooks: StageHooks) -> _Setup:
     device = resolve_device(cfg.device)
     backbone = create_backbone(cfg.backbone)
     identity = BackboneIdentity(cfg.backbone.name, weights_digest(backbone), cfg.backbone.norm_eps)
     bundle = build_dataset(cfg.data, Normalization(*normalization(backbone)))
     model = LPTModel(backbone, bundle.num_classes, cfg.prompt).to(device)
-    hooks.log(f"[{phase}] {bundle.name}: {len(bundle.train)} train / {len(bundle.test)} eval images, "
+    hooks.log(f"[{stage}] {bundle.name}: {len(bundle.train)} train / {len(bundle.test)} eval images, "
               f"{bundle.num_classes} classes, backbone {cfg.backbone.name} on {device}")
     return _Setup(model, bundle, identity, device)
 
 
-def _load_parts(model: LPTModel, phase: str, saved: dict[str, Any], source: str | Path, remedy: str) -> None:
-    """Loads exactly the tensors a `phase` checkpoint holds; a missing one or another shape is refused by name."""
-    expected = model.stage_state(phase)
+def _load_parts(model: LPTModel, stage: str, saved: dict[str, Any], source: str | Path, remedy: str) -> None:
+    """Loads exactly the tensors a `stage` checkpoint holds; a missing one or another shape is refused by name."""
+    expected = model.stage_state(stage)
     missing = [k for k in expected if k not in saved]
     if missing:
-        raise CheckpointError(f"{source}: lacks {missing}, which a {phase} checkpoint holds; {remedy}")
+        raise CheckpointError(f"{source}: lacks {missing}, which a {stage} checkpoint holds; {remedy}")
     for name, tensor in expected.items():
         if saved[name].shape != tensor.shape:
             raise CheckpointError(f"{source}: tensor {name} has shape {list(saved[name].shape)} in the checkpoint "
@@ -96,12 +104,12 @@ def _load_parts(model: LPTModel, phase: str, saved: dict[str, Any], source: str 
     model.load_state_dict({k: saved[k] for k in expected}, strict=False)
 
 
-def _init_from(setup: _Setup, checkpoint: str | Path, hooks: PhaseHooks) -> None:
+def _init_from(setup: _Setup, checkpoint: str | Path, hooks: StageHooks) -> None:
     """Phase 2 starts from phase 1's shared prompt and classifier (the pool keeps its fresh init)."""
     state, meta = load_checkpoint(checkpoint, setup.identity, setup.bundle.num_classes)
     _load_parts(setup.model, "phase1", state["model"], checkpoint,
                 "init_from must be a phase-1 checkpoint trained with this run's prompt.length and prompt.shared")
-    hooks.log(f"initialised from {meta.get('phase')} checkpoint {checkpoint} (epoch {meta.get('epoch')})")
+    hooks.log(f"initialised from {stage_of(meta)} checkpoint {checkpoint} (epoch {meta.get('epoch')})")
 
 
 def _epoch_batches(samplers: dict[str, Any], branches: tuple[str, ...], steps: int, batch_size: int) -> list:
@@ -113,49 +121,49 @@ def _loader(bundle: DatasetBundle, batches: list, cfg: LPTConfig, device: torch.
                       pin_memory=device.type == "cuda", persistent_workers=False)
 
 
-def _train_epoch(cfg: LPTConfig, phase: str, pcfg: PhaseConfig, setup: _Setup, state: dict, epoch: int,
-                 hooks: PhaseHooks) -> dict[str, float]:
+def _train_epoch(cfg: LPTConfig, stage: str, pcfg: StageConfig, setup: _Setup, progress: _Progress,
+                 epoch: int) -> dict[str, float]:
     model, device = setup.model, setup.device
     loss = StepLoss.for_epoch(pcfg, setup.bundle.class_counts, epoch)
     branches = loss.branches
     steps = steps_per_epoch(len(setup.bundle.train), pcfg.batch_size, pcfg.steps_per_epoch)
-    batches = _epoch_batches(state["samplers"], branches, steps, pcfg.batch_size)
+    batches = _epoch_batches(progress.samplers, branches, steps, pcfg.batch_size)
     model.train()
     loss_sum = torch.zeros((), device=device)
     start, total_steps = time.perf_counter(), pcfg.epochs * steps
     loader = iter(_loader(setup.bundle, batches, cfg, device))
-    forward = functools.partial(model, phase=phase)
+    forward = functools.partial(model, stage=stage)
     for step in range(steps):
         global_step = epoch * steps + step
         lr = lr_at(global_step, total_steps, pcfg.warmup_epochs * steps, pcfg.lr, pcfg.min_lr)
-        for group in state["optimizer"].param_groups:
+        for group in progress.optimizer.param_groups:
             group["lr"] = lr
         parts = [next(loader) for _ in branches]
         images = torch.cat([p[0] for p in parts]).to(device, non_blocking=True)
         labels = [p[1].to(device, non_blocking=True) for p in parts]
-        loss_sum += train_step(forward, images, labels, loss, state["optimizer"], cfg.precision)
+        loss_sum += train_step(forward, images, labels, loss, progress.optimizer, cfg.precision)
     elapsed = time.perf_counter() - start
     mean_loss = (loss_sum / steps).item()  # the only host sync of the epoch: also the NaN check
     if not math.isfinite(mean_loss):
-        raise NonFiniteLossError(f"{phase} epoch {epoch}: training loss is {mean_loss} (lr {lr:.3g})")
+        raise NonFiniteLossError(f"{stage} epoch {epoch}: training loss is {mean_loss} (lr {lr:.3g})")
     images_seen = steps * pcfg.batch_size * len(branches)
     return {"loss": mean_loss, "lr": lr, "epoch_time_s": elapsed, "train_images_per_s": images_seen / elapsed}
 
 
-def _evaluate_metrics(cfg: LPTConfig, phase: str, setup: _Setup) -> tuple[dict[str, float], EvalOutput]:
-    out = evaluate(setup.model, setup.bundle.test, phase, setup.device, cfg)
-    metrics = M.accuracy_report(out.preds, out.labels, setup.bundle.class_counts)
+def _evaluate_metrics(cfg: LPTConfig, stage: str, setup: _Setup) -> tuple[dict[str, float], EvalOutput]:
+    out = evaluate(setup.model, setup.bundle.test, stage, setup.device, cfg)
+    metrics = accuracy_report(out.preds, out.labels, setup.bundle.class_counts)
     if out.topk_idx is not None:
-        metrics.update(M.match_stats(out.labels, out.topk_idx, setup.bundle.num_classes, cfg.prompt.pool_size))
+        metrics.update(match_stats(out.labels, out.topk_idx, setup.bundle.num_classes, cfg.prompt.pool_size))
     return metrics, out
 
 
-def _checkpoint_state(setup: _Setup, phase: str, state: dict, epoch: int, history: list) -> dict[str, Any]:
+def _checkpoint_state(setup: _Setup, stage: str, progress: _Progress, epoch: int, history: list) -> dict[str, Any]:
     return {
-        "model": setup.model.stage_state(phase),
-        "optimizer": state["optimizer"].state_dict(),
-        "optimizer_params": list(setup.model.trained_parameters(phase)),  # the names of its state's slots, in order
-        "samplers": {name: s.state_dict() for name, s in state["samplers"].items()},
+        "model": setup.model.stage_state(stage),
+        "optimizer": progress.optimizer.state_dict(),
+        "optimizer_params": list(setup.model.trained_parameters(stage)),  # the names of its state's slots, in order
+        "samplers": {name: s.state_dict() for name, s in progress.samplers.items()},
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if setup.device.type == "cuda" else []},
         "epoch": epoch,
@@ -163,18 +171,18 @@ def _checkpoint_state(setup: _Setup, phase: str, state: dict, epoch: int, histor
     }
 
 
-def _restore(setup: _Setup, state: dict, resume_from: str | Path, phase: str,
-             hooks: PhaseHooks) -> tuple[int, list]:
+def _restore(setup: _Setup, progress: _Progress, resume_from: str | Path, stage: str,
+             hooks: StageHooks) -> tuple[int, list]:
     saved, meta = load_checkpoint(resume_from, setup.identity, setup.bundle.num_classes)
-    if meta.get("phase") != phase:
-        raise CheckpointError(f"{resume_from}: is a {meta.get('phase')} checkpoint; cannot resume {phase} from it "
+    if stage_of(meta) != stage:
+        raise CheckpointError(f"{resume_from}: is a {stage_of(meta)} checkpoint; cannot resume {stage} from it "
                               f"(phase 2 starts from a phase-1 checkpoint with init_from)")
-    remedy = (f"resume it with the config that wrote it ('config' in its {META_FILE}), or train this {phase} from "
+    remedy = (f"resume it with the config that wrote it ('config' in its {META_FILE}), or train this {stage} from "
               f"its first epoch: without resume_from, or in a sweep after removing {Path(resume_from).parent}")
-    _load_parts(setup.model, phase, saved["model"], resume_from, remedy)
-    _check_optimizer_fits(saved, setup.model.trained_parameters(phase), resume_from, remedy)
-    state["optimizer"].load_state_dict(saved["optimizer"])
-    for name, sampler in state["samplers"].items():
+    _load_parts(setup.model, stage, saved["model"], resume_from, remedy)
+    _check_optimizer_fits(saved, setup.model.trained_parameters(stage), resume_from, remedy)
+    progress.optimizer.load_state_dict(saved["optimizer"])
+    for name, sampler in progress.samplers.items():
         sampler.load_state_dict(saved["samplers"][name])
     torch.set_rng_state(saved["rng"]["torch"])
     if saved["rng"]["cuda"] and setup.device.type == "cuda":
@@ -200,72 +208,70 @@ def _check_optimizer_fits(saved: dict[str, Any], trained: dict[str, torch.nn.Par
                                       f"checkpoint but {list(param.shape)} in this model; {remedy}")
 
 
-def run_phase(cfg: LPTConfig, phase: str, workdir: str | Path, hooks: PhaseHooks | None = None, *,
+def run_stage(cfg: LPTConfig, stage: str, workdir: str | Path, hooks: StageHooks | None = None, *,
               init_from: str | Path | None = None, resume_from: str | Path | None = None,
-              keep_checkpoints: int = 2) -> PhaseResult:
+              keep_checkpoints: int = 2) -> StageResult:
     """Trains one stage in `workdir` and returns its final evaluation.
 
     init_from: a phase-1 checkpoint (required for phase 2). resume_from: a checkpoint of this same stage.
     """
-    if phase not in PHASES:
-        raise ValueError(f"phase={phase!r}: expected one of {PHASES}")
-    if phase == "phase2" and init_from is None and resume_from is None:
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
+    if stage == "phase2" and init_from is None and resume_from is None:
         raise ValueError("phase2 needs init_from=<phase-1 checkpoint>")
-    hooks = hooks or PhaseHooks()
+    hooks = hooks or StageHooks()
     workdir = Path(workdir)
-    pcfg = cfg.phase_config(phase)
+    pcfg = cfg.stage_config(stage)
     seed_everything(cfg.seed, cfg.threads)
-    setup = _setup(cfg, phase, hooks)
+    setup = _setup(cfg, stage, hooks)
     torch.manual_seed(cfg.seed)  # training randomness must not depend on what building the model consumed
     if init_from is not None and resume_from is None:
         _init_from(setup, init_from, hooks)
-    params = setup.model.set_trainable(phase)
+    params = setup.model.set_trainable(stage)
     labels = setup.bundle.train_labels
-    state = {
-        "optimizer": build_optimizer(params, pcfg),
-        "samplers": {"cb": ClassAwareSampler(labels, pcfg.images_per_class, cfg.seed),
-                     "ib": InstanceSampler(len(labels), cfg.seed + 1)},
-    }
-    start_epoch, history = (_restore(setup, state, resume_from, phase, hooks) if resume_from else (0, []))
-    meta = {"phase": phase, "backbone": vars(setup.identity), "num_classes": setup.bundle.num_classes,
-            "config": stage_config(cfg, phase), "init_from": str(init_from) if init_from else None}
+    progress = _Progress(build_optimizer(params, pcfg),
+                         {"cb": ClassAwareSampler(labels, pcfg.images_per_class, cfg.seed),
+                          "ib": InstanceSampler(len(labels), cfg.seed + 1)})
+    start_epoch, history = (_restore(setup, progress, resume_from, stage, hooks) if resume_from else (0, []))
+    meta = {"stage": stage, "backbone": vars(setup.identity), "num_classes": setup.bundle.num_classes,
+            "config": stage_inputs(cfg, stage), "init_from": str(init_from) if init_from else None}
     metrics, ckpt_dir, out = {}, None, None
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, pcfg.epochs):
-            metrics = {"epoch": epoch, **_train_epoch(cfg, phase, pcfg, setup, state, epoch, hooks)}
+            metrics = {"epoch": epoch, **_train_epoch(cfg, stage, pcfg, setup, progress, epoch)}
             last = epoch == pcfg.epochs - 1
             if last or (epoch + 1) % cfg.eval.every_epochs == 0:
-                eval_metrics, out = _evaluate_metrics(cfg, phase, setup)
+                eval_metrics, out = _evaluate_metrics(cfg, stage, setup)
                 metrics.update(eval_metrics)
             history.append(metrics)
             ckpt_dir = save_checkpoint(workdir / "checkpoints" / f"epoch_{epoch:04d}",
-                                       _checkpoint_state(setup, phase, state, epoch, history), {**meta, "epoch": epoch})
+                                       _checkpoint_state(setup, stage, progress, epoch, history), {**meta, "epoch": epoch})
             _prune_checkpoints(workdir / "checkpoints", keep=keep_checkpoints)
-            hooks.log(_progress_line(phase, epoch, pcfg.epochs, metrics))
+            hooks.log(_progress_line(stage, epoch, pcfg.epochs, metrics))
             hooks.on_epoch_end(epoch, metrics, ckpt_dir)
     except Exception as err:
         if not is_out_of_memory(err):
             raise
         release_cached_memory(setup.device)
-        raise _out_of_memory(err, cfg, phase, epoch, setup.device) from err
+        raise _out_of_memory(err, cfg, stage, epoch, setup.device) from err
     if out is None:  # resumed after the last epoch: evaluate what the checkpoint holds
         ckpt_dir = Path(resume_from)
-        eval_metrics, out = _evaluate_metrics(cfg, phase, setup)
+        eval_metrics, out = _evaluate_metrics(cfg, stage, setup)
         metrics = {**(history[-1] if history else {}), **eval_metrics}
-    result = _finish(cfg, phase, setup, out, metrics, history, ckpt_dir)
+    result = _finish(cfg, stage, setup, out, metrics, history, ckpt_dir)
     result.extras.update(resumed_after_epoch=start_epoch - 1 if resume_from else None,
                          trainable_params=sum(p.numel() for p in params), backbone=vars(setup.identity))
     return result
 
 
-def _out_of_memory(err: BaseException, cfg: LPTConfig, phase: str, epoch: int,
-                   device: torch.device) -> PhaseOutOfMemoryError:
+def _out_of_memory(err: BaseException, cfg: LPTConfig, stage: str, epoch: int,
+                   device: torch.device) -> StageOutOfMemoryError:
     """The allocator's words plus the knobs that decide the memory a stage needs."""
-    pcfg = cfg.phase_config(phase)
+    pcfg = cfg.stage_config(stage)
     reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-    return PhaseOutOfMemoryError(
-        f"{phase} epoch {epoch}: out of memory on {device} ({reason}); lower {phase}.batch_size (now "
+    return StageOutOfMemoryError(
+        f"{stage} epoch {epoch}: out of memory on {device} ({reason}); lower {stage}.batch_size (now "
         f"{pcfg.batch_size} per branch, {len(branches_for(pcfg.sampling))} branches a step) or "
         f"data.eval_batch_size (now {cfg.data.eval_batch_size}), or give each trial more of the device "
         f"(resources.gpu in a sweep)")
@@ -277,24 +283,24 @@ def _prune_checkpoints(folder: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _finish(cfg: LPTConfig, phase: str, setup: _Setup, out: EvalOutput, metrics: dict, history: list,
-            ckpt_dir: Path) -> PhaseResult:
+def _finish(cfg: LPTConfig, stage: str, setup: _Setup, out: EvalOutput, metrics: dict, history: list,
+            ckpt_dir: Path) -> StageResult:
     final, knn_preds = dict(metrics), None
     if cfg.eval.feature_stats and setup.bundle.train_eval is not None:
-        stats, knn_preds = feature_statistics(setup.model, setup.bundle, out, phase, setup.device, cfg)
+        stats, knn_preds = feature_statistics(setup.model, setup.bundle, out, stage, setup.device, cfg)
         final.update(stats)
-    per_class = M.per_class_table(out.preds, out.labels, setup.bundle.class_counts, setup.bundle.class_names)
+    per_class = per_class_table(out.preds, out.labels, setup.bundle.class_counts, setup.bundle.class_names)
     match = None
     if out.topk_idx is not None:
-        hist = M.match_histogram(out.labels, out.topk_idx, setup.bundle.num_classes, cfg.prompt.pool_size)
-        match = M.match_table(hist)
-    predictions = M.prediction_table(out.preds, out.labels, setup.bundle.class_counts, out.topk_idx, knn_preds,
+        hist = match_histogram(out.labels, out.topk_idx, setup.bundle.num_classes, cfg.prompt.pool_size)
+        match = match_table(hist)
+    predictions = prediction_table(out.preds, out.labels, setup.bundle.class_counts, out.topk_idx, knn_preds,
                                      image_paths(setup.bundle.test))
-    return PhaseResult(phase, final, history, per_class, match, ckpt_dir, predictions=predictions)
+    return StageResult(stage, final, history, per_class, match, ckpt_dir, predictions=predictions)
 
 
-def _progress_line(phase: str, epoch: int, epochs: int, m: dict[str, float]) -> str:
-    line = f"[{phase}] epoch {epoch + 1}/{epochs} loss {m['loss']:.4f} lr {m['lr']:.2e} " \
+def _progress_line(stage: str, epoch: int, epochs: int, m: dict[str, float]) -> str:
+    line = f"[{stage}] epoch {epoch + 1}/{epochs} loss {m['loss']:.4f} lr {m['lr']:.2e} " \
            f"{m['train_images_per_s']:.0f} img/s"
     if "acc" in m:
         line += f" | acc {m['acc']:.2f} many {m['many']:.2f} medium {m['medium']:.2f} few {m['few']:.2f}"
@@ -302,17 +308,17 @@ def _progress_line(phase: str, epoch: int, epochs: int, m: dict[str, float]) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Plain-process runner: `python -m lpt_core.train --config cfg.json --phase phase1 --workdir DIR`."""
+    """Plain-process runner: `python -m lpt_core.train --config cfg.json --stage phase1 --workdir DIR`."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--config", required=True, help="JSON file with the nested LPTConfig fields")
-    parser.add_argument("--phase", required=True, choices=PHASES)
+    parser.add_argument("--stage", required=True, choices=STAGES)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--init-from", help="phase-1 checkpoint folder (phase 2)")
     parser.add_argument("--resume-from", help="checkpoint folder of this stage")
     args = parser.parse_args(argv)
     cfg = from_dict(json.loads(Path(args.config).read_text()))
-    result = run_phase(cfg, args.phase, args.workdir, init_from=args.init_from, resume_from=args.resume_from)
-    print(json.dumps({"phase": result.phase, "checkpoint": str(result.checkpoint_dir), **result.metrics}, indent=1))
+    result = run_stage(cfg, args.stage, args.workdir, init_from=args.init_from, resume_from=args.resume_from)
+    print(json.dumps({"stage": result.stage, "checkpoint": str(result.checkpoint_dir), **result.metrics}, indent=1))
 
 
 if __name__ == "__main__":

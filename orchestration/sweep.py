@@ -1,4 +1,5 @@
-"""`python orchestration/sweep.py ablation=<name>`: an ablation of the paper on Ray Tune, tracked in MLflow.
+"""`python orchestration/sweep.py ablation=<name>` (or `lpt-sweep`): an ablation of the paper on Ray Tune, tracked
+in MLflow.
 
     python orchestration/sweep.py ablation=group_size                       # demo: local Ray, local MLflow
     python orchestration/sweep.py ablation=loss search=optuna search.num_samples=16
@@ -15,10 +16,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from experiments.settings import CONF_DIR, start_cli
+from experiments.compose import CONF_DIR, start_cli
 from lpt_core.config import ConfigError
-from orchestration.cluster import ClusterError
-from orchestration.driver import SweepError, run_sweep
+from orchestration.cluster.ray_connection import ClusterError
+from orchestration.execute.driver import SweepError, run_sweep
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -31,5 +32,9 @@ def main(cfg: DictConfig) -> None:
     sys.exit(code)
 
 
-if __name__ == "__main__":
+def cli() -> None:
     start_cli(main, sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,6 +1,6 @@
 """The demo runs that measures 3 and 4 share: interleaved rounds of
 (a) `orchestration/sweep.py ablation=group_size`, phase-1 cache on, one trial at a time,
-(b) the plain in-process loop over run_phase (benchmarks/plain_loop.py) doing the same stages,
+(b) the plain in-process loop over run_stage (benchmarks/plain_loop.py) doing the same stages,
 (c) the same sweep with stages.cache=false (every trial trains its own phase 1),
 each a fresh process (Ray starts cold), after the demo's micro ViT has been pretrained into the shared cache.
 

@@ -1,5 +1,5 @@
 """Measure 3: orchestration overhead. The same demo trials (the group-size ablation: one phase 1, four phase 2)
-run (a) by orchestration/sweep.py one trial at a time and (b) by a plain loop over run_phase; overhead = a/b - 1.
+run (a) by orchestration/sweep.py one trial at a time and (b) by a plain loop over run_stage; overhead = a/b - 1.
 
 Where a - b goes is read off the sweep's timeline (driver output timestamped as it arrives, stage folders'
 .lock and DONE times, the stages' per-epoch training times) against the loop's own stage timings, so the parts

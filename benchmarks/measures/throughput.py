@@ -14,7 +14,7 @@ from benchmarks.steps import lpt_step, random_batch, shape_of
 from benchmarks.timing import Stats, interleaved, throughput
 
 TITLE = "1. Train step throughput"
-PHASES = ("phase1", "phase2")
+STAGES = ("phase1", "phase2")
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -22,7 +22,7 @@ def run(ctx: Context) -> dict[str, Any]:
     for shape, per_branch in ctx.plan.throughput.items():
         model = ctx.model(shape)
         batch = random_batch(shape, per_branch, ctx.device)
-        for phase in PHASES:
+        for phase in STAGES:
             step = lpt_step(model, phase, ctx.device, ctx.precision)
             secs = interleaved({phase: lambda: step(batch)}, ctx.plan.repeats, ctx.plan.warmup, ctx.sync)[phase]
             unit = random_batch(shape, 1, ctx.device)  # FLOPs scale with the batch: count them on 1 + 1

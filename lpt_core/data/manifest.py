@@ -14,7 +14,6 @@ Options every file-based dataset reads (`data.options`):
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
@@ -31,6 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from lpt_core.suggest import did_you_mean
 from lpt_core.config import ConfigError, DataConfig
 from lpt_core.data.base import DatasetBundle, Normalization
 from lpt_core.data.transforms import build_transforms
@@ -52,8 +52,7 @@ def check_options(cfg: DataConfig, allowed: Mapping[str, type | tuple[type, ...]
     """Refuses unknown or mistyped `data.options` keys of dataset `cfg.name`; returns the options."""
     for key, value in cfg.options.items():
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), list(allowed), n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"valid options: {', '.join(sorted(allowed))}"
+            hint = did_you_mean(key, sorted(allowed), what="options")
             raise ConfigError(f"unknown option 'data.options.{key}' for dataset {cfg.name!r}; {hint}")
         declared = allowed[key] if isinstance(allowed[key], tuple) else (allowed[key],)
         accepted = declared + (int,) if float in declared else declared  # an int is a fine float

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from PIL import Image
-from torchvision import transforms as T
+from torchvision import transforms
 
 from lpt_core.data.base import Normalization
 
@@ -13,7 +13,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def build_transforms(img_size: int, resize_size: int, norm: Normalization, train: bool,
-                     crop_min_scale: float = 0.08) -> T.Compose:
+                     crop_min_scale: float = 0.08) -> transforms.Compose:
     """PIL image -> normalised float tensor [3, img_size, img_size].
 
     train: RandomResizedCrop(img_size) + RandomHorizontalFlip; test: Resize((resize_size, resize_size)) +
@@ -21,7 +21,7 @@ def build_transforms(img_size: int, resize_size: int, norm: Normalization, train
     crop_min_scale: RandomResizedCrop's lower area bound (0.08, torchvision's default, for natural images).
     """
     if train:
-        geometry = [T.RandomResizedCrop(img_size, scale=(crop_min_scale, 1.0)), T.RandomHorizontalFlip()]
+        geometry = [transforms.RandomResizedCrop(img_size, scale=(crop_min_scale, 1.0)), transforms.RandomHorizontalFlip()]
     else:
-        geometry = [T.Resize((resize_size, resize_size)), T.CenterCrop(img_size)]
-    return T.Compose([T.Lambda(to_rgb), *geometry, T.ToTensor(), T.Normalize(norm.mean, norm.std)])
+        geometry = [transforms.Resize((resize_size, resize_size)), transforms.CenterCrop(img_size)]
+    return transforms.Compose([transforms.Lambda(to_rgb), *geometry, transforms.ToTensor(), transforms.Normalize(norm.mean, norm.std)])

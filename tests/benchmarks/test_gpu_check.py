@@ -9,9 +9,9 @@ import shlex
 import pytest
 import torch
 
-from benchmarks import gpu_check
-from experiments.settings import check_command_line, compose_config
-from orchestration.plan import build_plan
+from benchmarks import gpu_check, gpu_section
+from experiments.compose import check_command_line, compose_config
+from orchestration.plan.sweep_plan import build_plan
 from tests.orchestration.conftest import TINY_DEMO
 
 
@@ -45,10 +45,10 @@ def test_most_at_once() -> None:
 
 
 def test_the_section_replaces_the_previous_one() -> None:
-    old = f"# Benchmarks\n\ntext\n\n{gpu_check.START}\nold numbers\n{gpu_check.END}\n\n## Notes\n"
-    new = gpu_check.with_section(old, f"{gpu_check.START}\nnew numbers\n{gpu_check.END}")
-    assert new == f"# Benchmarks\n\ntext\n\n{gpu_check.START}\nnew numbers\n{gpu_check.END}\n\n## Notes\n"
-    assert gpu_check.with_section("# Benchmarks\n", "S") == "# Benchmarks\n\nS\n"
+    old = f"# Benchmarks\n\ntext\n\n{gpu_section.START}\nold numbers\n{gpu_section.END}\n\n## Notes\n"
+    new = gpu_section.with_section(old, f"{gpu_section.START}\nnew numbers\n{gpu_section.END}")
+    assert new == f"# Benchmarks\n\ntext\n\n{gpu_section.START}\nnew numbers\n{gpu_section.END}\n\n## Notes\n"
+    assert gpu_section.with_section("# Benchmarks\n", "S") == "# Benchmarks\n\nS\n"
 
 
 @pytest.mark.slow
@@ -65,6 +65,6 @@ def test_its_sweep_runs_on_the_cpu_with_a_declared_gpu(tmp_path) -> None:
     assert sweep["devices"] == ["cpu (device=cpu; Ray assigned GPU 0, unused)"]
     assert check["measure"] is None and check["run"]["device_name"] == "the CPU (one GPU declared to Ray)"
     results = (out / "RESULTS.md").read_text()
-    assert results.startswith("# Benchmarks\n\nearlier results\n\n" + gpu_check.START)
+    assert results.startswith("# Benchmarks\n\nearlier results\n\n" + gpu_section.START)
     assert results.count("## GPU check (`make gpu-check`)") == 1 and f"at most {sweep['trials_at_once']} at once" \
         in results

@@ -6,24 +6,23 @@ import pytest
 from experiments.ablations import (ABLATIONS, RUN_UNTIL, Ablation, Distribution, Point, get_ablation, product,
                                    register, sweep, zipit)
 from experiments.pretrain_demo import DemoPretrainConfig, backbone_hash
-from experiments.settings import apply_overrides, build_lpt, compose_config, split
+from experiments.compose import compose_config, split
 from lpt_core.config import ConfigError, LPTConfig
-from orchestration.stages import stage_chain
+from lpt_core.stages import stage_chain
 
 REQUIRED = ("group_size", "decoupled_vs_joint", "query_function", "model_size", "loss", "per_phase", "topk",
             "ensemble", "prompt_length", "sampling")
 
 
 @pytest.fixture(scope="module")
-def experiments() -> dict[str, dict]:
-    """experiment name -> nested LPTConfig fields as composed (demo, and places_lt with its data root)."""
+def experiments() -> dict[str, LPTConfig]:
+    """experiment name -> the LPTConfig as composed (demo, and places_lt with its data root)."""
     return {name: split(compose_config(overrides)).lpt
             for name, overrides in {"demo": [], "places_lt": ["experiment=places_lt", "data.root=/data/p"]}.items()}
 
 
-def apply_point(lpt: dict, point: Point) -> LPTConfig:
-    values = {k: v for k, v in point.overrides.items() if k != RUN_UNTIL}
-    return build_lpt(apply_overrides(lpt, values))
+def apply_point(lpt: LPTConfig, point: Point) -> LPTConfig:
+    return lpt.with_overrides({k: v for k, v in point.overrides.items() if k != RUN_UNTIL})
 
 
 def test_registry_has_the_required_ablations() -> None:
@@ -104,8 +103,7 @@ def test_every_point_applies_and_validates(experiments: dict, experiment: str, n
             assert node == value, (name, point.label, key)
     for bound in ("low", "high"):  # both ends of an Optuna space are valid configs too
         if ablation.space:
-            build_lpt(apply_overrides(experiments[experiment],
-                                      {k: getattr(d, bound) for k, d in ablation.space.items()}))
+            experiments[experiment].with_overrides({k: getattr(d, bound) for k, d in ablation.space.items()})
 
 
 def test_sweep_labels_and_overrides() -> None:

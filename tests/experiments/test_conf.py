@@ -10,10 +10,9 @@ from omegaconf import OmegaConf
 
 from experiments.ablations import ABLATIONS, Ablation, register, sweep
 from experiments.pretrain_demo import DemoPretrainConfig
-from experiments.run import run, stage_name
-from experiments.settings import (CONF_DIR, AblationChoice, ClusterSettings, Resources, SearchSettings,
-                                  SweepSettings, apply_overrides, build_lpt, check_command_line, compose_config,
-                                  register_configs, split)
+from experiments.single_run import run
+from experiments.schema import AblationChoice, ClusterSettings, Resources, SearchSettings, SweepSettings
+from experiments.compose import CONF_DIR, check_command_line, compose_config, register_configs, split
 from lpt_core.config import ConfigError, LPTConfig
 
 EXPERIMENTS = ("demo", "places_lt", "imagenet_lt", "imagenet_sketch", "inat18", "cifar100_lt")
@@ -30,18 +29,19 @@ def required(experiment: str) -> list[str]:
 
 
 def validated(overrides: list[str]) -> LPTConfig:
-    return build_lpt(split(compose_config(overrides)).lpt)
+    return split(compose_config(overrides)).lpt
 
 
 @pytest.fixture(scope="module")
-def demo_lpt() -> dict:
+def demo_lpt() -> LPTConfig:
     return split(compose_config([])).lpt
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(experiment: str) -> None:
     spec = split(compose_config([f"experiment={experiment}", *required(experiment)]))
-    cfg = build_lpt(spec.lpt)
+    cfg = spec.lpt
+    assert isinstance(cfg, LPTConfig)
     assert spec.name == experiment
     assert cfg.data.name == experiment
     if experiment != "demo":
@@ -99,7 +99,7 @@ def test_every_ablation_option_composes(ablation: str) -> None:
     spec = split(compose_config([f"ablation={ablation}"]))
     assert spec.settings.ablation == AblationChoice(name=ablation, values=None)
     assert spec.settings.ablation.name in ABLATIONS
-    build_lpt(spec.lpt)
+    assert isinstance(spec.lpt, LPTConfig)  # typed and validated by split
 
 
 def test_a_registered_ablation_is_a_choice_of_the_group(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -185,7 +185,7 @@ UNKNOWN_KEYS = [
 @pytest.mark.parametrize("override, message", UNKNOWN_KEYS)
 def test_command_line_refuses_an_unknown_key_naming_the_closest(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
-        check_command_line(["phase=1", override])
+        check_command_line(["stage=phase1", override])
     assert str(info.value).startswith(message)
 
 
@@ -194,7 +194,7 @@ def test_command_line_leaves_groups_flags_hydra_keys_and_open_mappings_alone() -
                         "ablation.values=[5,10]", "pretrain=demo", "~pretrain", "hydra.run.dir=/x",
                         "hydra/job_logging=stdout", "model@backbone=micro", "prompt.pool_size=5,10",
                         "++data.options.tau=10", "backbone.model_kwargs.drop_path_rate=0.1", "seeds=[0,1]",
-                        "search.num_samples=4", "debug.hold_at_epoch=1", "init_from=/c", "phase=2"])
+                        "search.num_samples=4", "debug.hold_at_epoch=1", "init_from=/c", "stage=phase2"])
 
 
 def test_an_unknown_key_added_from_a_yaml_or_compose_is_refused_by_split() -> None:
@@ -204,14 +204,14 @@ def test_an_unknown_key_added_from_a_yaml_or_compose_is_refused_by_split() -> No
     with pytest.raises(ConfigError, match=r"unknown config key 'pretrain\.epoch'; did you mean 'epochs'"):
         split(compose_config(["+pretrain.epoch=3"]))
     with pytest.raises(ConfigError, match=r"unknown config key 'data\.not_a_key'"):
-        build_lpt(split(compose_config(["+data.not_a_key=1"])).lpt)
+        split(compose_config(["+data.not_a_key=1"])).lpt
 
 
 @pytest.mark.parametrize("override, message", [
     ("+model.not_a_key=3", "unknown config key 'model'"),
     ("+data.not_a_key=1", "unknown config key 'data.not_a_key'"),
-    ("phase=3", "phase=3: expected 1 or 2"),
-    ("phase=2", "phase=2 needs init_from"),
+    ("stage=phase3", r"stage: 'phase3' is not one of \['phase1', 'phase2'\]"),
+    ("stage=phase2", "stage=phase2 needs init_from"),
 ])
 def test_run_refuses_before_any_work(tmp_path, override: str, message: str) -> None:
     cfg = compose_config([override, f"workdir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}"])
@@ -233,46 +233,38 @@ def test_bad_values_fail_naming_the_dotted_key(override: str, key: str) -> None:
     assert key in str(info.value)
 
 
-def test_apply_overrides_refuses_unknown_keys_with_a_suggestion(demo_lpt: dict) -> None:
+def test_with_overrides_refuses_unknown_keys_with_a_suggestion(demo_lpt: LPTConfig) -> None:
     with pytest.raises(ConfigError, match=r"prompt\.pool_sze.*did you mean 'prompt\.pool_size'"):
-        apply_overrides(demo_lpt, {"prompt.pool_sze": 3})
+        demo_lpt.with_overrides({"prompt.pool_sze": 3})
     with pytest.raises(ConfigError, match=r"no config key 'promt'.*did you mean 'prompt'"):
-        apply_overrides(demo_lpt, {"promt.top_k": 1})
+        demo_lpt.with_overrides({"promt.top_k": 1})
     with pytest.raises(ConfigError, match=r"seed\.x"):
-        apply_overrides(demo_lpt, {"seed.x": 1})  # a leaf is not a mapping
+        demo_lpt.with_overrides({"seed.x": 1})  # a leaf is not a mapping
 
 
-def test_apply_overrides_copies_and_sets(demo_lpt: dict) -> None:
-    out = apply_overrides(demo_lpt, {"prompt.pool_size": 5, "phase2.loss.eta": 0.25})
-    assert out["prompt"]["pool_size"] == 5 and out["phase2"]["loss"]["eta"] == 0.25
-    assert demo_lpt["prompt"]["pool_size"] == 20  # the input is untouched
+def test_with_overrides_copies_and_sets(demo_lpt: LPTConfig) -> None:
+    out = demo_lpt.with_overrides({"prompt.pool_size": 5, "phase2.loss.eta": 0.25})
+    assert out.prompt.pool_size == 5 and out.phase2.loss.eta == 0.25
+    assert demo_lpt.prompt.pool_size == 20  # the input is untouched
 
 
-def test_apply_overrides_allows_new_keys_in_open_mappings(demo_lpt: dict) -> None:
-    out = apply_overrides(demo_lpt, {"data.options.tau": 50, "backbone.model_kwargs.drop_path_rate": 0.0})
-    assert out["data"]["options"] == {"tau": 50}
-    assert out["backbone"]["model_kwargs"]["drop_path_rate"] == 0.0
-    assert "tau" not in demo_lpt["data"]["options"]
-    build_lpt(out)
+def test_with_overrides_allows_new_keys_in_open_mappings(demo_lpt: LPTConfig) -> None:
+    out = demo_lpt.with_overrides({"data.options.tau": 50, "backbone.model_kwargs.drop_path_rate": 0.0})
+    assert out.data.options == {"tau": 50}
+    assert out.backbone.model_kwargs["drop_path_rate"] == 0.0
+    assert "tau" not in demo_lpt.data.options
+
+
+def test_with_overrides_types_and_validates_the_value(demo_lpt: LPTConfig) -> None:
+    with pytest.raises(ConfigError, match=r"prompt\.pool_size: expected int, got 'abc'"):
+        demo_lpt.with_overrides({"prompt.pool_size": "abc"})
+    with pytest.raises(ConfigError, match=r"prompt\.top_k"):
+        demo_lpt.with_overrides({"prompt.top_k": 50})  # valid type, invalid with pool_size 20
+    assert demo_lpt.with_overrides({"phase2.loss.eta": 1}).phase2.loss.eta == 1.0  # an int is a fine float
 
 
 def test_demo_experiment_sets_name_and_pretraining() -> None:
     spec = split(compose_config([]))
     assert spec.name == "demo"
     assert spec.pretrain == DemoPretrainConfig()  # the demo yaml picks the recipe's defaults unchanged
-    assert spec.lpt["data"]["name"] == "demo" and spec.lpt["backbone"]["weights_file"] is None
-
-
-@pytest.mark.parametrize("phase, training, expected", [
-    (1, "decoupled", "phase1"), ("1", "decoupled", "phase1"), (2, "decoupled", "phase2"),
-    ("phase2", "decoupled", "phase2"), (1, "joint", "joint"), ("bad", "joint", "joint"),
-])
-def test_run_stage_name(phase, training: str, expected: str) -> None:
-    assert stage_name(phase, training) == expected
-
-
-def test_run_stage_name_refuses_an_unknown_phase() -> None:
-    with pytest.raises(ConfigError, match="phase='bad'"):
-        stage_name("bad", "decoupled")
-    with pytest.raises(ConfigError, match="phase=3"):
-        stage_name(3, "decoupled")
+    assert spec.lpt.data.name == "demo" and spec.lpt.backbone.weights_file is None

@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from experiments import pretrain_demo
-from experiments.pretrain_demo import (DEMO_BACKBONE, PRETRAIN_FIELDS, DemoPretrainConfig, backbone_hash,
+from experiments.pretrain_demo import (DEMO_BACKBONE, backbone_hash,
                                        ensure_demo_backbone, pretrain_micro_vit)
-from experiments.settings import build_lpt, compose_config, split
+from experiments.compose import compose_config, split
+from experiments.schema import PRETRAIN_FIELDS, DemoPretrainConfig
 from lpt_core.backbone import create_backbone
 from lpt_core.config import BackboneConfig, DataConfig
 from lpt_core.data.synthetic import demo_source_split
@@ -120,7 +121,7 @@ def test_pretraining_uses_the_norm_eps_lpt_runs_the_backbone_with(tmp_path: Path
 
 
 def test_demo_backbone_is_the_micro_model_of_the_config_tree() -> None:
-    assert build_lpt(split(compose_config([])).lpt).backbone == DEMO_BACKBONE
+    assert split(compose_config([])).lpt.backbone == DEMO_BACKBONE
 
 
 def test_hash_keeps_its_value(tmp_path: Path) -> None:

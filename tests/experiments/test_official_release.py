@@ -1,4 +1,4 @@
-"""The paper's experiments build the authors' function (LayerNorm eps 1e-5), and `experiments/run.py evaluate=<file>`
+"""The paper's experiments build the authors' function (LayerNorm eps 1e-5), and `experiments/single_run.py evaluate=<file>`
 evaluates a checkpoint in the authors' release layout on a miniature Places-LT folder written in the real layout.
 
 The expected numbers come from the literal re-implementation of the authors' computation in
@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from experiments.settings import build_lpt, compose_config, split
+from experiments.compose import compose_config, split
 from lpt_core.checkpoint import CheckpointError
 from lpt_core.config import DataConfig
 from lpt_core.data import Normalization, build_dataset
 from lpt_core.official import AUTHORS_NORM_EPS, evaluate_official
-from orchestration.stages import stage_key
+from lpt_core.stages import stage_key
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER_EXPERIMENTS = ("places_lt", "imagenet_lt", "imagenet_sketch", "inat18", "cifar100_lt")
@@ -141,9 +141,9 @@ def tiny_overrides(root: Path, checkpoint: Path, cache: Path) -> list[str]:
 
 
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """`python experiments/run.py ...` as a user types it, in a scratch folder (nothing lands in the repo)."""
+    """`python experiments/single_run.py ...` as a user types it, in a scratch folder (nothing lands in the repo)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(REPO / "experiments" / "run.py"), *args], cwd=cwd,
+    return subprocess.run([sys.executable, str(REPO / "experiments" / "single_run.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -170,7 +170,7 @@ def test_evaluate_sets_the_authors_eps_on_a_model_built_with_timm_default(places
     """backbone.norm_eps=null on the command line: the import still computes the authors' function."""
     root, checkpoint, counts = places
     overrides = [*tiny_overrides(root, checkpoint, tmp_path / "cache"), "backbone.norm_eps=null"]
-    lpt = build_lpt(split(compose_config(overrides)).lpt)
+    lpt = split(compose_config(overrides)).lpt
     assert lpt.backbone.norm_eps is None
     lines: list[str] = []
     result = evaluate_official(lpt, checkpoint, lines.append)
@@ -190,7 +190,7 @@ def test_evaluate_refuses_a_checkpoint_of_another_class_count(places, tmp_path: 
     root, _, _ = places
     path = tmp_path / "ten_classes.pth"
     torch.save(REF.tiny_release(), path)  # 11 classes (REF.TC)
-    lpt = build_lpt(split(compose_config(tiny_overrides(root, path, tmp_path / "cache"))).lpt)
+    lpt = split(compose_config(tiny_overrides(root, path, tmp_path / "cache"))).lpt
     with pytest.raises(CheckpointError, match=r"classifier for 11 classes, dataset places_lt has 365"):
         evaluate_official(lpt, path, lambda line: None)
 
@@ -199,16 +199,16 @@ def test_evaluate_refuses_a_checkpoint_of_another_class_count(places, tmp_path: 
 @pytest.mark.parametrize("model", ["vit_b", "vit_s"])
 def test_paper_experiments_use_the_authors_layernorm_eps(experiment: str, model: str) -> None:
     required = REQUIRED.get(experiment, ["data.root=/data/x"])
-    lpt = build_lpt(split(compose_config([f"experiment={experiment}", f"model={model}", *required])).lpt)
+    lpt = split(compose_config([f"experiment={experiment}", f"model={model}", *required])).lpt
     assert lpt.backbone.norm_eps == AUTHORS_NORM_EPS == 1e-5
 
 
 def test_demo_keeps_timm_default_eps() -> None:
-    assert build_lpt(split(compose_config([])).lpt).backbone.norm_eps is None
+    assert split(compose_config([])).lpt.backbone.norm_eps is None
 
 
 def test_norm_eps_is_part_of_every_stage_key() -> None:
-    cfg = build_lpt(split(compose_config(["experiment=places_lt", "data.root=/data/x"])).lpt)
+    cfg = split(compose_config(["experiment=places_lt", "data.root=/data/x"])).lpt
     timm_default = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, norm_eps=None))
     for stage in ("phase1", "phase2", "joint"):
         assert stage_key(stage, cfg, None) != stage_key(stage, timm_default, None)

@@ -19,7 +19,7 @@ from torch.utils.data import TensorDataset
 
 from lpt_core.config import ConfigError, DataConfig, LPTConfig, from_dict
 from lpt_core.data import DATASETS, DatasetBundle, Normalization, register_dataset
-from lpt_core.train import PhaseHooks
+from lpt_core.train import StageHooks
 
 BACKBONE_NAME = "vit_tiny_patch16_224"
 # depth 4 -> default K = 2; 17 tokens per image (16 patches + CLS)
@@ -85,7 +85,7 @@ def assert_same(a: Any, b: Any, where: str = "state") -> None:
         assert a == b, where
 
 
-class QuietHooks(PhaseHooks):
+class QuietHooks(StageHooks):
     """Collects log lines and epoch-end calls instead of printing."""
 
     def __init__(self) -> None:
@@ -170,10 +170,10 @@ def quiet_hooks() -> QuietHooks:
 @pytest.fixture(scope="session")
 def phase1_checkpoint(make_config: Callable[..., LPTConfig], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished phase-1 run's last checkpoint folder (phase-2 tests start from it)."""
-    from lpt_core.train import run_phase
+    from lpt_core.train import run_stage
 
     workdir = tmp_path_factory.mktemp("phase1")
-    return run_phase(make_config(), "phase1", workdir, QuietHooks()).checkpoint_dir
+    return run_stage(make_config(), "phase1", workdir, QuietHooks()).checkpoint_dir
 
 
 @pytest.fixture

@@ -257,11 +257,11 @@ def test_replace_directory(tmp_path: Path) -> None:
 
 def test_trainer_records_norm_eps_and_refuses_to_continue_on_another(make_config, quiet_hooks, tmp_path: Path) -> None:
     """The identity the trainer writes carries backbone.norm_eps; phase 2 on the other eps is refused."""
-    from lpt_core.train import run_phase
+    from lpt_core.train import run_stage
 
     authors = make_config({"backbone": {"norm_eps": 1e-5}, "phase1": {"epochs": 1}})
-    phase1 = run_phase(authors, "phase1", tmp_path / "p1", quiet_hooks).checkpoint_dir
+    phase1 = run_stage(authors, "phase1", tmp_path / "p1", quiet_hooks).checkpoint_dir
     assert read_meta(phase1)["backbone"]["norm_eps"] == 1e-5
     with pytest.raises(CheckpointError, match=r"trained with backbone.norm_eps=1e-05, this run has "
                                               r"backbone.norm_eps=null \(timm's default\)"):
-        run_phase(make_config(), "phase2", tmp_path / "p2", quiet_hooks, init_from=phase1)
+        run_stage(make_config(), "phase2", tmp_path / "p2", quiet_hooks, init_from=phase1)

@@ -8,11 +8,11 @@ import re
 import pytest
 
 from lpt_core.config import (
-    PHASES,
+    STAGES,
     ConfigError,
     LossConfig,
     LPTConfig,
-    PhaseConfig,
+    StageConfig,
     flatten,
     from_dict,
     to_dict,
@@ -42,8 +42,8 @@ def test_round_trip_through_to_dict_and_json() -> None:
 
 
 def test_lr_scales_with_batch_size() -> None:
-    assert PhaseConfig(base_lr=0.02, batch_size=512).lr == pytest.approx(0.04)
-    assert PhaseConfig(base_lr=0.02, batch_size=64).lr == pytest.approx(0.005)
+    assert StageConfig(base_lr=0.02, batch_size=512).lr == pytest.approx(0.04)
+    assert StageConfig(base_lr=0.02, batch_size=64).lr == pytest.approx(0.005)
 
 
 @pytest.mark.parametrize("values, dotted, suggestion", [
@@ -159,7 +159,7 @@ PHASE_CHECKS = [
     ({"loss": {"label_smoothing": -0.1}}, "loss.label_smoothing"),
 ]
 ALL_RANGE_CHECKS = RANGE_CHECKS + [
-    ({phase: values}, f"{phase}.{key}") for phase in PHASES for values, key in PHASE_CHECKS
+    ({phase: values}, f"{phase}.{key}") for phase in STAGES for values, key in PHASE_CHECKS
 ]
 
 
@@ -188,7 +188,7 @@ def test_boundary_values_are_accepted(values: dict) -> None:
 
 
 def test_validate_catches_direct_construction() -> None:
-    cfg = LPTConfig(phase2=PhaseConfig(loss=LossConfig(scale=-1.0)))
+    cfg = LPTConfig(phase2=StageConfig(loss=LossConfig(scale=-1.0)))
     with pytest.raises(ConfigError, match=r"^phase2\.loss\.scale="):
         cfg.validate()
 

@@ -13,7 +13,7 @@ import torch
 from lpt_core.checkpoint import STATE_FILE, read_meta, safe_torch_load, save_checkpoint
 from lpt_core.config import LPTConfig
 from lpt_core.runtime import autocast, uses_bf16
-from lpt_core.train import run_phase
+from lpt_core.train import run_stage
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason=f"needs CUDA: torch.cuda.is_available() is False here (torch "
@@ -49,13 +49,13 @@ def test_a_checkpoint_with_cuda_rng_states_resumes_on_a_cpu(make_config: Callabl
     """A CPU run saves no CUDA RNG state; a checkpoint written on a GPU (it holds them) resumes on a CPU-only node,
     ignoring them, exactly as the CPU run continues."""
     cfg = make_config({"phase1": {"epochs": 3}})
-    straight = run_phase(cfg, "phase1", tmp_path / "straight", quiet_hooks, keep_checkpoints=3)
+    straight = run_stage(cfg, "phase1", tmp_path / "straight", quiet_hooks, keep_checkpoints=3)
     epoch0 = tmp_path / "straight" / "checkpoints" / "epoch_0000"
     state = _state(epoch0)
     assert state["rng"]["cuda"] == []
     state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)]  # as torch.cuda.get_rng_state_all() on one GPU
     from_gpu = save_checkpoint(tmp_path / "from_gpu" / "checkpoints" / "epoch_0000", state, read_meta(epoch0))
-    resumed = run_phase(cfg, "phase1", tmp_path / "from_gpu", quiet_hooks, resume_from=from_gpu)
+    resumed = run_stage(cfg, "phase1", tmp_path / "from_gpu", quiet_hooks, resume_from=from_gpu)
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
     for a, b in zip(straight.history, resumed.history):
         assert {k: v for k, v in b.items() if k not in TIMING_KEYS} == \
@@ -67,7 +67,7 @@ def test_bf16_autocast_on_cuda_by_default(make_config: Callable[..., LPTConfig],
                                           quiet_hooks) -> None:
     cuda = torch.device("cuda")
     assert _matmul_dtype(cuda, "auto") == torch.bfloat16 and _matmul_dtype(cuda, "fp32") == torch.float32
-    result = run_phase(make_config({"device": "cuda"}), "phase1", tmp_path, quiet_hooks)
+    result = run_stage(make_config({"device": "cuda"}), "phase1", tmp_path, quiet_hooks)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
     assert any("on cuda" in line for line in quiet_hooks.lines)
 
@@ -78,14 +78,14 @@ def test_cuda_rng_states_are_saved_and_restored(make_config: Callable[..., LPTCo
     """A-GCL's Gaussian cloud draws from the CUDA generator: the state after epoch 1 of a run resumed after epoch 0
     equals the straight run's only if the resume restored it (it moved between the two epochs)."""
     cfg = make_config({"device": "cuda", "phase1": {"epochs": 2}})
-    run_phase(cfg, "phase1", tmp_path / "straight", quiet_hooks, keep_checkpoints=2)
+    run_stage(cfg, "phase1", tmp_path / "straight", quiet_hooks, keep_checkpoints=2)
     straight = [_state(tmp_path / "straight" / "checkpoints" / f"epoch_{e:04d}")["rng"]["cuda"] for e in (0, 1)]
     assert len(straight[0]) == torch.cuda.device_count()
     assert not torch.equal(straight[0][0], straight[1][0])  # training consumed CUDA random numbers
     epoch0 = tmp_path / "straight" / "checkpoints" / "epoch_0000"
     resumed_dir = tmp_path / "resumed" / "checkpoints" / "epoch_0000"
     save_checkpoint(resumed_dir, _state(epoch0), read_meta(epoch0))
-    run_phase(cfg, "phase1", tmp_path / "resumed", quiet_hooks, resume_from=resumed_dir)
+    run_stage(cfg, "phase1", tmp_path / "resumed", quiet_hooks, resume_from=resumed_dir)
     resumed = _state(tmp_path / "resumed" / "checkpoints" / "epoch_0001")["rng"]["cuda"]
     for a, b in zip(straight[1], resumed):
         assert torch.equal(a, b)

@@ -325,7 +325,7 @@ def test_run_phase_leaves_backbone_bit_identical(make_config: Callable[..., LPTC
     real_create = train_module.create_backbone
     monkeypatch.setattr(train_module, "create_backbone", capture)
     cfg = make_config({"phase2": {"weight_decay": 0.5}})
-    train_module.run_phase(cfg, "phase2", tmp_path, quiet_hooks, init_from=phase1_checkpoint)
+    train_module.run_stage(cfg, "phase2", tmp_path, quiet_hooks, init_from=phase1_checkpoint)
     (backbone,) = created
     state = backbone.state_dict()
     assert set(state) == set(source)

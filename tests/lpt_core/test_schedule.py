@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lpt_core.config import PhaseConfig
+from lpt_core.config import StageConfig
 from lpt_core.schedule import build_optimizer, lr_at
 
 
@@ -53,7 +53,7 @@ def _params() -> tuple[torch.nn.Parameter, torch.nn.Parameter, torch.nn.Paramete
 
 def test_build_optimizer_only_takes_trainable_params() -> None:
     a, b, frozen = _params()
-    opt = build_optimizer([a, frozen, b], PhaseConfig())
+    opt = build_optimizer([a, frozen, b], StageConfig())
     params = [p for group in opt.param_groups for p in group["params"]]
     assert len(params) == 2 and params[0] is a and params[1] is b
 
@@ -61,11 +61,11 @@ def test_build_optimizer_only_takes_trainable_params() -> None:
 def test_build_optimizer_refuses_no_trainable_params() -> None:
     _, _, frozen = _params()
     with pytest.raises(ValueError, match="no trainable"):
-        build_optimizer([frozen], PhaseConfig())
+        build_optimizer([frozen], StageConfig())
 
 
 def test_sgd_settings() -> None:
-    cfg = PhaseConfig(optimizer="sgd", base_lr=0.02, batch_size=512, momentum=0.8, weight_decay=0.05)
+    cfg = StageConfig(optimizer="sgd", base_lr=0.02, batch_size=512, momentum=0.8, weight_decay=0.05)
     opt = build_optimizer(_params()[:2], cfg)
     assert type(opt) is torch.optim.SGD
     group = opt.param_groups[0]
@@ -74,7 +74,7 @@ def test_sgd_settings() -> None:
 
 
 def test_adamw_settings() -> None:
-    cfg = PhaseConfig(optimizer="adamw", base_lr=0.01, batch_size=128, weight_decay=0.3)
+    cfg = StageConfig(optimizer="adamw", base_lr=0.01, batch_size=128, weight_decay=0.3)
     opt = build_optimizer(_params()[:2], cfg)
     assert type(opt) is torch.optim.AdamW
     group = opt.param_groups[0]

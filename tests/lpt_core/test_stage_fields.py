@@ -18,8 +18,8 @@ import torch
 from lpt_core.checkpoint import load_checkpoint
 from lpt_core.config import LPTConfig, build_dataclass, from_dict, to_dict
 from lpt_core.stages import PLACEMENT_FIELDS, STAGE_FIELDS, UPSTREAM, stages_changed_by, touches
-from lpt_core.train import PhaseResult, run_phase
-from orchestration.stages import stage_key
+from lpt_core.train import StageResult, run_stage
+from lpt_core.stages import stage_key
 
 from .conftest import QuietHooks, assert_same, without_timing
 
@@ -91,29 +91,29 @@ def tiny(make_config: Callable[..., LPTConfig]) -> Callable[[str], LPTConfig]:
 
 
 @pytest.fixture(scope="module")
-def run_stage(phase1_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., PhaseResult]:
+def train_one(phase1_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., StageResult]:
     """Runs a stage in a fresh folder; phase 2 always starts from the same phase-1 checkpoint."""
 
-    def run(cfg: LPTConfig, stage: str) -> PhaseResult:
+    def run(cfg: LPTConfig, stage: str) -> StageResult:
         init = phase1_checkpoint if stage == "phase2" else None
-        return run_phase(cfg, stage, tmp_path_factory.mktemp(stage), QuietHooks(), init_from=init)
+        return run_stage(cfg, stage, tmp_path_factory.mktemp(stage), QuietHooks(), init_from=init)
 
     return run
 
 
 @pytest.fixture(scope="module")
-def baseline(tiny, run_stage) -> Callable[[str], PhaseResult]:
-    results: dict[str, PhaseResult] = {}
+def baseline(tiny, train_one) -> Callable[[str], StageResult]:
+    results: dict[str, StageResult] = {}
 
-    def get(stage: str) -> PhaseResult:
+    def get(stage: str) -> StageResult:
         if stage not in results:
-            results[stage] = run_stage(tiny(stage), stage)
+            results[stage] = train_one(tiny(stage), stage)
         return results[stage]
 
     return get
 
 
-def _outcome(result: PhaseResult) -> dict[str, Any]:
+def _outcome(result: StageResult) -> dict[str, Any]:
     """What a stage hands on and reports: its checkpoint's tensors and optimizer state, its history and metrics."""
     state, _ = load_checkpoint(result.checkpoint_dir)
     (metrics,) = without_timing([result.metrics])
@@ -122,11 +122,11 @@ def _outcome(result: PhaseResult) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("stage, field", [(s, f) for s in STAGE_FIELDS for f in _undeclared(s)])
-def test_a_field_outside_the_declaration_leaves_the_stage_bit_identical(tiny, run_stage, baseline, stage: str,
+def test_a_field_outside_the_declaration_leaves_the_stage_bit_identical(tiny, train_one, baseline, stage: str,
                                                                         field: str) -> None:
     changed = _changed(tiny(stage), field)
     assert _get(to_dict(changed), field) != _get(to_dict(tiny(stage)), field)
-    assert_same(_outcome(run_stage(changed, stage)), _outcome(baseline(stage)), f"{stage} with {field}")
+    assert_same(_outcome(train_one(changed, stage)), _outcome(baseline(stage)), f"{stage} with {field}")
 
 
 @pytest.mark.parametrize("stage, field", [(s, f) for s in STAGE_FIELDS for f in LEAVES if touches(f, _closure(s))])
@@ -160,19 +160,19 @@ def restore_threads():
 
 
 @pytest.mark.parametrize("stage", list(STAGE_FIELDS))
-def test_threads_change_at_most_the_rounding(tiny, run_stage, baseline, restore_threads, stage: str) -> None:
+def test_threads_change_at_most_the_rounding(tiny, train_one, baseline, restore_threads, stage: str) -> None:
     """threads is outside every key on purpose (a stage trained on one machine serves trials on another): the
     order of intra-op reductions may move the last bits, nothing more."""
-    ours, base = _outcome(run_stage(_changed(tiny(stage), "threads", 2), stage)), _outcome(baseline(stage))
+    ours, base = _outcome(train_one(_changed(tiny(stage), "threads", 2), stage)), _outcome(baseline(stage))
     torch.testing.assert_close(ours["model"], base["model"], rtol=1e-4, atol=1e-5)
     for got, want in zip([*ours["history"], ours["metrics"]], [*base["history"], base["metrics"]], strict=True):
         assert got == pytest.approx(want, rel=1e-4, nan_ok=True)
 
 
-def test_device_auto_is_the_same_run_where_it_resolves_to_the_cpu(tiny, run_stage, baseline) -> None:
+def test_device_auto_is_the_same_run_where_it_resolves_to_the_cpu(tiny, train_one, baseline) -> None:
     if torch.cuda.is_available():
         pytest.skip("device=auto is CUDA here: other kernels, and bf16 under precision=auto (PLACEMENT_FIELDS)")
-    assert_same(_outcome(run_stage(_changed(tiny("phase1"), "device", "auto"), "phase1")),
+    assert_same(_outcome(train_one(_changed(tiny("phase1"), "device", "auto"), "phase1")),
                 _outcome(baseline("phase1")), "phase1 with device=auto")
 
 

@@ -11,8 +11,8 @@ import torch
 
 from lpt_core.checkpoint import META_FILE, CheckpointError, load_checkpoint, read_meta, save_checkpoint
 from lpt_core.config import LPTConfig, to_dict
-from lpt_core.stages import STAGE_FIELDS, stage_config
-from lpt_core.train import run_phase
+from lpt_core.stages import STAGE_FIELDS, stage_inputs
+from lpt_core.train import run_stage
 
 from .conftest import QuietHooks, assert_same, without_timing
 
@@ -38,7 +38,7 @@ class PreemptAfter(QuietHooks):
 
 def test_phase1_checkpoints_of_trials_that_share_its_key_are_the_same(make_config: Callable[..., LPTConfig],
                                                                        tmp_path: Path, quiet_hooks) -> None:
-    runs = [run_phase(make_config(other), "phase1", tmp_path / name, quiet_hooks)
+    runs = [run_stage(make_config(other), "phase1", tmp_path / name, quiet_hooks)
             for name, other in (("m5", POOL_5), ("m20", POOL_20))]
     (a, meta_a), (b, meta_b) = (load_checkpoint(r.checkpoint_dir) for r in runs)
     assert list(a["model"]) == PHASE1_PARTS  # no pool: its shape is [m, ...]
@@ -47,19 +47,19 @@ def test_phase1_checkpoints_of_trials_that_share_its_key_are_the_same(make_confi
     assert_same(a, b)
     del meta_a["sha256"], meta_b["sha256"]  # state.pt holds the epochs' timings
     assert meta_a == meta_b
-    assert meta_a["config"] == stage_config(make_config(POOL_20), "phase1")
+    assert meta_a["config"] == stage_inputs(make_config(POOL_20), "phase1")
 
 
 def test_a_checkpoint_records_exactly_its_stage_fields(make_config: Callable[..., LPTConfig]) -> None:
     cfg = make_config(POOL_5)
     full = to_dict(cfg)
-    phase1 = stage_config(cfg, "phase1")
+    phase1 = stage_inputs(cfg, "phase1")
     assert set(phase1) == {"backbone", "data", "eval", "seed", "precision", "phase1", "prompt"}
     assert phase1["prompt"] == {"length": 2, "shared": True, "init_std": full["prompt"]["init_std"],
                                 "head_dropout": full["prompt"]["head_dropout"]}
     assert phase1["phase1"] == full["phase1"] and phase1["backbone"] == full["backbone"]
     for phase in ("phase2", "joint"):
-        assert stage_config(cfg, phase) == {name: full[name] for name in STAGE_FIELDS[phase]}
+        assert stage_inputs(cfg, phase) == {name: full[name] for name in STAGE_FIELDS[phase]}
 
 
 def _resave(checkpoint: Path, folder: Path, edit: Callable[[dict], None]) -> Path:
@@ -81,14 +81,14 @@ def _as_before_the_fix(state: dict) -> None:
 def test_phase1_interrupted_at_one_pool_size_resumes_at_another(make_config: Callable[..., LPTConfig],
                                                                  tmp_path: Path, quiet_hooks, layout: str) -> None:
     phase1 = {"phase1": {"epochs": 3}, "eval": {"every_epochs": 1}}
-    straight = run_phase(make_config({**POOL_20, **phase1}), "phase1", tmp_path / "straight", quiet_hooks)
+    straight = run_stage(make_config({**POOL_20, **phase1}), "phase1", tmp_path / "straight", quiet_hooks)
 
     with pytest.raises(_Preempted):
-        run_phase(make_config({**POOL_5, **phase1}), "phase1", tmp_path / "m5", PreemptAfter(epoch=1))
+        run_stage(make_config({**POOL_5, **phase1}), "phase1", tmp_path / "m5", PreemptAfter(epoch=1))
     checkpoint = tmp_path / "m5" / "checkpoints" / "epoch_0001"
     if layout == "before_the_fix":
         checkpoint = _resave(checkpoint, tmp_path / "old" / "epoch_0001", _as_before_the_fix)
-    resumed = run_phase(make_config({**POOL_20, **phase1}), "phase1", tmp_path / "m20", quiet_hooks,
+    resumed = run_stage(make_config({**POOL_20, **phase1}), "phase1", tmp_path / "m20", quiet_hooks,
                         resume_from=checkpoint)
 
     assert resumed.extras["resumed_after_epoch"] == 1
@@ -109,7 +109,7 @@ def test_a_tensor_that_does_not_fit_is_refused_by_name(make_config: Callable[...
     }[how]
     longer = make_config({"prompt": {"length": 3}})
     with pytest.raises(CheckpointError) as caught:
-        run_phase(longer, phase, tmp_path, quiet_hooks, **{how: phase1_checkpoint})
+        run_stage(longer, phase, tmp_path, quiet_hooks, **{how: phase1_checkpoint})
     assert str(caught.value) == (f"{phase1_checkpoint}: tensor shared_prompt.tokens has shape [4, 2, 32] in the "
                                  f"checkpoint but [4, 3, 32] in this model; {remedy}")
 
@@ -120,7 +120,7 @@ def test_an_optimizer_state_over_other_parameters_is_refused(make_config: Callab
     probe = make_config({"prompt": {"shared": False, "query": "pretrained"}})  # phase 1 trains the head alone
     with pytest.raises(CheckpointError, match=r"its optimizer state is over \['shared_prompt\.tokens', "
                                               r"'head\.weight'\], this stage trains \['head\.weight'\]; resume it"):
-        run_phase(probe, "phase1", tmp_path / "probe", quiet_hooks, resume_from=phase1_checkpoint)
+        run_stage(probe, "phase1", tmp_path / "probe", quiet_hooks, resume_from=phase1_checkpoint)
 
 
 def test_an_optimizer_slot_of_another_shape_is_refused(make_config: Callable[..., LPTConfig], phase1_checkpoint: Path,
@@ -132,4 +132,4 @@ def test_an_optimizer_slot_of_another_shape_is_refused(make_config: Callable[...
     damaged = _resave(phase1_checkpoint, tmp_path / "epoch_0001", damage)
     with pytest.raises(CheckpointError, match=r"optimizer momentum_buffer of head\.weight has shape \[3, 32\] in "
                                               r"the checkpoint but \[5, 32\] in this model; resume it"):
-        run_phase(make_config(), "phase1", tmp_path / "run", quiet_hooks, resume_from=damaged)
+        run_stage(make_config(), "phase1", tmp_path / "run", quiet_hooks, resume_from=damaged)

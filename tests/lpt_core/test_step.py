@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lpt_core.config import LossConfig, PhaseConfig
+from lpt_core.config import LossConfig, StageConfig
 from lpt_core.losses import beta_schedule, matching_loss
 from lpt_core.model import LPTOutput
 from lpt_core.step import StepLoss, train_step
@@ -36,7 +36,7 @@ def test_each_branch_gets_its_rows_its_loss_and_its_weight() -> None:
     ("instance", ("ib",), (1.0,)),
 ])
 def test_for_epoch_follows_the_phase_config(sampling: str, branches: tuple, weights: tuple) -> None:
-    pcfg = PhaseConfig(epochs=10, sampling=sampling, loss=LossConfig(eta=0.5, match_weight=0.3))
+    pcfg = StageConfig(epochs=10, sampling=sampling, loss=LossConfig(eta=0.5, match_weight=0.3))
     loss = StepLoss.for_epoch(pcfg, COUNTS, epoch=3)
     assert loss.branches == branches and loss.weights == pytest.approx(weights) and loss.match_weight == 0.3
     assert len(loss.losses) == len(branches)

@@ -1,4 +1,4 @@
-"""run_phase end to end on CPU: it learns, resumes exactly, checkpoints, fails loudly, and runs as a CLI."""
+"""run_stage end to end on CPU: it learns, resumes exactly, checkpoints, fails loudly, and runs as a CLI."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ from PIL import Image
 
 import lpt_core.step as step_module
 import lpt_core.train as train_module
-from lpt_core import metrics as M
+from lpt_core.metrics import gamma_ratio, knn_accuracy
 from lpt_core.backbone import create_backbone, normalization
 from lpt_core.checkpoint import STATE_FILE, CheckpointError, read_meta, safe_torch_load, verify_checkpoint
 from lpt_core.config import ConfigError, LPTConfig, from_dict
@@ -23,7 +23,7 @@ from lpt_core.data import DatasetBundle, Normalization, build_dataset
 from lpt_core.model import LPTModel, LPTOutput
 from lpt_core.runtime import is_out_of_memory
 from lpt_core.sampling import ClassAwareSampler, InstanceSampler
-from lpt_core.train import NonFiniteLossError, PhaseHooks, PhaseOutOfMemoryError, run_phase
+from lpt_core.train import NonFiniteLossError, StageHooks, StageOutOfMemoryError, run_stage
 
 from .conftest import QuietHooks
 
@@ -61,7 +61,7 @@ def _accuracy(out: LPTOutput, labels: torch.Tensor) -> float:
 
 
 def _initial_trainable_state(cfg: LPTConfig) -> dict[str, torch.Tensor]:
-    """The trainable state run_phase starts from for `cfg` (same seed, same construction order)."""
+    """The trainable state run_stage starts from for `cfg` (same seed, same construction order)."""
     from lpt_core.runtime import seed_everything
 
     seed_everything(cfg.seed, cfg.threads)
@@ -75,7 +75,7 @@ def test_phase1_and_phase2_beat_chance_by_a_wide_margin(make_config: Callable[..
     phase = {"epochs": 5, "steps_per_epoch": 6, "optimizer": "adamw", "base_lr": 0.1}
     cfg = make_config({"phase1": phase, "phase2": phase, "eval": {"feature_stats": True}})
     chance = 100.0 / NUM_CLASSES
-    r1 = run_phase(cfg, "phase1", tmp_path / "p1", quiet_hooks)
+    r1 = run_stage(cfg, "phase1", tmp_path / "p1", quiet_hooks)
     assert r1.metrics["acc"] > 3 * chance, r1.metrics
     assert r1.history[-1]["loss"] < r1.history[0]["loss"]
     assert r1.match is None and r1.per_class.num_rows == NUM_CLASSES
@@ -85,10 +85,10 @@ def test_phase1_and_phase2_beat_chance_by_a_wide_margin(make_config: Callable[..
                                                   for split in (bundle.test, bundle.train_eval))
     assert r1.metrics["acc"] == pytest.approx(_accuracy(test, test_labels))
     assert r1.metrics["query_knn_acc"] == pytest.approx(
-        M.knn_accuracy(train.query, train_labels, test.query, test_labels, k=cfg.eval.knn_k))
-    assert r1.metrics["query_gamma"] == pytest.approx(M.gamma_ratio(test.query, test_labels))
+        knn_accuracy(train.query, train_labels, test.query, test_labels, k=cfg.eval.knn_k))
+    assert r1.metrics["query_gamma"] == pytest.approx(gamma_ratio(test.query, test_labels))
 
-    r2 = run_phase(cfg, "phase2", tmp_path / "p2", quiet_hooks, init_from=r1.checkpoint_dir)
+    r2 = run_stage(cfg, "phase2", tmp_path / "p2", quiet_hooks, init_from=r1.checkpoint_dir)
     assert r2.metrics["acc"] > 3 * chance, r2.metrics
     assert r2.history[-1]["loss"] < r2.history[0]["loss"]
     assert r2.match is not None and "match_consistency" in r2.metrics and "pool_usage" in r2.metrics
@@ -103,27 +103,27 @@ def test_phase1_and_phase2_beat_chance_by_a_wide_margin(make_config: Callable[..
 
 def test_phase2_without_init_from_raises(make_config: Callable[..., LPTConfig], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="phase2 needs init_from"):
-        run_phase(make_config(), "phase2", tmp_path)
+        run_stage(make_config(), "phase2", tmp_path)
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_unknown_phase_raises(make_config: Callable[..., LPTConfig], tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="phase='phase3'"):
-        run_phase(make_config(), "phase3", tmp_path)
+def test_unknown_stage_raises(make_config: Callable[..., LPTConfig], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="stage='phase3'"):
+        run_stage(make_config(), "phase3", tmp_path)
 
 
 def test_init_from_with_other_class_count_raises(make_config: Callable[..., LPTConfig], phase1_checkpoint: Path,
                                                  tmp_path: Path, quiet_hooks) -> None:
     cfg = make_config({"data": {"options": {"counts": [10, 5, 3, 2]}}})
     with pytest.raises(CheckpointError, match="has 5 classes, the dataset has 4"):
-        run_phase(cfg, "phase2", tmp_path, quiet_hooks, init_from=phase1_checkpoint)
+        run_stage(cfg, "phase2", tmp_path, quiet_hooks, init_from=phase1_checkpoint)
 
 
 def test_joint_training_runs_and_trains_everything(make_config: Callable[..., LPTConfig], tmp_path: Path,
                                                    quiet_hooks) -> None:
     cfg = make_config({"training": "joint", "joint": {"epochs": 1}})
     before = _initial_trainable_state(cfg)
-    result = run_phase(cfg, "joint", tmp_path, quiet_hooks)
+    result = run_stage(cfg, "joint", tmp_path, quiet_hooks)
     after = _model_state(result.checkpoint_dir)
     for key in ("shared_prompt.tokens", "group_pool.keys", "group_pool.prompts", "head.weight"):
         assert not torch.equal(before[key], after[key]), key
@@ -138,7 +138,7 @@ class _Stop(Exception):
     """Simulated preemption."""
 
 
-class StopAfter(PhaseHooks):
+class StopAfter(StageHooks):
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -156,13 +156,13 @@ def test_resume_is_equivalent_to_a_straight_run(make_config: Callable[..., LPTCo
     cfg = make_config({phase: {"epochs": 4, "warmup_epochs": 1}, "eval": {"every_epochs": 1}})
     init = phase1_checkpoint if phase == "phase2" else None
 
-    straight = run_phase(cfg, phase, tmp_path / "straight", quiet_hooks, init_from=init)
+    straight = run_stage(cfg, phase, tmp_path / "straight", quiet_hooks, init_from=init)
 
     interrupted = tmp_path / "interrupted"
     with pytest.raises(_Stop):
-        run_phase(cfg, phase, interrupted, StopAfter(epoch=1), init_from=init)
+        run_stage(cfg, phase, interrupted, StopAfter(epoch=1), init_from=init)
     assert _epoch_folders(interrupted) == ["epoch_0000", "epoch_0001"]
-    resumed = run_phase(cfg, phase, interrupted, quiet_hooks,
+    resumed = run_stage(cfg, phase, interrupted, quiet_hooks,
                         resume_from=interrupted / "checkpoints" / "epoch_0001")
 
     assert len(resumed.history) == len(straight.history) == 4
@@ -182,8 +182,8 @@ def test_resume_is_equivalent_to_a_straight_run(make_config: Callable[..., LPTCo
 def test_resume_from_the_last_checkpoint_only_evaluates(make_config: Callable[..., LPTConfig], tmp_path: Path,
                                                         quiet_hooks) -> None:
     cfg = make_config()
-    first = run_phase(cfg, "phase1", tmp_path, quiet_hooks)
-    again = run_phase(cfg, "phase1", tmp_path, quiet_hooks, resume_from=first.checkpoint_dir)
+    first = run_stage(cfg, "phase1", tmp_path, quiet_hooks)
+    again = run_stage(cfg, "phase1", tmp_path, quiet_hooks, resume_from=first.checkpoint_dir)
     assert again.checkpoint_dir == first.checkpoint_dir
     assert again.metrics["acc"] == first.metrics["acc"]
     assert len(again.history) == len(first.history)
@@ -201,14 +201,14 @@ def test_resume_refuses_a_checkpoint_of_other_weights(make_config: Callable[...,
     save_file(other.state_dict(), str(other_file))
     other_cfg = make_config({"backbone": {"weights_file": str(other_file)}})
     with pytest.raises(CheckpointError, match=r"trained on backbone .*\(weights \w{12}\), not on .*\(weights \w{12}\)"):
-        run_phase(other_cfg, "phase1", tmp_path / "run", quiet_hooks, resume_from=phase1_checkpoint)
+        run_stage(other_cfg, "phase1", tmp_path / "run", quiet_hooks, resume_from=phase1_checkpoint)
     with pytest.raises(CheckpointError, match="trained on backbone"):
-        run_phase(other_cfg, "phase2", tmp_path / "run2", quiet_hooks, init_from=phase1_checkpoint)
+        run_stage(other_cfg, "phase2", tmp_path / "run2", quiet_hooks, init_from=phase1_checkpoint)
 
 
 # --- checkpoints and hooks -----------------------------------------------------------------------------------------
 
-class VerifyingHooks(PhaseHooks):
+class VerifyingHooks(StageHooks):
     def __init__(self) -> None:
         self.calls: list[tuple[int, Path, dict]] = []
 
@@ -225,20 +225,20 @@ def test_hooks_called_once_per_epoch_and_checkpoints_pruned(make_config: Callabl
                                                             tmp_path: Path) -> None:
     cfg = make_config({"phase1": {"epochs": 4}})
     hooks = VerifyingHooks()
-    result = run_phase(cfg, "phase1", tmp_path, hooks)
+    result = run_stage(cfg, "phase1", tmp_path, hooks)
     assert [c[0] for c in hooks.calls] == [0, 1, 2, 3]
     assert all(math.isfinite(c[2]["loss"]) and c[2]["epoch"] == c[0] for c in hooks.calls)
     assert "acc" in hooks.calls[-1][2]  # the last epoch is always evaluated
     assert _epoch_folders(tmp_path) == ["epoch_0002", "epoch_0003"]
     assert result.checkpoint_dir == tmp_path / "checkpoints" / "epoch_0003"
     meta = verify_checkpoint(result.checkpoint_dir)
-    assert meta["phase"] == "phase1" and meta["num_classes"] == NUM_CLASSES
+    assert meta["stage"] == "phase1" and meta["num_classes"] == NUM_CLASSES
     assert meta["config"]["phase1"]["epochs"] == 4
     assert meta["backbone"]["name"] == cfg.backbone.name and len(meta["backbone"]["weights_digest"]) == 64
 
 
 def test_keep_checkpoints_is_honoured(make_config: Callable[..., LPTConfig], tmp_path: Path, quiet_hooks) -> None:
-    run_phase(make_config({"phase1": {"epochs": 3}}), "phase1", tmp_path, quiet_hooks, keep_checkpoints=1)
+    run_stage(make_config({"phase1": {"epochs": 3}}), "phase1", tmp_path, quiet_hooks, keep_checkpoints=1)
     assert _epoch_folders(tmp_path) == ["epoch_0002"]
 
 
@@ -262,7 +262,7 @@ def test_nan_loss_raises_naming_phase_and_epoch(make_config: Callable[..., LPTCo
     monkeypatch.setattr(step_module, "build_classification_loss", build)
     init = phase1_checkpoint if phase == "phase2" else None
     with pytest.raises(NonFiniteLossError, match=rf"^{phase} epoch {bad_epoch}: training loss is nan"):
-        run_phase(make_config({phase: {"epochs": 3}}), phase, tmp_path, quiet_hooks, init_from=init)
+        run_stage(make_config({phase: {"epochs": 3}}), phase, tmp_path, quiet_hooks, init_from=init)
     # no checkpoint of the bad epoch: a resume starts from the last good one
     assert _epoch_folders(tmp_path) == [f"epoch_{e:04d}" for e in range(bad_epoch)]
 
@@ -271,7 +271,7 @@ def test_absurd_learning_rate_stops_with_non_finite_loss(make_config: Callable[.
                                                          quiet_hooks) -> None:
     cfg = make_config({"phase1": {"base_lr": 1e30, "epochs": 2}})
     with pytest.raises(NonFiniteLossError, match=r"^phase1 epoch 0: training loss is nan \(lr "):
-        run_phase(cfg, "phase1", tmp_path, quiet_hooks)
+        run_stage(cfg, "phase1", tmp_path, quiet_hooks)
     assert not (tmp_path / "checkpoints").exists() or _epoch_folders(tmp_path) == []
 
 
@@ -292,8 +292,8 @@ def test_out_of_memory_is_explained_with_the_knobs_to_turn(make_config: Callable
                                                            tmp_path: Path) -> None:
     cfg = make_config({"phase1": {"epochs": 3, "batch_size": 16}, "data": {"eval_batch_size": 64}})
     hooks = AllocatingHooks(at=1)
-    with pytest.raises(PhaseOutOfMemoryError) as caught:
-        run_phase(cfg, "phase1", tmp_path, hooks)
+    with pytest.raises(StageOutOfMemoryError) as caught:
+        run_stage(cfg, "phase1", tmp_path, hooks)
     assert [epoch for epoch, _, _ in hooks.epochs] == [0, 1]  # it failed in epoch 1, not before
     message = str(caught.value)
     assert message.startswith("phase1 epoch 1: out of memory on cpu (")
@@ -306,12 +306,12 @@ def test_out_of_memory_is_explained_with_the_knobs_to_turn(make_config: Callable
 
 
 def test_errors_other_than_out_of_memory_pass_through(make_config: Callable[..., LPTConfig], tmp_path: Path) -> None:
-    class Failing(PhaseHooks):
+    class Failing(StageHooks):
         def on_epoch_end(self, epoch: int, metrics: dict[str, float], checkpoint_dir: Path) -> None:
             raise RuntimeError("disk on fire")
 
     with pytest.raises(RuntimeError, match="^disk on fire$"):
-        run_phase(make_config({"phase1": {"epochs": 1}}), "phase1", tmp_path, Failing())
+        run_stage(make_config({"phase1": {"epochs": 1}}), "phase1", tmp_path, Failing())
 
 
 def test_is_out_of_memory_recognises_cuda_cpu_and_python_errors() -> None:
@@ -345,7 +345,7 @@ def test_sampling_modes_feed_each_branch_loss_its_own_sampler(make_config: Calla
         return recorded
 
     monkeypatch.setattr(step_module, "build_classification_loss", build)
-    result = run_phase(cfg, "phase2", tmp_path, quiet_hooks, init_from=phase1_checkpoint)
+    result = run_stage(cfg, "phase2", tmp_path, quiet_hooks, init_from=phase1_checkpoint)
     # what each sampler, seeded as documented (cb: seed, ib: seed + 1), draws from the training labels
     labels = _reloaded(cfg, phase1_checkpoint)[1].train_labels
     samplers = {"cb": ClassAwareSampler(labels, cfg.phase2.images_per_class, cfg.seed),
@@ -361,7 +361,7 @@ def test_sampling_modes_feed_each_branch_loss_its_own_sampler(make_config: Calla
 
 def test_loss_names_select_different_losses(make_config: Callable[..., LPTConfig], tmp_path: Path,
                                             quiet_hooks) -> None:
-    losses = {name: run_phase(make_config({"phase1": {"epochs": 1, "loss": {"name": name}}}), "phase1",
+    losses = {name: run_stage(make_config({"phase1": {"epochs": 1, "loss": {"name": name}}}), "phase1",
                               tmp_path / name, quiet_hooks).history[0]["loss"] for name in ("agcl", "ce")}
     assert all(math.isfinite(loss) for loss in losses.values())
     assert losses["agcl"] != losses["ce"]  # same seed, same batches: only the loss differs
@@ -396,18 +396,18 @@ def test_bf16_autocast_runs_the_vit_in_bf16_close_to_fp32(make_config: Callable[
         cfg = make_config({"precision": precision, "phase1": {"epochs": 1}, "phase2": {"epochs": 1}})
 
         def both_phases() -> tuple:
-            r1 = run_phase(cfg, "phase1", tmp_path / precision / "p1", quiet_hooks)
-            return r1, run_phase(cfg, "phase2", tmp_path / precision / "p2", quiet_hooks, init_from=r1.checkpoint_dir)
+            r1 = run_stage(cfg, "phase1", tmp_path / precision / "p1", quiet_hooks)
+            return r1, run_stage(cfg, "phase2", tmp_path / precision / "p2", quiet_hooks, init_from=r1.checkpoint_dir)
         runs[precision], dtypes[precision] = _linear_output_dtypes(both_phases)
     assert dtypes == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}  # training and evaluation alike
     start = _initial_trainable_state(cfg)  # the seed fixes the initial tensors of both precisions
     fresh = {"phase1": ("shared_prompt.tokens", "head.weight"), "phase2": ("group_pool.keys", "group_pool.prompts")}
     for fp32, bf16 in zip(runs["fp32"], runs["bf16"]):
         loss32, loss16 = fp32.history[0]["loss"], bf16.history[0]["loss"]
-        assert loss16 != loss32 and loss16 == pytest.approx(loss32, rel=BF16_LOSS_RTOL), (fp32.phase, loss32, loss16)
+        assert loss16 != loss32 and loss16 == pytest.approx(loss32, rel=BF16_LOSS_RTOL), (fp32.stage, loss32, loss16)
         state32, state16 = _model_state(fp32.checkpoint_dir), _model_state(bf16.checkpoint_dir)
         assert all(t.dtype == torch.float32 for t in state16.values())  # autocast never changes parameter dtypes
-        for key in fresh[fp32.phase]:
+        for key in fresh[fp32.stage]:
             update32, update16 = state32[key] - start[key], state16[key] - start[key]
             assert (update16 - update32).norm() <= BF16_UPDATE_RTOL * update32.norm(), key
 
@@ -417,7 +417,7 @@ def test_learning_rate_follows_the_schedule(make_config: Callable[..., LPTConfig
     from lpt_core.schedule import lr_at
 
     cfg = make_config({"phase1": {"epochs": 3, "warmup_epochs": 1, "min_lr": 0.001}})
-    result = run_phase(cfg, "phase1", tmp_path, quiet_hooks)
+    result = run_stage(cfg, "phase1", tmp_path, quiet_hooks)
     steps = cfg.phase1.steps_per_epoch
     for epoch, h in enumerate(result.history):
         # the reported lr is that of the epoch's last step
@@ -458,7 +458,7 @@ def test_cli_runs_phase1_in_a_subprocess(lt_list_config: dict, tmp_path: Path) -
     workdir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
-        [sys.executable, "-m", "lpt_core.train", "--config", str(config), "--phase", "phase1", "--workdir",
+        [sys.executable, "-m", "lpt_core.train", "--config", str(config), "--stage", "phase1", "--workdir",
          str(workdir)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -466,7 +466,7 @@ def test_cli_runs_phase1_in_a_subprocess(lt_list_config: dict, tmp_path: Path) -
     assert "[phase1] lt_list: 11 train / 6 eval images, 3 classes" in proc.stdout
     summary = json.loads(proc.stdout[proc.stdout.rindex("\n{") + 1:])
     checkpoint = Path(summary["checkpoint"])
-    assert summary["phase"] == "phase1" and checkpoint == workdir / "checkpoints" / "epoch_0000"
+    assert summary["stage"] == "phase1" and checkpoint == workdir / "checkpoints" / "epoch_0000"
     assert verify_checkpoint(checkpoint)["num_classes"] == 3
     model, bundle = _reloaded(from_dict(lt_list_config), checkpoint)  # the printed accuracy is the saved model's
     assert summary["acc"] == pytest.approx(_accuracy(*_forward_all(model, bundle.test, "phase1")))
@@ -476,7 +476,7 @@ def test_cli_rejects_a_bad_config(tmp_path: Path) -> None:
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps({"prompt": {"pool_sise": 3}}))
     with pytest.raises(ConfigError, match="did you mean 'pool_size'"):
-        train_module.main(["--config", str(config), "--phase", "phase1", "--workdir", str(tmp_path / "run")])
+        train_module.main(["--config", str(config), "--stage", "phase1", "--workdir", str(tmp_path / "run")])
 
 
 def test_cli_main_runs_phase2_with_init_from(config_dict: Callable[..., dict], phase1_checkpoint: Path,
@@ -484,10 +484,10 @@ def test_cli_main_runs_phase2_with_init_from(config_dict: Callable[..., dict], p
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps(config_dict({"phase2": {"epochs": 1}})))
     workdir = tmp_path / "run"
-    train_module.main(["--config", str(config), "--phase", "phase2", "--workdir", str(workdir),
+    train_module.main(["--config", str(config), "--stage", "phase2", "--workdir", str(workdir),
                        "--init-from", str(phase1_checkpoint)])
     out = capsys.readouterr().out
     assert f"initialised from phase1 checkpoint {phase1_checkpoint}" in out
     summary = json.loads(out[out.rindex("\n{") + 1:])
-    assert summary["phase"] == "phase2" and "match_consistency" in summary
+    assert summary["stage"] == "phase2" and "match_consistency" in summary
     assert verify_checkpoint(summary["checkpoint"])["init_from"] == str(phase1_checkpoint)

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from experiments.ablations import ABLATIONS, get_ablation
-from experiments.settings import compose_config
-from orchestration.driver import run_sweep
-from orchestration.report_stats import POINT_KEYS, RULE_KEYS
-from orchestration.run_names import lpt_metrics
+from experiments.compose import compose_config
+from orchestration.execute.driver import run_sweep
+from orchestration.reporting.statistics import POINT_KEYS, RULE_KEYS
+from orchestration.tracking.run_names import lpt_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from lpt_core.config import ConfigError
-from orchestration.cluster import ClusterError, _host_port, check_reachable
+from orchestration.cluster.ray_connection import ClusterError, _host_port, check_reachable
 
 
 def closed_port() -> int:

@@ -12,9 +12,9 @@ import json
 import pytest
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from experiments.settings import compose_config
-from orchestration import tuning
-from orchestration.driver import run_sweep
+from experiments.compose import compose_config
+from orchestration.execute import tuning
+from orchestration.execute.driver import run_sweep
 
 from .conftest import mlflow_runs, stage_runs
 

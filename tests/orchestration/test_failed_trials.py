@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from ray.tune import ExperimentAnalysis
 
-from experiments.settings import compose_config
-from orchestration.driver import SweepError, _check_existing, run_sweep
-from orchestration.plan import build_plan
+from experiments.compose import compose_config
+from orchestration.execute.driver import SweepError, _check_existing, run_sweep
+from orchestration.plan.sweep_plan import build_plan
 
 from .conftest import mlflow_runs, stage_runs, steps
 
@@ -105,7 +105,7 @@ def test_out_of_memory_trial_runs_again_on_resume_and_only_it(ray_session, sweep
     client, runs = mlflow_runs(tmp_path / "sweeps", "group_size-demo")
     before = _by_row(runs, "phase2")
     assert before["5"].info.status == "FAILED" and steps(client, before["5"]) == [0, 1]
-    assert before["5"].data.tags["lpt.error"].startswith("PhaseOutOfMemoryError: phase2 epoch 1: out of memory")
+    assert before["5"].data.tags["lpt.error"].startswith("StageOutOfMemoryError: phase2 epoch 1: out of memory")
     finished_key = before["10"].data.tags["lpt.stage_key"]
     finished_done = (stages / finished_key / "DONE").stat().st_mtime_ns
 
@@ -120,7 +120,7 @@ def test_out_of_memory_trial_runs_again_on_resume_and_only_it(ray_session, sweep
     assert len([r for r in runs if r.data.tags.get("lpt.role") == "sweep"]) == 1
     rerun = after["5"]
     assert rerun.info.status == "FINISHED" and "lpt.error" not in rerun.data.tags
-    assert rerun.data.tags["lpt.previous_error"].startswith("PhaseOutOfMemoryError: phase2 epoch 1")
+    assert rerun.data.tags["lpt.previous_error"].startswith("StageOutOfMemoryError: phase2 epoch 1")
     for run in after.values():
         assert steps(client, run) == [0, 1, 2]
         assert steps(client, run, "loss") == [0, 1, 2]

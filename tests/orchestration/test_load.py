@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestration.report import MAX_OPTUNA_ROWS
+from orchestration.reporting.build import MAX_OPTUNA_ROWS
 
 from .conftest import REPO, mlflow_runs, stage_runs
 

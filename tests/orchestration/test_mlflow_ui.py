@@ -23,8 +23,8 @@ from typing import Iterator
 
 import pytest
 
-from experiments.settings import compose_config
-from orchestration.driver import run_sweep
+from experiments.compose import compose_config
+from orchestration.execute.driver import run_sweep
 
 from .conftest import mlflow_runs, stage_runs, tiny_sweep
 

@@ -15,12 +15,13 @@ import pytest
 import timm
 from safetensors.torch import save_file
 
-from experiments.settings import compose_config
+from experiments.compose import compose_config
 from lpt_core.config import ConfigError
-from orchestration.driver import SweepError, _check_existing, _prepare_folder, sweep_lock
-from orchestration.plan import SweepPlan, build_plan
-from orchestration.specs import PlanRecord, tune_values, with_overrides
-from orchestration.stages import stage_chain
+from orchestration.execute.driver import SweepError, _check_existing, _prepare_folder, sweep_lock
+from orchestration.plan.sweep_plan import SweepPlan, build_plan
+from orchestration.plan.record import PlanRecord
+from orchestration.plan.trial_specs import tune_values
+from lpt_core.stages import stage_chain
 
 DEMO_MICRO = dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3)  # experiments/conf/model/micro.yaml
 
@@ -246,7 +247,7 @@ def test_each_trial_is_built_once_as_a_typed_config(plan_for) -> None:
     assert list(plan.trials) == [f"{m}/seed={s}" for m in (5, 10, 20, 40) for s in (0, 1)]
     trial = plan.trials["10/seed=1"]
     assert (trial.row, trial.seed) == ("10", 1)
-    assert trial.config == with_overrides(plan.base, {"prompt.pool_size": 10, "seed": 1})
+    assert trial.config == plan.base.with_overrides({"prompt.pool_size": 10, "seed": 1})
     assert trial.chain == stage_chain(trial.config)
     per_phase = plan_for("ablation=per_phase")  # rows that stop after phase 1 (run_until) run one stage
     assert {t.row: [s.stage for s in t.chain] for t in per_phase.trials.values()} == {
@@ -274,7 +275,7 @@ def test_an_optuna_trial_applies_its_sampled_values_and_validates_them(plan_for)
     values = {"phase2.loss.eta": 0.25, "phase2.loss.lambda_neg_ib": 6.0, "phase2.loss.lambda_pos_ib": 1.5, "seed": 0}
     trial = context.trial(values)
     assert trial.trial_id == context.trial_id(values) == "eta=0.25, lambda_neg_ib=6, lambda_pos_ib=1.5/seed=0"
-    assert trial.config == with_overrides(plan.base, values)
+    assert trial.config == plan.base.with_overrides(values)
     assert trial.chain[0] == plan.trials["base/seed=0"].chain[0]  # every sampled trial starts from one phase 1
     with pytest.raises(ConfigError, match="phase2.loss.eta"):
         context.trial({**values, "phase2.loss.eta": -1.0})

@@ -15,9 +15,10 @@ import torch
 
 from lpt_core.metrics import accuracy_report, match_histogram, match_table, per_class_table, prediction_table
 from lpt_core.uncertainty import bootstrap_accuracies, percentile_interval
-from orchestration.report import build_report, main
-from orchestration.run_names import metric_name
-from orchestration.specs import PlanRecord
+from orchestration.reporting.build import build_report
+from orchestration.report import main
+from orchestration.tracking.run_names import metric_name
+from orchestration.plan.record import PlanRecord
 
 # 4 classes x 10 test images; train counts 200 / 50 / 20 / 5: authors' few = classes 2, 3, standard few = class 3
 LABELS = torch.arange(4).repeat_interleave(10)
@@ -326,7 +327,9 @@ def test_cli_missing_sweep(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
 def test_cli_unknown_key(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["sweep=gs", f"root={tmp_path}", "colour=red"]) == 2
     err = capsys.readouterr().err
-    assert "unknown keys" in err and "colour" in err and "usage" in err
+    assert "error: unknown key 'colour'; valid keys: sweep, root, tracking_uri" in err and "usage" in err
+    assert main(["swep=gs", f"root={tmp_path}"]) == 2
+    assert "unknown key 'swep'; did you mean 'sweep'?" in capsys.readouterr().err
 
 
 def test_cli_needs_a_sweep(capsys: pytest.CaptureFixture) -> None:

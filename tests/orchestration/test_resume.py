@@ -72,8 +72,8 @@ NODE_LOSS_SCRIPT = r"""
 import json, sys, threading, time
 from pathlib import Path
 from ray.cluster_utils import Cluster
-from experiments.settings import compose_config
-from orchestration.driver import run_sweep
+from experiments.compose import compose_config
+from orchestration.execute.driver import run_sweep
 
 overrides, events = json.loads(sys.argv[1]), Path(sys.argv[2])
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})

@@ -8,18 +8,18 @@ import pytest
 import torch
 from mlflow.utils.validation import _validate_metric_name, _validate_param_name
 
-from lpt_core import metrics as M
+from lpt_core.metrics import accuracy_report, match_stats
 from lpt_core.config import LPTConfig
-from orchestration.run_names import lpt_metrics, mlflow_metrics, row_metric_name, row_metrics, stage_params, \
-    stage_run_name, sweep_params, trained_params
-from orchestration.specs import PlanRecord
+from orchestration.tracking.run_names import lpt_metrics, mlflow_metrics, row_metric_name, row_metrics, stage_params, \
+    stage_run_name, trained_params
+from orchestration.plan.record import PlanRecord
 
 
 def _every_stage_metric() -> dict[str, float]:
     """Every key a stage reports: an epoch's training and evaluation, matching and feature statistics."""
     labels, preds = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 2])
-    report = M.accuracy_report(preds, labels, torch.tensor([150, 50, 10]))
-    matching = M.match_stats(labels, torch.tensor([[0, 1], [0, 1], [1, 2], [2, 0]]), 3, 4)
+    report = accuracy_report(preds, labels, torch.tensor([150, 50, 10]))
+    matching = match_stats(labels, torch.tensor([[0, 1], [0, 1], [1, 2], [2, 0]]), 3, 4)
     return {"epoch": 2, "loss": 1.5, "lr": 0.01, "epoch_time_s": 3.0, "train_images_per_s": 90.0, **report,
             **matching, "query_knn_acc": 40.0, "query_gamma": 0.5}
 
@@ -102,12 +102,12 @@ def _plan(**changes) -> PlanRecord:
     return dataclasses.replace(plan, **changes)
 
 
-def test_sweep_params() -> None:
-    assert sweep_params(_plan()) == {"ablation": "group_size", "experiment": "demo", "axis": "m", "search": "grid",
+def test_parent_params() -> None:
+    assert _plan().parent_params() == {"ablation": "group_size", "experiment": "demo", "axis": "m", "search": "grid",
                                      "seeds": "0,1", "metric": "acc", "rows": "5,20", "reference": "m=20"}
-    assert sweep_params(_plan(rows=["5", "10"]))["reference"] == "(not in this sweep)"
+    assert _plan(rows=["5", "10"]).parent_params()["reference"] == "(not in this sweep)"
     searched = _plan(ablation="loss", axis="lambda+/lambda-/eta", rows=[], search="optuna", content={
         "search.name": "optuna", "search.num_samples": 16, "search.sampler": "tpe", "phase2.epochs": 30})
-    assert sweep_params(searched) == {"ablation": "loss", "experiment": "demo", "axis": "lambda+/lambda-/eta",
+    assert searched.parent_params() == {"ablation": "loss", "experiment": "demo", "axis": "lambda+/lambda-/eta",
                                       "search": "optuna", "seeds": "0,1", "metric": "acc",
                                       "search.num_samples": 16, "search.sampler": "tpe"}

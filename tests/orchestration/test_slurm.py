@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestration.slurm import Launch, LaunchError, main, node_problems, render_script, submit, sweep_status, \
+from orchestration.cluster.slurm import Launch, LaunchError, main, node_problems, render_script, submit, sweep_status, \
     time_limit_s
 
 from .conftest import REPO, mlflow_runs, stage_runs, steps
@@ -70,7 +70,7 @@ def test_two_node_script_starts_head_then_worker_waits_for_both_then_runs_the_dr
     assert run.returncode == 0, run.stdout + run.stderr
     assert "lpt-slurm: driver exited with code 0" in run.stdout and "lpt-slurm: ray stopped" in run.stdout
     calls = log.read_text().splitlines()
-    port, launcher = 20000 + 2 * 77, REPO / "orchestration" / "slurm.py"
+    port, launcher = 20000 + 2 * 77, REPO / "orchestration" / "cluster" / "slurm.py"
     assert sorted(c for c in calls if c.startswith("ray ")) == [
         f"ray start --block --node-name=n1 --num-cpus=16 --num-gpus=4 --disable-usage-stats --head "
         f"--node-ip-address=10.0.0.1 --port={port} --include-dashboard=false",

@@ -15,8 +15,9 @@ from torch.utils.data import TensorDataset
 
 from lpt_core.config import DataConfig, LPTConfig, from_dict
 from lpt_core.data import DATASETS, DatasetBundle, Normalization, register_dataset
-from lpt_core.train import PhaseHooks, run_phase
-from orchestration.stages import StageStore, stage_chain, stage_key
+from lpt_core.train import StageHooks, run_stage
+from lpt_core.stages import stage_chain, stage_key
+from orchestration.execute.stage_store import StageStore
 
 # a dataset of its own (not lpt_core's test_blobs) so test order between packages never matters
 DATASET = "orch_stage_blobs"
@@ -42,7 +43,7 @@ if DATASET not in DATASETS:
     register_dataset(DATASET)(_blobs)
 
 
-class Quiet(PhaseHooks):
+class Quiet(StageHooks):
     def log(self, message: str) -> None:
         pass
 
@@ -130,7 +131,7 @@ def test_group_size_rows_share_phase1(lpt: LPTConfig) -> None:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory):
-    """(store, key, PhaseResult): a real 3-epoch phase 1 trained in the store's work folder, not yet finalized."""
+    """(store, key, StageResult): a real 3-epoch phase 1 trained in the store's work folder, not yet finalized."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("stages")
     torch.manual_seed(0)
@@ -146,7 +147,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory):
     })
     store = StageStore(root / "store")
     key = stage_chain(cfg)[0].key
-    result = run_phase(cfg, "phase1", store.work_dir(key), Quiet(), keep_checkpoints=3)
+    result = run_stage(cfg, "phase1", store.work_dir(key), Quiet(), keep_checkpoints=3)
     return store, key, result
 
 

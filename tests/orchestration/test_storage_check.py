@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestration.storage import PROBE_PREFIX, TEST_VIEW_ENV, read_probes
+from orchestration.cluster.storage_check import PROBE_PREFIX, TEST_VIEW_ENV, read_probes
 
 from .conftest import REPO, mlflow_runs, stage_runs, steps
 
@@ -39,9 +39,9 @@ def test_read_probes_reports_what_a_node_cannot_see(tmp_path, monkeypatch):
 OTHER_VIEW_SCRIPT = r"""
 import json, sys
 from ray.cluster_utils import Cluster
-from experiments.settings import compose_config
-from orchestration.driver import run_sweep
-from orchestration.storage import TEST_VIEW_ENV, StorageError, check_shared_storage
+from experiments.compose import compose_config
+from orchestration.execute.driver import run_sweep
+from orchestration.cluster.storage_check import TEST_VIEW_ENV, StorageError, check_shared_storage
 
 overrides, other_view, roots = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_name": "head"})

@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from experiments.settings import compose_config
-from orchestration.driver import run_sweep
+from experiments.compose import compose_config
+from orchestration.execute.driver import run_sweep
 
 from .conftest import REPO, mlflow_runs, stage_runs, steps
 
@@ -148,7 +148,7 @@ def test_out_of_memory_fails_its_trial_with_the_reason_and_the_sweep_goes_on(ray
     failed, other = by_row["5"], by_row["10"]
     assert failed.info.status == "FAILED" and other.info.status == "FINISHED"
     reason = failed.data.tags["lpt.error"]
-    assert reason.startswith("PhaseOutOfMemoryError: phase2 epoch 1: out of memory on cpu")
+    assert reason.startswith("StageOutOfMemoryError: phase2 epoch 1: out of memory on cpu")
     assert "can't allocate memory" in reason and "phase2.batch_size (now 8 per branch" in reason
     assert steps(client, failed) == [0, 1] and steps(client, other) == [0, 1, 2]
     state = json.loads((tmp_path / "sweeps" / "group_size-demo" / "state.json").read_text())
@@ -156,7 +156,7 @@ def test_out_of_memory_fails_its_trial_with_the_reason_and_the_sweep_goes_on(ray
 
 
 def test_more_gpus_than_the_cluster_has_is_refused(ray_session, sweep_overrides, tmp_path):
-    from orchestration.cluster import ClusterError
+    from orchestration.cluster.ray_connection import ClusterError
 
     with pytest.raises(ClusterError, match="resources.gpu=2"):
         run_sweep(compose_config(sweep_overrides("ablation=group_size", "resources.gpu=2")))

@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from orchestration.tracking import MetricSpool, RunRegistry, artifact_location, default_tracking_uri, redact
+from orchestration.tracking.registry import MetricSpool, RunRegistry, artifact_location, default_tracking_uri, redact
 
 _names = itertools.count()
 

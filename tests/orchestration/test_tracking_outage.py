@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from experiments.settings import compose_config
-from orchestration.driver import run_sweep
-from orchestration.tracking import MetricSpool, RunRegistry, replay
+from experiments.compose import compose_config
+from orchestration.execute.driver import run_sweep
+from orchestration.tracking.registry import MetricSpool, RunRegistry, replay
 
 from .conftest import stage_runs, steps
 

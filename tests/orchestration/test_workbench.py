@@ -6,10 +6,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-from orchestration.report import Report
-from orchestration.specs import PlanRecord
-from orchestration.tracking import RunRegistry
-from orchestration.workbench import NOTE_LIMIT, VIEW_TAG, summarise_sweep, ui_link, write_view
+from orchestration.reporting.build import Report
+from orchestration.plan.record import PlanRecord
+from orchestration.tracking.registry import RunRegistry
+from orchestration.reporting.workbench import NOTE_LIMIT, VIEW_TAG, summarise_sweep, ui_link, write_view
 
 PLAN = PlanRecord("f", "gs", "group_size", "demo", "m", ["5", "20"], [0], "grid", "acc", "/stages")
 ROWS = [{"row": "5", "role": "row", "acc": 50.0, "acc_lo": 40.0, "acc_hi": 60.0},

@@ -11,10 +11,10 @@ import pyarrow as pa
 import torch
 
 from experiments.ablations import Ablation
-from lpt_core import uncertainty as U
+from lpt_core.uncertainty import Interval, REPLICATES, bootstrap_accuracies, bootstrap_p_value, holm, percentile_interval
 from lpt_core.metrics import image_groups
-from orchestration.report_data import Run
-from orchestration.specs import PlanRecord
+from orchestration.reporting.sources import Run
+from orchestration.plan.record import PlanRecord
 
 RULE_KEYS = ("acc", "many", "medium", "few", "many_std", "medium_std", "few_std")
 KNN_KEY = "query_knn_acc"  # accuracy of the K-NN prediction from the query feature (Tab. 2 / 10)
@@ -29,7 +29,7 @@ BOOTSTRAP_SEED = 0  # fixed: the same sweep gives the same report
 class Comparison:
     """Line minus reference on one accuracy, paired over images and seeds."""
 
-    interval: U.Interval
+    interval: Interval
     p: float
     p_holm: float = math.nan
 
@@ -47,7 +47,7 @@ class Line:
     runs: list[Run]
     role: str = "row"  # row | reference | upstream
     point: dict[str, float] = field(default_factory=dict)
-    interval: dict[str, U.Interval] = field(default_factory=dict)
+    interval: dict[str, Interval] = field(default_factory=dict)
     delta: dict[str, Comparison] = field(default_factory=dict)
 
     @property
@@ -104,16 +104,16 @@ def _bootstrap(lines: list[Line], evals: dict[str, _Eval], replicates: int) -> d
     parts = [[evals[r.stage_key] for r in sorted(line.runs, key=lambda r: r.seed)] for line in lines]
     first = parts[0][0]
     right = np.array([[e.right for e in line] for line in parts])  # [R, S, N]
-    reps = U.bootstrap_accuracies(right, first.labels, first.groups, replicates, BOOTSTRAP_SEED)
+    reps = bootstrap_accuracies(right, first.labels, first.groups, replicates, BOOTSTRAP_SEED)
     if all(e.knn is not None for line in parts for e in line):
         knn = np.array([[e.knn for e in line] for line in parts])
-        reps[KNN_KEY] = U.bootstrap_accuracies(knn, first.labels, {KNN_KEY: first.groups["acc"]}, replicates,
+        reps[KNN_KEY] = bootstrap_accuracies(knn, first.labels, {KNN_KEY: first.groups["acc"]}, replicates,
                                                BOOTSTRAP_SEED)[KNN_KEY]
     return reps
 
 
 def set_intervals(lines: list[Line], tables: dict[str, pa.Table], reference: Line | None, compare: tuple[str, ...],
-                  replicates: int = U.REPLICATES,
+                  replicates: int = REPLICATES,
                   steps: tuple[tuple[str, str], ...] = ()) -> tuple[list[str], list[Line]]:
     """Intervals for every line whose runs all have predictions (tables: stage key -> predictions); paired
     differences to `reference` for the lines on its images and seeds, and for each step (row, baseline) of the
@@ -133,7 +133,7 @@ def set_intervals(lines: list[Line], tables: dict[str, pa.Table], reference: Lin
     for group in by_design.values():
         reps = _bootstrap(group, evals, replicates)
         for i, line in enumerate(group):
-            line.interval = {k: U.percentile_interval(v[:, i], line.point.get(k, math.nan)) for k, v in reps.items()}
+            line.interval = {k: percentile_interval(v[:, i], line.point.get(k, math.nan)) for k, v in reps.items()}
             observed = _mean([100.0 * float(evals[r.stage_key].right.mean()) for r in line.runs])
             if abs(observed - line.point["acc"]) > 1e-6:
                 notes.append(f"{line.label}: the predictions give overall {observed:.4f} where the store holds "
@@ -165,7 +165,7 @@ def _differences(group: list[Line], reps: dict[str, np.ndarray], i: int, j: int,
         if key not in reps or math.isnan(estimate):
             continue  # e.g. a shot group without classes
         diffs = reps[key][:, i] - reps[key][:, j]
-        found[key] = Comparison(U.percentile_interval(diffs, estimate), U.bootstrap_p_value(diffs))
+        found[key] = Comparison(percentile_interval(diffs, estimate), bootstrap_p_value(diffs))
     return found
 
 
@@ -187,7 +187,7 @@ def _steps(group: list[Line], reps: dict[str, np.ndarray], steps: tuple[tuple[st
 
 def _holm(lines: list[Line]) -> None:
     tests = [c for line in lines for c in line.delta.values()]
-    for comparison, adjusted in zip(tests, U.holm([c.p for c in tests])):
+    for comparison, adjusted in zip(tests, holm([c.p for c in tests])):
         comparison.p_holm = adjusted
 
 

@@ -1,6 +1,6 @@
 """A sweep inside one SLURM allocation: writes an sbatch script next to the sweep and submits it.
 
-    python orchestration/slurm.py submit --nodes 2 --gpus-per-node 4 --cpus-per-node 32 --time 24:00:00 \\
+    python orchestration/cluster/slurm.py submit --nodes 2 --gpus-per-node 4 --cpus-per-node 32 --time 24:00:00 \\
         --partition gpu ablation=group_size experiment=places_lt data.root=/shared/places365 resources.gpu=1 \\
         sweep.root=/shared/lpt/sweeps stages.root=/shared/lpt/stages
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SET_BY_LAUNCHER = ("cluster", "cluster.name", "cluster.address")  # the launcher points the driver at its Ray
 TIME_FORMAT = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
@@ -86,8 +86,8 @@ def time_limit_s(value: str) -> int:
 def sweep_folder(overrides: list[str]) -> tuple[str, Path]:
     """The sweep's name and absolute folder, from the overrides as the driver will compose them; every check the
     driver makes before Ray starts happens here, so a bad value fails before anything is queued."""
-    from experiments.settings import check_command_line, compose_config
-    from orchestration.plan import build_plan
+    from experiments.compose import check_command_line, compose_config
+    from orchestration.plan.sweep_plan import build_plan
 
     check_command_line(overrides)
     plan = build_plan(compose_config(["cluster=ray", *overrides]))
@@ -191,7 +191,7 @@ def render_script(launch: Launch, name: str, folder: Path, workdir: Path, python
         # resume=true among the overrides: the user decided, the job adds nothing
         RESUME='""' if user_resume else '$("$PY" "$LAUNCHER" resume-flag "$FOLDER")')
     header = ["#!/bin/bash", *_directives(launch, name, folder),
-              f"# Sweep {name}, written by orchestration/slurm.py on {time.strftime('%Y-%m-%d %H:%M %Z')}.",
+              f"# Sweep {name}, written by orchestration/cluster/slurm.py on {time.strftime('%Y-%m-%d %H:%M %Z')}.",
               f"# Submit again after a cancel, or to finish an unfinished sweep: sbatch {folder}/slurm/{name}.sbatch"]
     return "\n".join(header) + "\n" + body
 
@@ -242,7 +242,7 @@ def wait_for_nodes(address: str, expected: list[str], cpus: float, gpus: float, 
     """Until every expected node is alive in Ray with its CPUs and GPUs; names what is missing on timeout."""
     import ray
 
-    from orchestration.cluster import ClusterError, check_reachable
+    from orchestration.cluster.ray_connection import ClusterError, check_reachable
 
     deadline = time.monotonic() + timeout_s
     while True:  # the head's GCS may not listen yet
@@ -295,7 +295,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from lpt_core.config import ConfigError
-    from orchestration.cluster import ClusterError
+    from orchestration.cluster.ray_connection import ClusterError
 
     args = _parser().parse_args(argv)
     try:

@@ -11,10 +11,12 @@ which Ray workers would not share.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -221,7 +223,7 @@ class RunRegistry:
 class MetricSpool:
     """Per-epoch metrics on their way to MLflow, sent in step order and never twice. While the server is
     unreachable they wait here and, with a folder, in <folder>/<run id>.jsonl, so that a later attempt of the run
-    (`load`) or `python -m orchestration.tracking replay` sends what the trial could not."""
+    (`load`) or `lpt-replay-metrics` sends what the trial could not."""
 
     def __init__(self, client: MlflowClient, folder: str | Path | None = None) -> None:
         self.client = client
@@ -311,14 +313,16 @@ def replay(folder: str | Path, uri: str) -> int:
     return len(spool.unlogged())
 
 
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="python -m orchestration.tracking replay SPOOL --uri URI")
-    parser.add_argument("command", choices=["replay"])
+def replay_cli(argv: list[str] | None = None) -> int:
+    """`lpt-replay-metrics SPOOL --uri URI`: what a trial printed when an outage outlived it."""
+    parser = argparse.ArgumentParser(description=replay_cli.__doc__)
     parser.add_argument("spool")
     parser.add_argument("--uri", required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     left = replay(args.spool, args.uri)
     print(f"{left} batch(es) still unlogged" if left else "all spooled metrics logged")
-    raise SystemExit(1 if left else 0)
+    return 1 if left else 0
+
+
+if __name__ == "__main__":
+    sys.exit(replay_cli())

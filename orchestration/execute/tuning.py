@@ -26,10 +26,10 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
 from ray.tune.search import ConcurrencyLimiter  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
-from lpt_core.config import PHASES  # noqa: E402
-from orchestration.plan import SweepPlan  # noqa: E402
-from orchestration.specs import SweepContext, tune_values  # noqa: E402
-from orchestration.trainable import lpt_trainable  # noqa: E402
+from lpt_core.config import STAGES  # noqa: E402
+from orchestration.plan.sweep_plan import SweepPlan  # noqa: E402
+from orchestration.plan.trial_specs import SweepContext, tune_values# noqa: E402
+from orchestration.execute.trainable import lpt_trainable  # noqa: E402
 
 TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
              "iterations_since_restore", "done", "epoch", "loss", "lr", "epoch_time_s", "train_images_per_s",
@@ -63,7 +63,7 @@ def _tune_config(plan: SweepPlan, optuna_search: bool, early_stopping: bool) -> 
     if optuna_search:
         searcher = OptunaSearch(sampler=SAMPLERS[search.sampler](seed=search.seed))
         search_alg, num_samples = ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent), search.num_samples
-    epochs = max(plan.base.phase_config(p).epochs for p in PHASES)
+    epochs = max(plan.base.stage_config(p).epochs for p in STAGES)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1, grace_period=1)
                  if early_stopping else FIFOScheduler())
     return tune.TuneConfig(

@@ -13,7 +13,7 @@ import secrets
 import socket
 from pathlib import Path
 
-from orchestration.cluster import ClusterError
+from orchestration.cluster.ray_connection import ClusterError
 
 PROBE_PREFIX = ".lpt-storage-probe-"
 # Tests only: a node whose raylet runs with this variable sees every checked path under that folder instead, which

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.settings import ClusterSettings
+from experiments.schema import ClusterSettings
 from lpt_core.config import ConfigError
 
 RAY_DEFAULT_PORT, RAY_CLIENT_PORT = 6379, 10001

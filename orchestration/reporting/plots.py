@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from orchestration.report_stats import KEY_NAMES, MAX_OPTUNA_ROWS, Line, Tables  # noqa: E402
+from orchestration.reporting.statistics import KEY_NAMES, MAX_OPTUNA_ROWS, Line, Tables  # noqa: E402
 
 MAX_HEATMAPS = 6
 REFERENCE, ROW, PHASE1 = "tab:red", "tab:blue", "0.35"

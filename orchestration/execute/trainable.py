@@ -17,22 +17,23 @@ from typing import Any
 import torch
 from ray import tune
 
-from experiments.settings import DebugSettings
-from lpt_core.checkpoint import CheckpointError, read_meta, verify_checkpoint
+from experiments.schema import DebugSettings
+from lpt_core.checkpoint import CheckpointError, read_meta, stage_of, verify_checkpoint
 from lpt_core.runtime import resolve_device
-from lpt_core.train import NonFiniteLossError, PhaseHooks, PhaseOutOfMemoryError, run_phase
-from orchestration.cluster import device_tag
-from orchestration.run_names import mlflow_metrics, stage_params, stage_run_name, trained_params
-from orchestration.specs import BASE_ROW, SweepContext, TrialSpec, tune_values
-from orchestration.stages import StageOutput, StageSpec, StageStore
-from orchestration.tracking import MetricSpool, RunRegistry, is_outage, redact
+from lpt_core.train import NonFiniteLossError, StageHooks, StageOutOfMemoryError, run_stage
+from orchestration.cluster.ray_connection import device_tag
+from orchestration.tracking.run_names import mlflow_metrics, stage_params, stage_run_name, trained_params
+from orchestration.plan.trial_specs import BASE_ROW, SweepContext, TrialSpec, tune_values
+from lpt_core.stages import StageSpec
+from orchestration.execute.stage_store import StageOutput, StageStore
+from orchestration.tracking.registry import MetricSpool, RunRegistry, is_outage, redact
 
 
 class InjectedFault(RuntimeError):
     """Raised on purpose by debug.fail_at_epoch (fault-injection tests of retry and resume)."""
 
 
-class TrialHooks(PhaseHooks):
+class TrialHooks(StageHooks):
     """Reports each epoch to MLflow (once per step) and, for the trial's final stage, to Tune with a checkpoint."""
 
     def __init__(self, spool: MetricSpool, run_id: str, spec: StageSpec, report_to_tune: bool,
@@ -108,7 +109,7 @@ def _resume_point(store: StageStore, spec: StageSpec, log) -> Path | None:
         restored = Path(tune_checkpoint.to_directory())
         try:
             meta = verify_checkpoint(restored)
-            if meta.get("phase") == spec.stage and restored.exists():
+            if stage_of(meta) == spec.stage and restored.exists():
                 candidates.append((meta["epoch"], restored))
         except CheckpointError as err:
             log(f"ignoring Tune's checkpoint: {err}")
@@ -139,7 +140,7 @@ class Tracking:
     spool: MetricSpool
 
 
-def run_stage(context: SweepContext, trial: TrialSpec, spec: StageSpec, upstream: StageOutput | None,
+def train_tracked_stage(context: SweepContext, trial: TrialSpec, spec: StageSpec, upstream: StageOutput | None,
               final: bool, store: StageStore, tracking: Tracking) -> StageOutput:
     log = lambda message: print(f"[{spec.key}] {message}", flush=True)  # noqa: E731
     with store.lock(spec.key):
@@ -155,7 +156,7 @@ def run_stage(context: SweepContext, trial: TrialSpec, spec: StageSpec, upstream
         hooks = TrialHooks(tracking.spool, run_id, spec, final, _faults_for(context.debug, trial.row), store,
                            device, trial)
         try:
-            result = run_phase(cfg, spec.stage, store.work_dir(spec.key), hooks,
+            result = run_stage(cfg, spec.stage, store.work_dir(spec.key), hooks,
                                init_from=upstream.checkpoint_dir if upstream else None,
                                resume_from=_resume_point(store, spec, log))
         except InjectedFault:
@@ -176,7 +177,7 @@ def _close_run(tracking: Tracking, run_id: str, history: list, output: StageOutp
     if not spool.flush(timeout_s=context.tracking.flush_timeout_s):
         log(f"MLflow at {redact(runs.uri)} unreachable: epochs {[s for _, s in spool.unlogged()]} of run "
             f"{run_id} not logged; kept in {spool.folder}. Send them later with "
-            f"`python -m orchestration.tracking replay {spool.folder} --uri <tracking uri>`")
+            f"`lpt-replay-metrics {spool.folder} --uri <tracking uri>`")
         return
     try:
         runs.log_final(run_id, len(history), mlflow_metrics(output.metrics))
@@ -205,8 +206,8 @@ def lpt_trainable(config: dict[str, Any], context: SweepContext) -> None:
     output = None
     try:
         for i, spec in enumerate(chain):
-            output = run_stage(context, trial, spec, output, i == len(chain) - 1, store, tracking)
-    except (NonFiniteLossError, PhaseOutOfMemoryError) as err:
+            output = train_tracked_stage(context, trial, spec, output, i == len(chain) - 1, store, tracking)
+    except (NonFiniteLossError, StageOutOfMemoryError) as err:
         # not raised: Tune would retry at once, and fail the same way. The trial ends TERMINATED with the reason;
         # a resume, after the cause is fixed, runs it again (tuning.run_tuner) from its last checkpoint
         tune.report({"trial_failed": f"{type(err).__name__}: {err}", "row": trial.row, "seed": trial.seed,

@@ -1,9 +1,9 @@
-"""One LPT stage in a plain process, no Ray, no MLflow: `python experiments/run.py experiment=demo phase=1`.
+"""One LPT stage in a plain process, no Ray, no MLflow (`lpt-run`, or `python experiments/single_run.py`).
 
-    python experiments/run.py phase=1                                   # phase 1 on the demo
-    python experiments/run.py phase=2 init_from=<phase-1 checkpoint>   # phase 2 on top of it
-    python experiments/run.py training=joint                            # joint training, one stage
-    python experiments/run.py experiment=places_lt data.root=<places365> evaluate=<released checkpoint>
+    python experiments/single_run.py                                            # phase 1 on the demo
+    python experiments/single_run.py stage=phase2 init_from=<phase-1 checkpoint>  # phase 2 on top of it
+    python experiments/single_run.py training=joint                             # joint training, one stage
+    python experiments/single_run.py experiment=places_lt data.root=<places365> evaluate=<released checkpoint>
 """
 from __future__ import annotations
 
@@ -15,35 +15,25 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from experiments.settings import CONF_DIR, build_lpt, resolve_backbone, split, start_cli
+from experiments.compose import CONF_DIR, split, start_cli
+from experiments.pretrain_demo import resolve_backbone
 from lpt_core.checkpoint import CheckpointError
 from lpt_core.config import ConfigError, LPTConfig
 from lpt_core.data.manifest import DatasetError
 from lpt_core.official import evaluate_official, format_evaluation
-from lpt_core.train import run_phase
-
-PHASE_NAMES = {1: "phase1", 2: "phase2", "1": "phase1", "2": "phase2", "phase1": "phase1", "phase2": "phase2"}
-
-
-def stage_name(phase, training: str) -> str:
-    if training == "joint":
-        return "joint"
-    if phase not in PHASE_NAMES:
-        raise ConfigError(f"phase={phase!r}: expected 1 or 2 (or training=joint)")
-    return PHASE_NAMES[phase]
-
+from lpt_core.train import run_stage
 
 def run(cfg: DictConfig) -> dict:
     spec = split(cfg)  # the same checks as sweep.py's, all before any work
-    settings, lpt = spec.settings, build_lpt(spec.lpt)
+    settings, lpt = spec.settings, spec.lpt
     if settings.evaluate:
         return evaluate_release(lpt, settings.evaluate, settings.workdir)
-    stage = stage_name(settings.phase, lpt.training)
+    stage = "joint" if lpt.training == "joint" else settings.stage
     if stage == "phase2" and not settings.init_from:
-        raise ConfigError("phase=2 needs init_from=<phase-1 checkpoint folder> (printed at the end of phase 1)")
+        raise ConfigError("stage=phase2 needs init_from=<phase-1 checkpoint folder> (printed at the end of phase 1)")
     lpt = resolve_backbone(lpt, spec.pretrain)
     workdir = Path(settings.workdir or f"outputs/runs/{spec.name}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
-    result = run_phase(lpt, stage, workdir, init_from=settings.init_from)
+    result = run_stage(lpt, stage, workdir, init_from=settings.init_from)
     result.per_class.to_pandas().to_csv(workdir / "per_class.csv", index=False)
     result.predictions.to_pandas().to_parquet(workdir / "predictions.parquet", index=False)
     summary = {"stage": stage, "checkpoint": str(result.checkpoint_dir), **result.metrics}
@@ -80,5 +70,9 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
+def cli() -> None:
     start_cli(main, sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()

@@ -19,8 +19,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestration.run_names import lpt_metrics
-from orchestration.tracking import RunRegistry, redact
+from orchestration.tracking.run_names import lpt_metrics
+from orchestration.tracking.registry import RunRegistry, redact
 
 PREDICTIONS = "predictions.parquet"
 
@@ -49,7 +49,7 @@ class Sources:
     note: str = "point estimates from trials.json (no tracking store given)"
 
 
-def connect(tracking_uri: str | None, experiment: str, outage_wait_s: float) -> tuple[Any, str]:
+def open_store(tracking_uri: str | None, experiment: str, outage_wait_s: float) -> tuple[Any, str]:
     """(MlflowClient or None, a sentence saying where the point estimates come from)."""
     if tracking_uri is None:
         return None, "point estimates from trials.json (no tracking store given)"
@@ -111,7 +111,7 @@ def upstream_runs(runs: list[Run], sources: Sources) -> dict[str, Run]:
             continue
         held = lpt_metrics(mlflow_run.data.metrics) if mlflow_run is not None else {}
         metrics = {**result.get("metrics", {}), **held}
-        found[run.upstream] = Run("phase 1", run.seed, result.get("phase", "phase1"), run.upstream, run_id, metrics,
+        found[run.upstream] = Run("phase 1", run.seed, result.get("stage", result.get("phase", "phase1")), run.upstream, run_id, metrics,
                                   in_tracking=mlflow_run is not None)
     return found
 

@@ -8,7 +8,7 @@
 - Stage runs: named for what they are (`phase2 m=20 seed=0`); a stage several rows share says so
   (`phase1 (shared by m=5,10,20,40) seed=0`). Their params are the config sections their stage reads
   (lpt_core.stages.STAGE_FIELDS) and where it ran (PLACEMENT_FIELDS), plus values derived from them.
-- The sweep's parent run: what the sweep varied (params) and one metric per report row with its 95 % interval.
+- The sweep's parent run: one metric per report row with its 95 % interval (its params: PlanRecord.parent_params).
 """
 from __future__ import annotations
 
@@ -16,10 +16,8 @@ import math
 import re
 from typing import Any, Sequence
 
-from experiments.ablations import get_ablation
 from lpt_core.config import LPTConfig, flatten, to_dict
-from lpt_core.stages import PLACEMENT_FIELDS, stage_config
-from orchestration.specs import PlanRecord
+from lpt_core.stages import PLACEMENT_FIELDS, stage_inputs
 
 METRIC_NAMES = {
     "many": "authors/many", "medium": "authors/medium", "few": "authors/few",  # many > 100, few <= 20
@@ -63,7 +61,7 @@ def stage_params(cfg: LPTConfig, stage: str) -> dict[str, Any]:
     """The run's params: the config sections `stage` reads, dotted (`phase2.batch_size`, `prompt.pool_size`),
     where it ran, and the effective learning rate (`derived.lr` = base_lr x batch_size / 256)."""
     placement = {field: to_dict(cfg)[field] for field in PLACEMENT_FIELDS}
-    return {**flatten(stage_config(cfg, stage)), **placement, "derived.lr": cfg.phase_config(stage).lr}
+    return {**flatten(stage_inputs(cfg, stage)), **placement, "derived.lr": cfg.stage_config(stage).lr}
 
 
 def trained_params(extras: dict[str, Any]) -> dict[str, Any]:
@@ -98,16 +96,3 @@ def row_metrics(metric: str, axis: str | None, rows: Sequence[dict[str, Any]]) -
             if isinstance(value, (int, float)) and math.isfinite(value):
                 found[name + suffix] = float(value)
     return found
-
-
-def sweep_params(plan: PlanRecord) -> dict[str, Any]:
-    """The parent run's params: what the sweep varies and how it was run (the rows of a grid with its reference
-    row, or the settings of a search)."""
-    params = {"ablation": plan.ablation, "experiment": plan.experiment, "axis": plan.axis, "search": plan.search,
-              "seeds": ",".join(str(seed) for seed in plan.seeds), "metric": metric_name(plan.metric)}
-    if plan.search != "grid":
-        return {**params, **{key: value for key, value in (plan.content or {}).items()
-                             if key.startswith("search.") and key != "search.name"}}
-    reference = get_ablation(plan.ablation).reference_for(plan.experiment)
-    return {**params, "rows": ",".join(plan.rows),
-            "reference": f"{plan.axis}={reference}" if reference in plan.rows else "(not in this sweep)"}

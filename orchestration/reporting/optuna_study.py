@@ -14,8 +14,8 @@ import numpy as np
 import optuna
 
 from experiments.ablations import Distribution
-from orchestration.report_plots import REFERENCE, ROW, error_bars
-from orchestration.report_stats import Tables
+from orchestration.reporting.plots import REFERENCE, ROW, error_bars
+from orchestration.reporting.statistics import Tables
 
 IMPORTANCE_SEED = 0
 

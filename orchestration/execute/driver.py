@@ -22,16 +22,15 @@ from omegaconf import DictConfig
 
 from lpt_core.files import FileLocked, atomic_write_bytes, file_lock
 from lpt_core.stages import stages_changed_by
-from orchestration.cluster import check_resources, connect
-from orchestration.plan import SweepPlan, build_plan, resolve_backbones
-from orchestration.report import Report, build_report
-from orchestration.run_names import sweep_params
-from orchestration.specs import PLAN_FILE, PlanRecord, read_state
-from orchestration.stages import StageStore
-from orchestration.storage import check_shared_storage
-from orchestration.tracking import RunRegistry, redact
-from orchestration.tuning import TrialOutcome, run_tuner
-from orchestration.workbench import summarise_sweep, ui_link, write_view
+from orchestration.cluster.ray_connection import check_resources, connect
+from orchestration.plan.sweep_plan import SweepPlan, build_plan
+from orchestration.reporting.build import Report, build_report
+from orchestration.plan.record import PLAN_FILE, PlanRecord, read_state
+from orchestration.execute.stage_store import StageStore
+from orchestration.cluster.storage_check import check_shared_storage
+from orchestration.tracking.registry import RunRegistry, redact
+from orchestration.execute.tuning import TrialOutcome, run_tuner
+from orchestration.reporting.workbench import summarise_sweep, ui_link, write_view
 
 
 class SweepError(RuntimeError):
@@ -174,7 +173,7 @@ def _parent_run(runs: RunRegistry, plan: SweepPlan, record: PlanRecord, upstream
         "lpt.stage_keys": ",".join(sorted(upstream))[:5000], "lpt.tracking_uri": redact(tracking_uri),
         MLFLOW_SOURCE_NAME: "orchestration/sweep.py", MLFLOW_SOURCE_TYPE: "LOCAL", MLFLOW_USER: getpass.getuser(),
         **_git_commit()})
-    runs.log_params(parent, sweep_params(record))
+    runs.log_params(parent, record.parent_params())
     return parent
 
 
@@ -198,7 +197,7 @@ def _close_stopped(runs: RunRegistry, stopped: list[TrialOutcome]) -> None:
 
 def run_sweep(cfg: DictConfig | dict, log=print) -> int:
     plan = build_plan(cfg)
-    record = plan.record()  # before the demo backbones are resolved
+    record = plan.record()
     folder = _prepare_folder(plan)
     with sweep_lock(folder):
         status = _check_existing(plan, folder, record)
@@ -209,7 +208,7 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
         connect(plan.settings.cluster, log=log)  # before writing anything: an unreachable cluster changes nothing
         check_resources(plan.settings.resources.cpu, plan.settings.resources.gpu)
         check_shared_storage({"sweep.root": folder, "stages.root": plan.settings.stages.root}, log=log)
-        plan = resolve_backbones(plan, log)
+        plan.ensure_backbones(log)
         record.write(folder)
         _write_json(folder / "state.json", {"status": "running"})
         tracking_uri = plan.tracking_uri()

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import json
 
-from orchestration.report import Report
-from orchestration.report_stats import MAX_OPTUNA_ROWS
-from orchestration.run_names import metric_name, row_metrics
-from orchestration.specs import PlanRecord
-from orchestration.tracking import TAG_SWEEP, RunRegistry
+from orchestration.reporting.build import Report
+from orchestration.reporting.statistics import MAX_OPTUNA_ROWS
+from orchestration.tracking.run_names import metric_name, row_metrics
+from orchestration.plan.record import PlanRecord
+from orchestration.tracking.registry import TAG_SWEEP, RunRegistry
 
 VIEW_KEY = "sweeps"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
@@ -44,7 +44,7 @@ def _description(markdown: str) -> str:
 
 
 def summarise_sweep(runs: RunRegistry, parent_id: str, plan: PlanRecord, report: Report) -> None:
-    """The parent run as the sweep's summary (its params, run_names.sweep_params, are logged when it starts): one
+    """The parent run as the sweep's summary (its params, PlanRecord.parent_params, are logged when it starts): one
     metric per report row with the ends of its 95 % interval (a search: its best trials, as report.md shows
     them), and report.md as its description; report.build_report logs the report's files, plots included, as its
     artifacts under report/."""

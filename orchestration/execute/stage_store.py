@@ -1,4 +1,4 @@
-"""The stage graph (pretrain -> phase 1 -> phase 2, or one joint stage) and the content-addressed stage store.
+"""The content-addressed stage store: one folder per stage key (lpt_core.stages.stage_key).
 
 A stage's key is the hash of exactly the config fields it depends on plus its upstream key, so every trial of a
 group-size sweep maps to the same phase-1 key and the store trains that phase 1 once, for this sweep and for any
@@ -19,44 +19,8 @@ from typing import Any, ContextManager
 import pyarrow.parquet as pq
 
 from lpt_core.checkpoint import CheckpointError, latest_valid_checkpoint, replace_directory, verify_checkpoint
-from lpt_core.config import LPTConfig, to_dict
-from lpt_core.files import atomic_write_bytes, content_key, file_lock
-from lpt_core.stages import STAGE_FIELDS  # the fields a stage depends on; its checkpoint records them
-from lpt_core.train import PhaseResult
-
-KEY_LENGTH = 16
-
-
-def _get(values: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        values = values[part]
-    return values
-
-
-def stage_key(stage: str, cfg: LPTConfig, upstream: str | None, salt: str = "") -> str:
-    """Hash of the stage name, its config fields, its upstream key and an optional salt (cache off)."""
-    values = to_dict(cfg)
-    content = {"stage": stage, "upstream": upstream, "salt": salt,
-               "fields": {name: _get(values, name) for name in STAGE_FIELDS[stage]}}
-    return f"{stage}-{content_key(content, KEY_LENGTH)}"
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    stage: str  # phase1 | phase2 | joint
-    key: str
-    upstream: str | None
-
-
-def stage_chain(cfg: LPTConfig, run_until: str | None = None, salt: str = "") -> tuple[StageSpec, ...]:
-    """The stages one trial runs, in order; `run_until='phase1'` stops a decoupled trial after phase 1."""
-    if cfg.training == "joint":
-        return (StageSpec("joint", stage_key("joint", cfg, None, salt), None),)
-    phase1 = StageSpec("phase1", stage_key("phase1", cfg, None, salt), None)
-    if run_until == "phase1":
-        return (phase1,)
-    return phase1, StageSpec("phase2", stage_key("phase2", cfg, phase1.key, salt), phase1.key)
-
+from lpt_core.files import atomic_write_bytes, file_lock
+from lpt_core.train import StageResult
 
 @dataclass
 class StageOutput:
@@ -110,7 +74,7 @@ class StageStore:
     def latest_checkpoint(self, key: str, log=print) -> Path | None:
         return latest_valid_checkpoint(sorted((self.work_dir(key) / "checkpoints").glob("epoch_*")), log=log)
 
-    def finalize(self, key: str, result: PhaseResult, run_id: str | None, upstream: str | None = None) -> StageOutput:
+    def finalize(self, key: str, result: StageResult, run_id: str | None, upstream: str | None = None) -> StageOutput:
         """Publishes a trained stage; `upstream` (the key it was initialised from) lets a report find the phase 1
         under a phase 2 without the tracking server."""
         folder = self.folder(key)
@@ -123,7 +87,7 @@ class StageStore:
             pq.write_table(result.match, folder / "match.parquet")
         if result.predictions is not None:
             pq.write_table(result.predictions, folder / "predictions.parquet")
-        payload = {"metrics": result.metrics, "history": result.history, "run_id": run_id, "phase": result.phase,
+        payload = {"metrics": result.metrics, "history": result.history, "run_id": run_id, "stage": result.stage,
                    "extras": result.extras, "upstream": upstream}
         atomic_write_bytes(folder / "result.json", json.dumps(payload, indent=1, default=float).encode())
         atomic_write_bytes(folder / "DONE", key.encode())

@@ -7,18 +7,19 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig
 
 from experiments.ablations import RUN_UNTIL, Ablation, get_ablation
-from experiments.pretrain_demo import DemoPretrainConfig
-from experiments.settings import SweepSettings, build_lpt, resolve_backbone, split
+from experiments.compose import split
+from experiments.pretrain_demo import ensure_demo_weights, with_demo_weights
+from experiments.schema import DemoPretrainConfig, SweepSettings
 from lpt_core.config import ConfigError, LPTConfig, flatten, to_dict
 from lpt_core.files import content_key
-from orchestration.settings import check_sweep_settings
-from orchestration.specs import BASE_ROW, PlanRecord, SweepContext, TrialSpec, with_overrides
-from orchestration.tracking import default_tracking_uri, redact
+from orchestration.plan.record import PlanRecord
+from orchestration.plan.trial_specs import BASE_ROW, SweepContext, TrialSpec
+from orchestration.tracking.registry import default_tracking_uri, redact
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,16 @@ class SweepPlan:
     def context(self, tracking_uri: str, parent_run_id: str) -> SweepContext:
         """What every trial receives (tune.with_parameters)."""
         s = self.settings
+        space = tuple(sorted(self.ablation.space)) if self.optuna else ()
         return SweepContext(self.name, self.ablation.name, self.experiment, self.ablation.axis, self.trials,
-                            self.base, tuple(sorted(self.ablation.space)) if self.optuna else (), s.stages.cache,
+                            with_demo_weights(self.base, self.pretrain), space, s.stages.cache,
                             Path(s.stages.root).resolve(), dataclasses.replace(s.tracking, uri=tracking_uri),
                             parent_run_id, s.debug)
+
+    def ensure_backbones(self, log: Callable[[str], None] = print) -> None:
+        """Demo only: pretrains (or finds in the cache) each micro ViT the trials load, on the driver, before any
+        trial starts."""
+        ensure_demo_weights([trial.config for trial in self.trials.values()], self.pretrain, log)
 
     def stage_names(self) -> list[str]:
         """The stages its trials run, in order (phase1, phase2; joint)."""
@@ -99,6 +106,23 @@ class SweepPlan:
         return found
 
 
+def _check_sweep_settings(settings: SweepSettings) -> SweepSettings:
+    if settings.ablation is None:
+        raise ConfigError("ablation: missing; pick one, e.g. `python orchestration/sweep.py ablation=group_size`")
+    if not settings.seeds:
+        raise ConfigError("seeds: needs at least one seed")
+    if settings.resources.cpu <= 0 or settings.resources.gpu < 0:
+        raise ConfigError(f"resources: cpu must be > 0 and gpu >= 0, got {settings.resources}")
+    if settings.max_failures < 0 or settings.max_concurrent_trials < 0:
+        raise ConfigError("max_failures and max_concurrent_trials must be >= 0")
+    if settings.debug.hold_at_epoch is not None and not settings.debug.event_dir:
+        raise ConfigError("debug.hold_at_epoch needs debug.event_dir (where the trial signals it holds and waits "
+                          "for the release file)")
+    if settings.search.num_samples < 1 or settings.search.max_concurrent < 1:
+        raise ConfigError("search.num_samples and search.max_concurrent must be >= 1")
+    return settings
+
+
 def _select_points(ablation: Ablation, experiment: str, values: list[Any] | None) -> dict[str, dict[str, Any]]:
     points = {p.label: dict(p.overrides) for p in ablation.points_for(experiment)}
     if values is None:
@@ -112,61 +136,43 @@ def _select_points(ablation: Ablation, experiment: str, values: list[Any] | None
 
 
 def _trial(name: str, settings: SweepSettings, row: str, seed: int, config: LPTConfig,
-           run_until: str | None) -> TrialSpec:
+           run_until: str | None, pretrain: DemoPretrainConfig | None) -> TrialSpec:
+    """The trial, its demo backbone's weights file set (so its stage keys are final; the driver pretrains the
+    backbones after the cheap checks)."""
+    config = with_demo_weights(config, pretrain)
     return TrialSpec.build(row, seed, config, run_until, None if settings.stages.cache else name)
 
 
 def _grid_trials(name: str, ablation: Ablation, settings: SweepSettings, base: LPTConfig,
-                 points: dict[str, dict[str, Any]]) -> dict[str, TrialSpec]:
+                 points: dict[str, dict[str, Any]], pretrain: DemoPretrainConfig | None) -> dict[str, TrialSpec]:
     """Every (row, seed) as its validated LPTConfig: a bad value fails here, naming the row and the key."""
     trials = {}
     for row, overrides in points.items():
         values = {k: v for k, v in overrides.items() if k != RUN_UNTIL}
         for seed in settings.seeds:
             try:
-                config = with_overrides(base, {**values, "seed": seed})
+                config = base.with_overrides({**values, "seed": seed})
             except ConfigError as err:
                 raise ConfigError(f"ablation {ablation.name!r}, row {row!r}: {err}") from err
-            trial = _trial(name, settings, row, seed, config, overrides.get(RUN_UNTIL))
+            trial = _trial(name, settings, row, seed, config, overrides.get(RUN_UNTIL), pretrain)
             trials[trial.trial_id] = trial
     return trials
 
 
-def _optuna_trials(name: str, ablation: Ablation, settings: SweepSettings,
-                   base: LPTConfig) -> dict[str, TrialSpec]:
+def _optuna_trials(name: str, ablation: Ablation, settings: SweepSettings, base: LPTConfig,
+                   pretrain: DemoPretrainConfig | None) -> dict[str, TrialSpec]:
     """The base row, the upstream of every sampled trial; the search space's ends are checked as configs."""
     if not ablation.space:
         raise ConfigError(f"search=optuna: ablation {ablation.name!r} has no continuous space; "
                           f"use search=grid (searchable: the 'loss' ablation)")
     for bound in ("low", "high"):
         try:
-            with_overrides(base, {k: getattr(d, bound) for k, d in ablation.space.items()})
+            base.with_overrides({k: getattr(d, bound) for k, d in ablation.space.items()})
         except ConfigError as err:
             raise ConfigError(f"ablation {ablation.name!r}, search space {bound} end: {err}") from err
     seed = settings.seeds[0]
-    trial = _trial(name, settings, BASE_ROW, seed, with_overrides(base, {"seed": seed}), None)
+    trial = _trial(name, settings, BASE_ROW, seed, base.with_overrides({"seed": seed}), None, pretrain)
     return {trial.trial_id: trial}
-
-
-def resolve_backbones(plan: SweepPlan, log=print) -> SweepPlan:
-    """Demo only: the plan with the micro ViT of the base config, and of every row that changes the backbone,
-    pretrained (or fetched from the cache) on the driver before any trial starts, and each trial's weights file set
-    (its stage keys follow)."""
-    if plan.pretrain is None:
-        return plan
-    base = resolve_backbone(plan.base, plan.pretrain, log=log)
-    trials = {}
-    for ident, trial in plan.trials.items():
-        backbone = trial.config.backbone
-        if any(k.startswith("backbone.") for k in plan.points.get(trial.row, {})):
-            own = dataclasses.replace(trial.config, backbone=dataclasses.replace(backbone, weights_file=None))
-            config = resolve_backbone(own, plan.pretrain, log=log)
-        else:
-            weights = base.backbone.weights_file
-            config = dataclasses.replace(trial.config, backbone=dataclasses.replace(backbone, weights_file=weights))
-        trials[ident] = _trial(plan.name, plan.settings, trial.row, trial.seed, config,
-                               plan.points.get(trial.row, {}).get(RUN_UNTIL))
-    return dataclasses.replace(plan, base=base, trials=trials)
 
 
 def _absolute_paths(cfg: LPTConfig) -> LPTConfig:
@@ -180,11 +186,12 @@ def _absolute_paths(cfg: LPTConfig) -> LPTConfig:
 
 
 def build_plan(cfg: DictConfig | dict) -> SweepPlan:
-    """Validated plan; the demo backbones are resolved later (resolve_backbones), after the cheap checks."""
+    """Every trial typed and validated, its stage keys final; the demo backbones are pretrained later
+    (`SweepPlan.ensure_backbones`), after the cheap checks."""
     spec = split(cfg)
-    settings = check_sweep_settings(spec.settings)
+    settings = _check_sweep_settings(spec.settings)
     ablation = get_ablation(settings.ablation.name)
-    base = _absolute_paths(build_lpt(spec.lpt))  # the base config alone must be valid
+    base = _absolute_paths(spec.lpt)  # the base config alone must be valid
     name = settings.sweep.name or f"{ablation.name}-{spec.name}"
     # one MLflow experiment per dataset experiment (demo, places_lt, ...) unless tracking.experiment names one
     tracking = dataclasses.replace(settings.tracking, experiment=settings.tracking.experiment or spec.name)
@@ -192,6 +199,6 @@ def build_plan(cfg: DictConfig | dict) -> SweepPlan:
     if settings.search.name == "optuna" and settings.ablation.values is not None:
         raise ConfigError("ablation.values selects grid rows; it has no meaning with search=optuna")
     points = _select_points(ablation, spec.name, settings.ablation.values)
-    trials = (_optuna_trials(name, ablation, settings, base) if settings.search.name == "optuna"
-              else _grid_trials(name, ablation, settings, base, points))
+    trials = (_optuna_trials(name, ablation, settings, base, spec.pretrain) if settings.search.name == "optuna"
+              else _grid_trials(name, ablation, settings, base, points, spec.pretrain))
     return SweepPlan(name, spec.name, ablation, settings, base, points, spec.pretrain, trials)

@@ -4,8 +4,6 @@
   runs. The driver builds every grid trial; an Optuna trial builds its own from the values it was given.
 - `SweepContext`: what every trial of a sweep shares, the table of trials included. Tune hands it to each trial
   (tune.with_parameters); a trial's own Tune config holds only its row and seed, or the values Optuna sampled.
-- `PlanRecord`: plan.json, what a sweep computes (its fingerprint and, key by key, its content) and what its
-  report needs; written by the driver, read back by a resume and by the report.
 """
 from __future__ import annotations
 
@@ -15,25 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from experiments.settings import DebugSettings, TrackingSettings, apply_overrides
+from experiments.schema import DebugSettings, TrackingSettings
 from lpt_core.config import ConfigError, LPTConfig, from_dict, to_dict
 from lpt_core.files import atomic_write_bytes
-from orchestration.stages import StageSpec, stage_chain
+from lpt_core.stages import StageSpec, stage_chain
 
 BASE_ROW = "base"  # the row of an Optuna search's upstream trial: the base configuration, nothing sampled
-PLAN_FILE = "plan.json"
-STATE_FILE = "state.json"
-
-
-def read_state(folder: Path) -> dict[str, Any]:
-    """state.json of a sweep folder (status, failed and stopped trials); {} before the driver has written one."""
-    path = folder / STATE_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def with_overrides(cfg: LPTConfig, overrides: dict[str, Any]) -> LPTConfig:
-    """A validated copy of `cfg` with dotted keys set (an ablation row, Optuna's sampled values, the seed)."""
-    return from_dict(apply_overrides(to_dict(cfg), overrides))
 
 
 def trial_id(row: str, seed: int) -> str:
@@ -46,7 +31,7 @@ class TrialSpec:
     trial_id: str
     row: str  # the ablation row's label; an Optuna trial's sampled values; BASE_ROW
     seed: int
-    config: LPTConfig  # what run_phase receives, unchanged, for every stage of the chain
+    config: LPTConfig  # what run_stage receives, unchanged, for every stage of the chain
     chain: tuple[StageSpec, ...]  # the stages it runs, upstream first
 
     @classmethod
@@ -95,52 +80,5 @@ class SweepContext:
         if "row" in values:
             return self.trials[trial_id(values["row"], values["seed"])]
         row, sampled = self._sampled(values)
-        config = with_overrides(self.base, {**sampled, "seed": values["seed"]})
+        config = self.base.with_overrides({**sampled, "seed": values["seed"]})
         return TrialSpec.build(row, values["seed"], config, None, None if self.cache else self.sweep)
-
-
-@dataclass(frozen=True)
-class PlanRecord:
-    fingerprint: str
-    name: str
-    ablation: str
-    experiment: str
-    axis: str
-    rows: list[str]
-    seeds: list[int]
-    search: str  # grid | optuna
-    metric: str
-    stage_root: str
-    content: dict[str, Any] | None = None  # None: written by a version that kept only the fingerprint
-    mode: str = "max"  # search.mode: whether a larger metric is better
-    tracking_experiment: str = "lpt"  # the MLflow experiment (the default where an earlier version wrote none)
-    tracking_uri: str | None = None  # the store its runs are in, credentials redacted; None: an earlier version
-
-    def tracking_changes(self, other: PlanRecord) -> list[str]:
-        """`key=saved -> given` for each tracking setting in which `other` differs (none for a plan.json of an
-        earlier version, which did not record where it tracked)."""
-        if self.tracking_uri is None:
-            return []
-        pairs = [("tracking.uri", self.tracking_uri, other.tracking_uri),
-                 ("tracking.experiment", self.tracking_experiment, other.tracking_experiment)]
-        return [f"{key}={saved!r} -> {given!r}" for key, saved, given in pairs if saved != given]
-
-    def write(self, folder: Path) -> None:
-        payload = json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True, default=str)
-        atomic_write_bytes(folder / PLAN_FILE, payload.encode())
-
-    @classmethod
-    def read(cls, folder: Path) -> PlanRecord:
-        """The record of an existing sweep; a damaged or foreign plan.json is refused, never overwritten."""
-        path = folder / PLAN_FILE
-        try:
-            values = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ConfigError(f"{path}: unreadable ({err}); it was left unchanged. Use another sweep.name") from err
-        fields = dataclasses.fields(cls)
-        required = [f.name for f in fields if f.default is dataclasses.MISSING]
-        missing = [name for name in required if not isinstance(values, dict) or name not in values]
-        if missing:
-            raise ConfigError(f"{path}: not a sweep plan (missing {missing}); it was left unchanged. "
-                              f"Use another sweep.name")
-        return cls(**{f.name: values[f.name] for f in fields if f.name in values})
