@@ -12,24 +12,19 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's concise CLIReporter table, not the verbose new engine
-# Tune snapshots the experiment every num_to_keep checkpoints of a trial, and warns when two snapshots fall within
-# 5 s: on the demo's seconds-long epochs that is every other epoch, a cheap local copy, and three lines of noise
-# under the progress table each time. Its warning about a slow (> 30 s) snapshot stays on.
-os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
-import optuna  # noqa: E402
-from ray import tune  # noqa: E402
-from ray.tune import CLIReporter, ExperimentAnalysis  # noqa: E402
-from ray.tune.experiment import Trial  # noqa: E402
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
-from ray.tune.search import ConcurrencyLimiter  # noqa: E402
-from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+import optuna
+from ray import tune
+from ray.tune import CLIReporter, ExperimentAnalysis
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
 
-from lpt_core.config import STAGES  # noqa: E402
-from orchestration.plan.sweep_plan import SweepPlan  # noqa: E402
-from orchestration.plan.trial_specs import SweepContext, tune_values# noqa: E402
-from orchestration.execute.trainable import lpt_trainable  # noqa: E402
+from lpt_core.config import STAGES
+from orchestration.plan.sweep_plan import SweepPlan
+from orchestration.plan.trial_specs import SweepContext, tune_values
+from orchestration.execute.trainable import lpt_trainable
 
 TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
              "iterations_since_restore", "done", "epoch", "loss", "lr", "epoch_time_s", "train_images_per_s",
@@ -149,6 +144,16 @@ class TunerResult:
     stopped: list[TrialOutcome]  # the trials ASHA stopped early: finished, not in the report's table
 
 
+def _quiet_tune_output() -> None:
+    """Tune's concise progress table instead of its verbose new output engine; and no warning when two experiment
+    snapshots fall within 5 s (Tune snapshots every num_to_keep checkpoints of a trial: on the demo's seconds-long
+    epochs that is every other epoch, a cheap local copy, and three lines of noise under the progress table each
+    time). Its warning about a slow (> 30 s) snapshot stays on. Both are read when a Tune run starts; a user's own
+    setting wins."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
 def run_tuner(plan: SweepPlan, context: SweepContext, storage: str, name: str,
               rows: list[tuple[str, int]], log=print) -> TunerResult:
     """Runs (or restores) one Tune run.
@@ -158,6 +163,7 @@ def run_tuner(plan: SweepPlan, context: SweepContext, storage: str, name: str,
     TERMINATED, so its restore leaves it alone) runs again in a new Tune run `<name>-rerun<k>` on its own config:
     it continues from its newest checkpoint in the stage store and its MLflow run, like any resumed trial.
     """
+    _quiet_tune_output()
     optuna_search = plan.optuna and name == "trials"
     early_stopping = plan.settings.scheduler == "asha" and name == "trials"
     if name == "upstream":

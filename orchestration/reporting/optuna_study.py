@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 import numpy as np
 import optuna
 
@@ -59,7 +59,8 @@ def plot(path: Path, tables: Tables, scores: dict[str, float]) -> None:
     space, metric = tables.ablation.space, tables.plan.metric
     rows = [ln for ln in tables.lines if ln.role != "upstream" and set(space) <= set(ln.runs[0].config)]
     panels = len(space) + (1 if scores else 0)
-    fig, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.8), squeeze=False)
+    fig = Figure(figsize=(3.6 * panels, 3.8))
+    axes = fig.subplots(1, panels, squeeze=False)
     points, bars = error_bars(rows, metric)
     for axis, key in zip(axes[0], space):
         xs = np.array([ln.runs[0].config[key] for ln in rows])
@@ -77,7 +78,6 @@ def plot(path: Path, tables: Tables, scores: dict[str, float]) -> None:
                  f"(red star = best trial)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def section(tables: Tables, out: Path) -> tuple[list[str], list[Path]]:

@@ -6,20 +6,15 @@ is a dashed line with its interval as a band; keys and legends sit outside the a
 """
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
+import numpy as np
+from matplotlib.patches import Patch
+import pyarrow.parquet as pq
 
-matplotlib.use("Agg")
-logging.getLogger("matplotlib").setLevel(logging.WARNING)  # Hydra sets INFO; matplotlib's INFO is noise
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-
-from orchestration.reporting.statistics import KEY_NAMES, MAX_OPTUNA_ROWS, Line, Tables  # noqa: E402
+from orchestration.reporting.statistics import KEY_NAMES, MAX_OPTUNA_ROWS, Line, Tables
 
 MAX_HEATMAPS = 6
 REFERENCE, ROW, PHASE1 = "tab:red", "tab:blue", "0.35"
@@ -106,7 +101,8 @@ def _mark_reference_ticks(axis, rows: list[Line]) -> None:
 def plot_axis(path: Path, tables: Tables) -> None:
     optuna = tables.plan.search == "optuna"
     rows = [ln for ln in tables.lines if ln.role != "upstream"][:MAX_OPTUNA_ROWS if optuna else None]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(max(11, 1.3 * len(rows) + 6), 4.6))
+    fig = Figure(figsize=(max(11, 1.3 * len(rows) + 6), 4.6))
+    left, right = fig.subplots(1, 2)
     _overall_panel(left, tables, rows, optuna)
     _shot_panel(right, tables, rows, optuna)
     for axis in (left, right):
@@ -114,7 +110,6 @@ def plot_axis(path: Path, tables: Tables) -> None:
     fig.suptitle(f"{tables.plan.name}: {tables.plan.ablation} on {tables.plan.experiment}")
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 def plot_compare(path: Path, tables: Tables) -> bool:
@@ -123,8 +118,8 @@ def plot_compare(path: Path, tables: Tables) -> bool:
     compared = [ln for ln in tables.lines + tables.steps if ln.delta]
     if not keys:
         return False
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys) + 1.5, 0.45 * len(compared) + 1.8),
-                             sharey=True, squeeze=False)
+    fig = Figure(figsize=(3.6 * len(keys) + 1.5, 0.45 * len(compared) + 1.8))
+    axes = fig.subplots(1, len(keys), sharey=True, squeeze=False)
     ys = np.arange(len(compared))[::-1]
     for axis, key in zip(axes[0], keys):
         for y, line in zip(ys, compared):
@@ -143,7 +138,6 @@ def plot_compare(path: Path, tables: Tables) -> bool:
                  f"filled = significant after Holm", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return True
 
 
@@ -175,7 +169,8 @@ def plot_matches(path: Path, tables: Tables) -> bool:
             break
     if not panels:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels) + 1.6, 5), squeeze=False)
+    fig = Figure(figsize=(3.4 * len(panels) + 1.6, 5))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for axis, (line, (share, counts, shots)) in zip(axes[0], panels):
         image = axis.imshow(share, aspect="auto", cmap="magma_r", vmin=0, vmax=1, interpolation="nearest")
         for boundary in [i for i in range(1, len(shots)) if shots[i] != shots[i - 1]]:
@@ -190,7 +185,6 @@ def plot_matches(path: Path, tables: Tables) -> bool:
                  label="share of the class's test images matching the prompt")
     fig.suptitle("prompt matching per class (first seed; Fig. 4)", fontsize=10)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return True
 
 
