@@ -32,8 +32,10 @@ def _unchanged(folder, files) -> bool:
 
 
 @pytest.mark.parametrize("extra, code, needle", [
-    (["ablation=group_sise"], 1, "ablation/group_sise"),  # Hydra's error lists the available ablations
-    (["ablation=group_size", "experiment=places_lp"], 1, "experiment/places_lp"),
+    (["ablation=group_sise"], 2, "error: ablation='group_sise': no such ablation; did you mean 'group_size'?"),
+    (["ablation=nonexistent"], 2, "error: ablation='nonexistent': no such ablation; valid options: group_size, "),
+    (["ablation=group_size", "experiment=places_lp"], 2,
+     "error: experiment='places_lp': no such experiment; did you mean 'places_lt'?"),
     (["ablation=group_size", "experiment=places_lt"], 2, "data.root"),
     (["ablation=group_size", "prompt.top_k=50"], 2, "prompt.top_k=50"),
     (["ablation=group_size", "'ablation.values=[7]'"], 2, "['7'] are not rows"),
@@ -64,12 +66,12 @@ def test_bad_input_is_refused_before_anything_runs(sweep_overrides, tmp_path, ex
                            "did you mean 'prompt.pool_size'?"),
 ])
 def test_both_command_lines_refuse_an_unknown_key_alike_before_any_work(tmp_path, override, message):
-    """run.py and sweep.py get the same command line; both stop at the same check, before Hydra, Ray or data."""
-    args = ["ablation=group_size", "phase=1", f"workdir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
+    """single_run.py and sweep.py get the same command line; both stop at the same check, before Hydra, Ray or data."""
+    args = ["ablation=group_size", "stage=phase1", f"workdir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
             f"sweep.root={tmp_path / 'sweeps'}", f"stages.root={tmp_path / 'stages'}", override]
     results = {script: subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, capture_output=True,
                                       text=True, timeout=300)
-               for script in ("experiments/run.py", "orchestration/sweep.py")}
+               for script in ("experiments/single_run.py", "orchestration/sweep.py")}
     for script, result in results.items():
         assert result.returncode == 2, (script, result.stdout[-2000:], result.stderr[-2000:])
         assert [line for line in result.stderr.splitlines() if "error" in line.lower()] == [f"error: {message}"]
