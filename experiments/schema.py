@@ -129,7 +129,8 @@ class SweepSettings:
     min_free_disk_gb: float = 1.0  # refuse to start a sweep when the storage has less free space
     debug: DebugSettings = field(default_factory=DebugSettings)
     # experiments/single_run.py's keys, ignored by the sweep
-    stage: Literal["phase1", "phase2"] = "phase1"  # phase2 needs init_from=<phase-1 checkpoint>; training=joint runs joint
+    # phase2 needs init_from=<phase-1 checkpoint>; training=joint runs the joint stage whatever this says
+    stage: Literal["phase1", "phase2"] = "phase1"
     init_from: str | None = None
     evaluate: str | None = None  # the authors' released checkpoint: evaluate it instead of training
     workdir: str | None = None  # default outputs/runs/<experiment>-<stage>-<time>

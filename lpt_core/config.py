@@ -229,7 +229,8 @@ def _replaced(node: Any, parts: list[str], value: Any, dotted: str, depth: int =
                           f"value, not keys")
     names = [f.name for f in dataclasses.fields(node)]
     if part not in names:
-        hint = did_you_mean(part, names, prefix=f"{path}." if path else "", what=f"keys under {path}" if path else "keys")
+        hint = did_you_mean(part, names, prefix=f"{path}." if path else "",
+                            what=f"keys under {path}" if path else "keys")
         raise ConfigError(f"override '{dotted}': no config key '{'.'.join(parts[:depth + 1])}'; {hint}")
     if last:
         new = _coerce(value, typing.get_type_hints(type(node))[part], dotted)

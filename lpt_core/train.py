@@ -20,7 +20,8 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
 
-from lpt_core.metrics import accuracy_report, match_histogram, match_stats, match_table, per_class_table, prediction_table
+from lpt_core.metrics import (accuracy_report, match_histogram, match_stats, match_table, per_class_table,
+                              prediction_table)
 from lpt_core.backbone import create_backbone, normalization, weights_digest
 from lpt_core.checkpoint import META_FILE, BackboneIdentity, CheckpointError, load_checkpoint, save_checkpoint, stage_of
 from lpt_core.config import STAGES, LPTConfig, StageConfig, from_dict
@@ -246,7 +247,8 @@ def run_stage(cfg: LPTConfig, stage: str, workdir: str | Path, hooks: StageHooks
                 metrics.update(eval_metrics)
             history.append(metrics)
             ckpt_dir = save_checkpoint(workdir / "checkpoints" / f"epoch_{epoch:04d}",
-                                       _checkpoint_state(setup, stage, progress, epoch, history), {**meta, "epoch": epoch})
+                                       _checkpoint_state(setup, stage, progress, epoch, history),
+                                       {**meta, "epoch": epoch})
             _prune_checkpoints(workdir / "checkpoints", keep=keep_checkpoints)
             hooks.log(_progress_line(stage, epoch, pcfg.epochs, metrics))
             hooks.on_epoch_end(epoch, metrics, ckpt_dir)

@@ -21,7 +21,9 @@ def build_transforms(img_size: int, resize_size: int, norm: Normalization, train
     crop_min_scale: RandomResizedCrop's lower area bound (0.08, torchvision's default, for natural images).
     """
     if train:
-        geometry = [transforms.RandomResizedCrop(img_size, scale=(crop_min_scale, 1.0)), transforms.RandomHorizontalFlip()]
+        geometry = [transforms.RandomResizedCrop(img_size, scale=(crop_min_scale, 1.0)),
+                    transforms.RandomHorizontalFlip()]
     else:
         geometry = [transforms.Resize((resize_size, resize_size)), transforms.CenterCrop(img_size)]
-    return transforms.Compose([transforms.Lambda(to_rgb), *geometry, transforms.ToTensor(), transforms.Normalize(norm.mean, norm.std)])
+    return transforms.Compose([transforms.Lambda(to_rgb), *geometry, transforms.ToTensor(),
+                               transforms.Normalize(norm.mean, norm.std)])

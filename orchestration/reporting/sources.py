@@ -111,7 +111,8 @@ def upstream_runs(runs: list[Run], sources: Sources) -> dict[str, Run]:
             continue
         held = lpt_metrics(mlflow_run.data.metrics) if mlflow_run is not None else {}
         metrics = {**result.get("metrics", {}), **held}
-        found[run.upstream] = Run("phase 1", run.seed, result.get("stage", result.get("phase", "phase1")), run.upstream, run_id, metrics,
+        stage = result.get("stage", result.get("phase", "phase1"))  # "phase": result.json of earlier versions
+        found[run.upstream] = Run("phase 1", run.seed, stage, run.upstream, run_id, metrics,
                                   in_tracking=mlflow_run is not None)
     return found
 

@@ -11,7 +11,8 @@ import pyarrow as pa
 import torch
 
 from experiments.ablations import Ablation
-from lpt_core.uncertainty import Interval, REPLICATES, bootstrap_accuracies, bootstrap_p_value, holm, percentile_interval
+from lpt_core.uncertainty import (REPLICATES, Interval, bootstrap_accuracies, bootstrap_p_value, holm,
+                                  percentile_interval)
 from lpt_core.metrics import image_groups
 from orchestration.reporting.sources import Run
 from orchestration.plan.record import PlanRecord

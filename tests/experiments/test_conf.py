@@ -128,7 +128,8 @@ def test_an_unknown_choice_is_refused_listing_the_options() -> None:
 
 def test_sweep_settings_default_to_their_dataclass() -> None:
     assert split(compose_config([])).settings == SweepSettings()
-    assert split(compose_config(["ablation=group_size"])).settings == SweepSettings(ablation=AblationChoice("group_size"))
+    expected = SweepSettings(ablation=AblationChoice("group_size"))
+    assert split(compose_config(["ablation=group_size"])).settings == expected
     optuna = split(compose_config(["ablation=loss", "search=optuna", "search.num_samples=4"])).settings.search
     assert optuna == SearchSettings(name="optuna", num_samples=4)
     assert split(compose_config(["cluster=ray"])).settings.cluster == ClusterSettings(name="ray", address="auto")

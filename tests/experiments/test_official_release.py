@@ -1,5 +1,6 @@
-"""The paper's experiments build the authors' function (LayerNorm eps 1e-5), and `experiments/single_run.py evaluate=<file>`
-evaluates a checkpoint in the authors' release layout on a miniature Places-LT folder written in the real layout.
+"""The paper's experiments build the authors' function (LayerNorm eps 1e-5), and
+`experiments/single_run.py evaluate=<file>` evaluates a checkpoint in the authors' release layout on a miniature
+Places-LT folder written in the real layout.
 
 The expected numbers come from the literal re-implementation of the authors' computation in
 tests/lpt_core/test_official.py, run on the same preprocessed images.

@@ -67,7 +67,8 @@ def test_bad_input_is_refused_before_anything_runs(sweep_overrides, tmp_path, ex
 ])
 def test_both_command_lines_refuse_an_unknown_key_alike_before_any_work(tmp_path, override, message):
     """single_run.py and sweep.py get the same command line; both stop at the same check, before Hydra, Ray or data."""
-    args = ["ablation=group_size", "stage=phase1", f"workdir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
+    args = ["ablation=group_size", "stage=phase1", f"workdir={tmp_path / 'run'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
             f"sweep.root={tmp_path / 'sweeps'}", f"stages.root={tmp_path / 'stages'}", override]
     results = {script: subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, capture_output=True,
                                       text=True, timeout=300)
