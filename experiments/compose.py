@@ -24,7 +24,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from experiments.ablations import ABLATIONS
 from experiments.schema import GROUP_OPTIONS, AblationChoice, DemoPretrainConfig, SweepSettings
-from lpt_core.config import OPEN_MAPPINGS, ConfigError, LPTConfig, build_dataclass, from_dict, to_dict
+from lpt_core.config import OPEN_MAPPINGS, ConfigError, LPTConfig, build_dataclass, from_dict, no_such_key, to_dict
 from lpt_core.suggest import did_you_mean
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -145,17 +145,11 @@ def _key_tree() -> dict[str, Any]:
 def _check_key(tree: dict[str, Any], dotted: str) -> None:
     """A key that does not exist is an error naming it and the closest key at the level where it went wrong."""
     node, parts = tree, dotted.split(".")
-    for i, part in enumerate(parts):
-        if ".".join(parts[:i]) in OPEN_MAPPINGS:
+    for depth, part in enumerate(parts):
+        if ".".join(parts[:depth]) in OPEN_MAPPINGS:
             return
-        path = ".".join(parts[:i])
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{dotted}': no config key '{'.'.join(parts[:i + 1])}'; "
-                              f"'{path}' holds a value, not keys")
-        if part not in node:
-            hint = did_you_mean(part, node, prefix=f"{path}." if path else "",
-                                what=f"keys under {path}" if path else "keys")
-            raise ConfigError(f"override '{dotted}': no config key '{'.'.join(parts[:i + 1])}'; {hint}")
+        if not isinstance(node, dict) or part not in node:
+            raise no_such_key(dotted, depth, list(node) if isinstance(node, dict) else None)
         node = node[part]
 
 

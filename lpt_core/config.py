@@ -215,23 +215,30 @@ def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def no_such_key(dotted: str, depth: int, valid: list[str] | None) -> ConfigError:
+    """The error of an override whose key does not exist below its first `depth` parts: the closest valid key at
+    that level, or (valid None) that the level holds a value, not keys. Both the command line's key check and
+    `with_overrides` raise it, so a typo reads the same wherever it is caught."""
+    parts = dotted.split(".")
+    path, wrong = ".".join(parts[:depth]), ".".join(parts[:depth + 1])
+    if valid is None:
+        return ConfigError(f"override '{dotted}': no config key '{wrong}'; '{path}' holds a value, not keys")
+    hint = did_you_mean(parts[depth], valid, prefix=f"{path}." if path else "",
+                        what=f"keys under {path}" if path else "keys")
+    return ConfigError(f"override '{dotted}': no config key '{wrong}'; {hint}")
+
+
 def _replaced(node: Any, parts: list[str], value: Any, dotted: str, depth: int = 0) -> Any:
     """`node` (a config dataclass, or an open mapping) with the key parts[depth:] set to `value`, typed."""
-    path, part = ".".join(parts[:depth]), parts[depth]
-    last = depth == len(parts) - 1
-    if isinstance(node, dict) and path in OPEN_MAPPINGS:
+    part, last = parts[depth], depth == len(parts) - 1
+    if isinstance(node, dict) and (part in node or ".".join(parts[:depth]) in OPEN_MAPPINGS):
         return {**node, part: copy.deepcopy(value) if last else _replaced(node.get(part, {}), parts, value, dotted,
                                                                           depth + 1)}
-    if isinstance(node, dict) and part in node:  # inside an open mapping
-        return {**node, part: copy.deepcopy(value) if last else _replaced(node[part], parts, value, dotted, depth + 1)}
     if not dataclasses.is_dataclass(node):
-        raise ConfigError(f"override '{dotted}': no config key '{'.'.join(parts[:depth + 1])}'; '{path}' holds a "
-                          f"value, not keys")
+        raise no_such_key(dotted, depth, None)
     names = [f.name for f in dataclasses.fields(node)]
     if part not in names:
-        hint = did_you_mean(part, names, prefix=f"{path}." if path else "",
-                            what=f"keys under {path}" if path else "keys")
-        raise ConfigError(f"override '{dotted}': no config key '{'.'.join(parts[:depth + 1])}'; {hint}")
+        raise no_such_key(dotted, depth, names)
     if last:
         new = _coerce(value, typing.get_type_hints(type(node))[part], dotted)
     else:
