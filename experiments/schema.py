@@ -126,6 +126,11 @@ class SweepSettings:
     max_concurrent_trials: int = 0  # 0 = as many as the cluster's resources allow
     scheduler: Literal["fifo", "asha"] = "fifo"  # asha early-stops weak phase-2 trials on the ablation's metric
     max_failures: int = 2  # automatic retries of a crashed trial (from its last checkpoint)
+    # phase-2 rows that share their phase 1, seed and data stream train fused in one trial, paying for the frozen
+    # backbone once per batch (lpt_core.fused). auto: when the cluster has fewer trial slots than rows (with a
+    # slot per row, separate trials finish sooner); off: one trial per row. Either way the same stage keys
+    fuse: Literal["auto", "off"] = "auto"
+    fuse_max_rows: int = 8  # rows in one fused trial at most (each row adds its own activations of blocks K+1..L)
     min_free_disk_gb: float = 1.0  # refuse to start a sweep when the storage has less free space
     debug: DebugSettings = field(default_factory=DebugSettings)
     # experiments/single_run.py's keys, ignored by the sweep

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from lpt_core.metrics import gamma_ratio, knn_predict
 from lpt_core.config import LPTConfig
 from lpt_core.data import DatasetBundle
-from lpt_core.model import LPTModel
+from lpt_core.model import LPTModel, shared_phase2_pass
 from lpt_core.runtime import autocast
 
 
@@ -59,3 +60,24 @@ def image_paths(dataset: Dataset) -> list[str] | None:
     if paths is None:
         return None
     return [str(p) for p in (paths.to_pylist() if hasattr(paths, "to_pylist") else paths)]
+
+
+@torch.no_grad()
+def evaluate_rows(models: Sequence[LPTModel], dataset: Dataset, device: torch.device,
+                  cfg: LPTConfig) -> list[EvalOutput]:
+    """`evaluate` of fused phase-2 rows over one pass of the dataset (their shared part computed once a batch)."""
+    for model in models:
+        model.eval()
+    loader = DataLoader(dataset, batch_size=cfg.data.eval_batch_size, shuffle=False,
+                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    parts: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in models]
+    labels = []
+    for images, y in loader:
+        with autocast(device, cfg.precision):
+            rows = shared_phase2_pass(models, images.to(device, non_blocking=True))
+            logits = [model.classify(row.feature) for model, row in zip(models, rows)]
+        labels.append(y)
+        for found, row, row_logits in zip(parts, rows, logits):
+            found.append((row_logits.argmax(dim=-1).cpu(), row.query.float().cpu(), row.topk_idx.cpu()))
+    return [EvalOutput(torch.cat([p[0] for p in found]), torch.cat(labels).long(), torch.cat([p[1] for p in found]),
+                       torch.cat([p[2] for p in found])) for found in parts]

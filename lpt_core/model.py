@@ -7,6 +7,7 @@ second pass see exactly what the query pass saw, so their output (block_k_tokens
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,19 @@ class LPTOutput:
     query: Tensor  # [B, D] the matching query (phase 2) or the phase-1 feature, detached
     topk_idx: Tensor | None = None  # [B, k]
     topk_sim: Tensor | None = None  # [B, k], differentiable w.r.t. the keys only
+
+
+@dataclass
+class RowFeatures:
+    """One fused row's phase-2 forward up to its classifier (which runs per row, after its own RNG state is set)."""
+
+    feature: Tensor  # [B, D] final CLS
+    query: Tensor  # [B, D] detached
+    topk_idx: Tensor  # [B, k]
+    topk_sim: Tensor  # [B, k]
+
+    def output(self, logits: Tensor) -> LPTOutput:
+        return LPTOutput(logits=logits, query=self.query, topk_idx=self.topk_idx, topk_sim=self.topk_sim)
 
 
 class LPTModel(nn.Module):
@@ -162,3 +176,46 @@ class LPTModel(nn.Module):
         """The tensors a checkpoint of `stage` holds (STAGE_PARTS), by state-dict name."""
         return {f"{part}.{name}": t for part, module in self._parts(STAGE_PARTS[stage]).items()
                 for name, t in module.state_dict().items()}
+
+
+def shared_phase2_pass(models: Sequence[LPTModel], images: Tensor) -> list[RowFeatures]:
+    """Phase 2 of several rows over one batch, paying once for what none of them trains.
+
+    The rows share one frozen backbone and one frozen shared prompt u (the phase 1 they all start from), so the
+    embedding, blocks 1..K and the phase-1 query pass are the same for every row: they run once, with the tokens
+    kept after each row's block K (the query pass runs through all of them anyway), and the pretrained query once
+    if a row matches with it. Each row then matches with its own keys and selects its own group prompts; blocks
+    K+1..L run once for all rows whose prompts have the same shape, stacked along the batch (one large batch for a
+    GPU), and once per remaining shape. Every op is the one `forward_grouped` runs for that row alone; only the
+    batch a matrix product sees is larger.
+    """
+    lead = models[0]
+    depth = len(lead.backbone.blocks)
+    cuts = sorted({m.block_k for m in models})
+    tokens: dict[int, Tensor] = {}
+    queries: dict[str, Tensor] = {}
+    with torch.no_grad():
+        x, start = lead.embed(images), 0
+        for cut in cuts:
+            x = tokens[cut] = lead.run_blocks(x, start, cut)
+            start = cut
+        if any(m.cfg.query == "phase1" for m in models):
+            queries["phase1"] = lead.cls_feature(lead.run_blocks(x, start, depth))
+    if any(m.cfg.query == "pretrained" for m in models):
+        queries["pretrained"] = lead.pretrained_query(images)
+    matched = []
+    for m in models:
+        topk_idx, topk_sim = m.group_pool.match(queries[m.cfg.query], m.cfg.top_k)
+        matched.append((topk_idx, topk_sim, m.group_pool.select(topk_idx, m.cfg.ensemble)))
+    stacks: dict[tuple[int, int], list[int]] = {}  # (K, prompt tokens per block) -> rows
+    for i, (m, (_, _, group)) in enumerate(zip(models, matched)):
+        stacks.setdefault((m.block_k, group.shape[2]), []).append(i)
+    features: dict[int, Tensor] = {}
+    for (cut, _), rows in stacks.items():
+        x = tokens[cut].repeat(len(rows), 1, 1) if len(rows) > 1 else tokens[cut]
+        group = torch.cat([matched[i][2] for i in rows]) if len(rows) > 1 else matched[rows[0]][2]
+        runner = models[rows[0]]  # its K indexes the group prompts; u and the backbone are every row's
+        out = runner.cls_feature(runner.run_blocks(x, cut, depth, group))
+        features.update(zip(rows, out.split(len(images))))
+    return [RowFeatures(features[i], queries[m.cfg.query], matched[i][0], matched[i][1])
+            for i, m in enumerate(models)]

@@ -109,3 +109,22 @@ def stage_chain(cfg: LPTConfig, run_until: str | None = None, salt: str = "") ->
     if run_until == "phase1":
         return (phase1,)
     return phase1, StageSpec("phase2", stage_key("phase2", cfg, phase1.key, salt), phase1.key)
+
+
+# What phase-2 rows must share to train fused (lpt_core.fused): the phase 1 they start from (its key holds the
+# backbone, the data and its transforms, eval, seed, precision and the shared prompt's settings), and every field
+# that decides the batches they draw and the random draws between two batches: the epochs and steps, the batch size
+# and the sampling branches, the class-balanced sampler's images per class, and the loss's name (A-GCL draws
+# noise, CE does not, so the augmentation of the next batch would differ). Where they run is shared by being one
+# process. Everything else of phase2 and prompt (the pool, top-k, K, ensemble, query function, the optimizer, LR
+# and schedule, the loss's knobs) is each row's own.
+FUSION_FIELDS = ("phase2.epochs", "phase2.steps_per_epoch", "phase2.batch_size", "phase2.sampling",
+                 "phase2.images_per_class", "phase2.loss.name", *PLACEMENT_FIELDS)
+
+
+def fusion_key(cfg: LPTConfig, salt: str = "") -> str:
+    """Equal for phase-2 rows that may train fused: same upstream phase 1 and same FUSION_FIELDS."""
+    values = to_dict(cfg)
+    content = {"upstream": stage_key("phase1", cfg, None, salt),
+               "fields": {name: _get(values, name) for name in FUSION_FIELDS}}
+    return content_key(content, KEY_LENGTH)

@@ -66,7 +66,7 @@ class StageResult:
 
 
 @dataclass
-class _Progress:
+class Progress:
     """What a checkpoint saves besides the trained tensors, so that a resumed epoch draws what it would have."""
 
     optimizer: torch.optim.Optimizer
@@ -74,14 +74,14 @@ class _Progress:
 
 
 @dataclass
-class _Setup:
+class StageSetup:
     model: LPTModel
     bundle: DatasetBundle
     identity: BackboneIdentity
     device: torch.device
 
 
-def _setup(cfg: LPTConfig, stage: str, hooks: StageHooks) -> _Setup:
+def setup_stage(cfg: LPTConfig, stage: str, hooks: StageHooks) -> StageSetup:
     device = resolve_device(cfg.device)
     backbone = create_backbone(cfg.backbone)
     identity = BackboneIdentity(cfg.backbone.name, weights_digest(backbone), cfg.backbone.norm_eps)
@@ -89,7 +89,7 @@ def _setup(cfg: LPTConfig, stage: str, hooks: StageHooks) -> _Setup:
     model = LPTModel(backbone, bundle.num_classes, cfg.prompt).to(device)
     hooks.log(f"[{stage}] {bundle.name}: {len(bundle.train)} train / {len(bundle.test)} eval images, "
               f"{bundle.num_classes} classes, backbone {cfg.backbone.name} on {device}")
-    return _Setup(model, bundle, identity, device)
+    return StageSetup(model, bundle, identity, device)
 
 
 def _load_parts(model: LPTModel, stage: str, saved: dict[str, Any], source: str | Path, remedy: str) -> None:
@@ -105,7 +105,7 @@ def _load_parts(model: LPTModel, stage: str, saved: dict[str, Any], source: str 
     model.load_state_dict({k: saved[k] for k in expected}, strict=False)
 
 
-def _init_from(setup: _Setup, checkpoint: str | Path, hooks: StageHooks) -> None:
+def init_from_phase1(setup: StageSetup, checkpoint: str | Path, hooks: StageHooks) -> None:
     """Phase 2 starts from phase 1's shared prompt and classifier (the pool keeps its fresh init)."""
     state, meta = load_checkpoint(checkpoint, setup.identity, setup.bundle.num_classes)
     _load_parts(setup.model, "phase1", state["model"], checkpoint,
@@ -113,26 +113,26 @@ def _init_from(setup: _Setup, checkpoint: str | Path, hooks: StageHooks) -> None
     hooks.log(f"initialised from {stage_of(meta)} checkpoint {checkpoint} (epoch {meta.get('epoch')})")
 
 
-def _epoch_batches(samplers: dict[str, Any], branches: tuple[str, ...], steps: int, batch_size: int) -> list:
+def epoch_batches(samplers: dict[str, Any], branches: tuple[str, ...], steps: int, batch_size: int) -> list:
     return [samplers[b].next_batch(batch_size).tolist() for _ in range(steps) for b in branches]
 
 
-def _loader(bundle: DatasetBundle, batches: list, cfg: LPTConfig, device: torch.device) -> DataLoader:
+def train_loader(bundle: DatasetBundle, batches: list, cfg: LPTConfig, device: torch.device) -> DataLoader:
     return DataLoader(bundle.train, batch_sampler=batches, num_workers=cfg.data.num_workers,
                       pin_memory=device.type == "cuda", persistent_workers=False)
 
 
-def _train_epoch(cfg: LPTConfig, stage: str, pcfg: StageConfig, setup: _Setup, progress: _Progress,
+def _train_epoch(cfg: LPTConfig, stage: str, pcfg: StageConfig, setup: StageSetup, progress: Progress,
                  epoch: int) -> dict[str, float]:
     model, device = setup.model, setup.device
     loss = StepLoss.for_epoch(pcfg, setup.bundle.class_counts, epoch)
     branches = loss.branches
     steps = steps_per_epoch(len(setup.bundle.train), pcfg.batch_size, pcfg.steps_per_epoch)
-    batches = _epoch_batches(progress.samplers, branches, steps, pcfg.batch_size)
+    batches = epoch_batches(progress.samplers, branches, steps, pcfg.batch_size)
     model.train()
     loss_sum = torch.zeros((), device=device)
     start, total_steps = time.perf_counter(), pcfg.epochs * steps
-    loader = iter(_loader(setup.bundle, batches, cfg, device))
+    loader = iter(train_loader(setup.bundle, batches, cfg, device))
     forward = functools.partial(model, stage=stage)
     for step in range(steps):
         global_step = epoch * steps + step
@@ -151,15 +151,20 @@ def _train_epoch(cfg: LPTConfig, stage: str, pcfg: StageConfig, setup: _Setup, p
     return {"loss": mean_loss, "lr": lr, "epoch_time_s": elapsed, "train_images_per_s": images_seen / elapsed}
 
 
-def _evaluate_metrics(cfg: LPTConfig, stage: str, setup: _Setup) -> tuple[dict[str, float], EvalOutput]:
+def evaluate_metrics(cfg: LPTConfig, stage: str, setup: StageSetup) -> tuple[dict[str, float], EvalOutput]:
     out = evaluate(setup.model, setup.bundle.test, stage, setup.device, cfg)
-    metrics = accuracy_report(out.preds, out.labels, setup.bundle.class_counts)
+    return eval_metrics(cfg, setup.bundle, out), out
+
+
+def eval_metrics(cfg: LPTConfig, bundle: DatasetBundle, out: EvalOutput) -> dict[str, float]:
+    """Accuracies (overall, many/medium/few by both rules) and, where prompts are matched, matching statistics."""
+    metrics = accuracy_report(out.preds, out.labels, bundle.class_counts)
     if out.topk_idx is not None:
-        metrics.update(match_stats(out.labels, out.topk_idx, setup.bundle.num_classes, cfg.prompt.pool_size))
-    return metrics, out
+        metrics.update(match_stats(out.labels, out.topk_idx, bundle.num_classes, cfg.prompt.pool_size))
+    return metrics
 
 
-def _checkpoint_state(setup: _Setup, stage: str, progress: _Progress, epoch: int, history: list) -> dict[str, Any]:
+def checkpoint_state(setup: StageSetup, stage: str, progress: Progress, epoch: int, history: list) -> dict[str, Any]:
     return {
         "model": setup.model.stage_state(stage),
         "optimizer": progress.optimizer.state_dict(),
@@ -172,7 +177,7 @@ def _checkpoint_state(setup: _Setup, stage: str, progress: _Progress, epoch: int
     }
 
 
-def _restore(setup: _Setup, progress: _Progress, resume_from: str | Path, stage: str,
+def restore_progress(setup: StageSetup, progress: Progress, resume_from: str | Path, stage: str,
              hooks: StageHooks) -> tuple[int, list]:
     saved, meta = load_checkpoint(resume_from, setup.identity, setup.bundle.num_classes)
     if stage_of(meta) != stage:
@@ -224,16 +229,16 @@ def run_stage(cfg: LPTConfig, stage: str, workdir: str | Path, hooks: StageHooks
     workdir = Path(workdir)
     pcfg = cfg.stage_config(stage)
     seed_everything(cfg.seed, cfg.threads)
-    setup = _setup(cfg, stage, hooks)
+    setup = setup_stage(cfg, stage, hooks)
     torch.manual_seed(cfg.seed)  # training randomness must not depend on what building the model consumed
     if init_from is not None and resume_from is None:
-        _init_from(setup, init_from, hooks)
+        init_from_phase1(setup, init_from, hooks)
     params = setup.model.set_trainable(stage)
     labels = setup.bundle.train_labels
-    progress = _Progress(build_optimizer(params, pcfg),
+    progress = Progress(build_optimizer(params, pcfg),
                          {"cb": ClassAwareSampler(labels, pcfg.images_per_class, cfg.seed),
                           "ib": InstanceSampler(len(labels), cfg.seed + 1)})
-    start_epoch, history = (_restore(setup, progress, resume_from, stage, hooks) if resume_from else (0, []))
+    start_epoch, history = (restore_progress(setup, progress, resume_from, stage, hooks) if resume_from else (0, []))
     meta = {"stage": stage, "backbone": vars(setup.identity), "num_classes": setup.bundle.num_classes,
             "config": stage_inputs(cfg, stage), "init_from": str(init_from) if init_from else None}
     metrics, ckpt_dir, out = {}, None, None
@@ -243,31 +248,31 @@ def run_stage(cfg: LPTConfig, stage: str, workdir: str | Path, hooks: StageHooks
             metrics = {"epoch": epoch, **_train_epoch(cfg, stage, pcfg, setup, progress, epoch)}
             last = epoch == pcfg.epochs - 1
             if last or (epoch + 1) % cfg.eval.every_epochs == 0:
-                eval_metrics, out = _evaluate_metrics(cfg, stage, setup)
+                eval_metrics, out = evaluate_metrics(cfg, stage, setup)
                 metrics.update(eval_metrics)
             history.append(metrics)
             ckpt_dir = save_checkpoint(workdir / "checkpoints" / f"epoch_{epoch:04d}",
-                                       _checkpoint_state(setup, stage, progress, epoch, history),
+                                       checkpoint_state(setup, stage, progress, epoch, history),
                                        {**meta, "epoch": epoch})
-            _prune_checkpoints(workdir / "checkpoints", keep=keep_checkpoints)
-            hooks.log(_progress_line(stage, epoch, pcfg.epochs, metrics))
+            prune_checkpoints(workdir / "checkpoints", keep=keep_checkpoints)
+            hooks.log(progress_line(stage, epoch, pcfg.epochs, metrics))
             hooks.on_epoch_end(epoch, metrics, ckpt_dir)
     except Exception as err:
         if not is_out_of_memory(err):
             raise
         release_cached_memory(setup.device)
-        raise _out_of_memory(err, cfg, stage, epoch, setup.device) from err
+        raise out_of_memory_error(err, cfg, stage, epoch, setup.device) from err
     if out is None:  # resumed after the last epoch: evaluate what the checkpoint holds
         ckpt_dir = Path(resume_from)
-        eval_metrics, out = _evaluate_metrics(cfg, stage, setup)
+        eval_metrics, out = evaluate_metrics(cfg, stage, setup)
         metrics = {**(history[-1] if history else {}), **eval_metrics}
-    result = _finish(cfg, stage, setup, out, metrics, history, ckpt_dir)
+    result = finish_result(cfg, stage, setup, out, metrics, history, ckpt_dir)
     result.extras.update(resumed_after_epoch=start_epoch - 1 if resume_from else None,
                          trainable_params=sum(p.numel() for p in params), backbone=vars(setup.identity))
     return result
 
 
-def _out_of_memory(err: BaseException, cfg: LPTConfig, stage: str, epoch: int,
+def out_of_memory_error(err: BaseException, cfg: LPTConfig, stage: str, epoch: int,
                    device: torch.device) -> StageOutOfMemoryError:
     """The allocator's words plus the knobs that decide the memory a stage needs."""
     pcfg = cfg.stage_config(stage)
@@ -279,13 +284,13 @@ def _out_of_memory(err: BaseException, cfg: LPTConfig, stage: str, epoch: int,
         f"(resources.gpu in a sweep)")
 
 
-def _prune_checkpoints(folder: Path, keep: int) -> None:
+def prune_checkpoints(folder: Path, keep: int) -> None:
     """Keeps the newest `keep` epoch folders: the latest plus a fallback in case the latest is damaged."""
     for old in sorted(folder.glob("epoch_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _finish(cfg: LPTConfig, stage: str, setup: _Setup, out: EvalOutput, metrics: dict, history: list,
+def finish_result(cfg: LPTConfig, stage: str, setup: StageSetup, out: EvalOutput, metrics: dict, history: list,
             ckpt_dir: Path) -> StageResult:
     final, knn_preds = dict(metrics), None
     if cfg.eval.feature_stats and setup.bundle.train_eval is not None:
@@ -301,7 +306,7 @@ def _finish(cfg: LPTConfig, stage: str, setup: _Setup, out: EvalOutput, metrics:
     return StageResult(stage, final, history, per_class, match, ckpt_dir, predictions=predictions)
 
 
-def _progress_line(stage: str, epoch: int, epochs: int, m: dict[str, float]) -> str:
+def progress_line(stage: str, epoch: int, epochs: int, m: dict[str, float]) -> str:
     line = f"[{stage}] epoch {epoch + 1}/{epochs} loss {m['loss']:.4f} lr {m['lr']:.2e} " \
            f"{m['train_images_per_s']:.0f} img/s"
     if "acc" in m:

@@ -6,6 +6,7 @@ Everything started locally binds to 127.0.0.1 and the dashboard stays off unless
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 from pathlib import Path
@@ -86,6 +87,20 @@ def check_resources(cpu: float, gpu: float) -> None:
         raise ClusterError(f"resources.gpu={gpu:g}: no node of the cluster has that many GPUs (most: {most_gpus:g})")
     if cpu > most_cpus:
         raise ClusterError(f"resources.cpu={cpu:g}: no node of the cluster has that many CPUs (most: {most_cpus:g})")
+
+
+def trial_slots(cpu: float, gpu: float, max_concurrent_trials: int) -> int:
+    """How many trials of `cpu` CPUs and `gpu` GPUs the live nodes run at once (capped by max_concurrent_trials,
+    0 = no cap): a trial fits on one node, so each node contributes what fits on it alone."""
+    import ray
+
+    slots = 0
+    for node in (n["Resources"] for n in ray.nodes() if n.get("Alive")):
+        fits = math.floor(node.get("CPU", 0.0) / cpu + 1e-9)
+        if gpu > 0:
+            fits = min(fits, math.floor(node.get("GPU", 0.0) / gpu + 1e-9))
+        slots += fits
+    return max(1, min(slots, max_concurrent_trials) if max_concurrent_trials else slots)
 
 
 def device_tag(device: torch.device, requested: str, log=print) -> str:

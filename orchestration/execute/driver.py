@@ -22,7 +22,8 @@ from omegaconf import DictConfig
 
 from lpt_core.files import FileLocked, atomic_write_bytes, file_lock
 from lpt_core.stages import stages_changed_by
-from orchestration.cluster.ray_connection import check_resources, connect
+from orchestration.cluster.ray_connection import check_resources, connect, trial_slots
+from orchestration.plan.fusion import plan_fusion
 from orchestration.plan.sweep_plan import SweepPlan, build_plan
 from orchestration.reporting.build import Report, build_report
 from orchestration.plan.record import PLAN_FILE, PlanRecord, read_state
@@ -207,6 +208,10 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
             return 0
         connect(plan.settings.cluster, log=log)  # before writing anything: an unreachable cluster changes nothing
         check_resources(plan.settings.resources.cpu, plan.settings.resources.gpu)
+        fusion = plan_fusion(plan, trial_slots(plan.settings.resources.cpu, plan.settings.resources.gpu,
+                                               plan.settings.max_concurrent_trials))
+        for line in fusion.summary:
+            log(line)
         check_shared_storage({"sweep.root": folder, "stages.root": plan.settings.stages.root}, log=log)
         plan.ensure_backbones(log)
         record.write(folder)
@@ -222,14 +227,15 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
         missing = {k: v for k, v in upstream.items() if not store.is_done(k, log=log)}
         if missing:
             log(f"upstream: {len(missing)} distinct stage(s) to train, {len(upstream) - len(missing)} cached")
-            failed = run_tuner(plan, context, storage, "upstream", list(missing.values()), log).failed
+            units = [{"row": row, "seed": seed} for row, seed in missing.values()]
+            failed = run_tuner(plan, context, storage, "upstream", units, log).failed
             if failed:
                 _write_json(folder / "state.json", {"status": "incomplete", "failed": failed})
                 log(f"upstream stage(s) failed for {failed}; the trials on top of them were not started. "
                     f"{RESUME_AFTER_FAILURE}")
                 runs.finish(parent, failed=f"upstream stage(s) failed: {failed}")
                 return 1
-        result = run_tuner(plan, context, storage, "trials", plan.rows(), log)
+        result = run_tuner(plan, context, storage, "trials", [unit.tune_config() for unit in fusion.units], log)
         _write_json(folder / "trials.json", result.records)
         failed, complete = result.failed, not result.failed
         _close_stopped(runs, result.stopped)

@@ -6,7 +6,9 @@ the newer one in the stage store (Tune's experiment snapshot can lag behind the 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import re
 import time
@@ -20,6 +22,7 @@ from ray import tune
 from experiments.schema import DebugSettings
 from lpt_core.checkpoint import CheckpointError, read_meta, stage_of, verify_checkpoint
 from lpt_core.runtime import resolve_device
+from lpt_core.fused import FusedRow, run_fused_stage
 from lpt_core.train import NonFiniteLossError, StageHooks, StageOutOfMemoryError, run_stage
 from orchestration.cluster.ray_connection import device_tag
 from orchestration.tracking.run_names import mlflow_metrics, stage_params, stage_run_name, trained_params
@@ -27,6 +30,9 @@ from orchestration.plan.trial_specs import BASE_ROW, SweepContext, TrialSpec, tu
 from lpt_core.stages import StageSpec
 from orchestration.execute.stage_store import StageOutput, StageStore
 from orchestration.tracking.registry import MetricSpool, RunRegistry, is_outage, redact
+
+
+FUSED_ROWS = "fused_rows"  # the key of a fused trial's final result that holds each row's own (JSON)
 
 
 class InjectedFault(RuntimeError):
@@ -37,9 +43,10 @@ class TrialHooks(StageHooks):
     """Reports each epoch to MLflow (once per step) and, for the trial's final stage, to Tune with a checkpoint."""
 
     def __init__(self, spool: MetricSpool, run_id: str, spec: StageSpec, report_to_tune: bool,
-                 debug: DebugSettings, store: StageStore, device: torch.device, trial: TrialSpec) -> None:
+                 debug: DebugSettings, store: StageStore, device: torch.device, trial: TrialSpec,
+                 tune_checkpoint: bool = True) -> None:
         self.spool, self.run_id, self.spec = spool, run_id, spec
-        self.report_to_tune, self.debug, self.store = report_to_tune, debug, store
+        self.report_to_tune, self.tune_checkpoint, self.debug, self.store = report_to_tune, tune_checkpoint, debug, store
         self.last_eval: dict[str, float] = {"acc": float("nan"), "few": float("nan")}
         self.device, self.trial = device, trial
 
@@ -53,7 +60,8 @@ class TrialHooks(StageHooks):
         if self.report_to_tune:
             report = {**self.last_eval, **metrics, "stage": self.spec.stage, "stage_key": self.spec.key,
                       "run_id": self.run_id}  # a trial ASHA stops ends here: the driver closes this run
-            tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir))
+                        if self.tune_checkpoint else None)
         self._signal(epoch)
         self._maybe_fail(epoch)
 
@@ -140,33 +148,91 @@ class Tracking:
     spool: MetricSpool
 
 
+def _open_run(context: SweepContext, trial: TrialSpec, spec: StageSpec, upstream: StageOutput | None,
+              store: StageStore, tracking: Tracking, report_to_tune: bool, tune_checkpoint: bool = True
+              ) -> tuple[str, TrialHooks]:
+    """The stage's MLflow run (found again by a retry or a resume) and the hooks that report its epochs."""
+    cfg = trial.config
+    device = resolve_device(cfg.device)
+    log = lambda message: print(f"[{spec.key}] {message}", flush=True)  # noqa: E731
+    tags = {**_stage_tags(context, trial, spec, upstream), "lpt.device": device_tag(device, cfg.device, log)}
+    run_id = tracking.runs.stage_run(context.parent_run_id, context.sweep, spec.key,
+                                     _run_name(context, trial, spec), stage_params(cfg, spec.stage), tags)
+    tracking.spool.load(run_id)  # what an earlier attempt of this run could not send goes first
+    hooks = TrialHooks(tracking.spool, run_id, spec, report_to_tune, _faults_for(context.debug, trial.row), store,
+                       device, trial, tune_checkpoint)
+    return run_id, hooks
+
+
+def _fail_run(tracking: Tracking, run_id: str, err: BaseException) -> None:
+    tracking.runs.finish(run_id, failed=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}")
+
+
 def train_tracked_stage(context: SweepContext, trial: TrialSpec, spec: StageSpec, upstream: StageOutput | None,
-              final: bool, store: StageStore, tracking: Tracking) -> StageOutput:
+                        final: bool, store: StageStore, tracking: Tracking) -> StageOutput:
     log = lambda message: print(f"[{spec.key}] {message}", flush=True)  # noqa: E731
     with store.lock(spec.key):
         if store.is_done(spec.key, log=log):
             log(f"{spec.stage} reused from the stage store")
             return store.load(spec.key)
-        cfg = trial.config
-        device = resolve_device(cfg.device)
-        tags = {**_stage_tags(context, trial, spec, upstream), "lpt.device": device_tag(device, cfg.device, log)}
-        run_id = tracking.runs.stage_run(context.parent_run_id, context.sweep, spec.key,
-                                         _run_name(context, trial, spec), stage_params(cfg, spec.stage), tags)
-        tracking.spool.load(run_id)  # what an earlier attempt of this run could not send goes first
-        hooks = TrialHooks(tracking.spool, run_id, spec, final, _faults_for(context.debug, trial.row), store,
-                           device, trial)
+        run_id, hooks = _open_run(context, trial, spec, upstream, store, tracking, report_to_tune=final)
         try:
-            result = run_stage(cfg, spec.stage, store.work_dir(spec.key), hooks,
+            result = run_stage(trial.config, spec.stage, store.work_dir(spec.key), hooks,
                                init_from=upstream.checkpoint_dir if upstream else None,
                                resume_from=_resume_point(store, spec, log))
         except InjectedFault:
             raise
         except Exception as err:
-            tracking.runs.finish(run_id, failed=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}")
+            _fail_run(tracking, run_id, err)
             raise
         output = store.finalize(spec.key, result, run_id, upstream=spec.upstream)
         _close_run(tracking, run_id, result.history, output, context, log)
         return output
+
+
+def train_tracked_fused(context: SweepContext, trials: list[TrialSpec], upstream: StageOutput, store: StageStore,
+                        tracking: Tracking) -> dict[str, StageOutput | BaseException]:
+    """The phase 2 of several rows in one fused run (lpt_core.fused), each row with its own stage folder, MLflow
+    run and checkpoints, exactly as if trained alone; rows the stage store already holds are reused. By trial id:
+    the row's output, or the error that ended it alone (NaN loss)."""
+    specs = {trial.trial_id: trial.chain[-1] for trial in trials}
+    found: dict[str, StageOutput | BaseException] = {}
+    with contextlib.ExitStack() as locks:
+        for key in sorted({spec.key for spec in specs.values()}):  # one order for every trial: no deadlock
+            locks.enter_context(store.lock(key))
+        pending = []
+        for trial in trials:
+            spec = specs[trial.trial_id]
+            log = lambda message, key=spec.key: print(f"[{key}] {message}", flush=True)  # noqa: E731
+            if store.is_done(spec.key, log=log):
+                log(f"{spec.stage} reused from the stage store")
+                found[trial.trial_id] = store.load(spec.key)
+                continue
+            # the first row's epochs reach Tune (progress), without a checkpoint: each row's are in the stage store
+            run_id, hooks = _open_run(context, trial, spec, upstream, store, tracking, report_to_tune=not pending,
+                                      tune_checkpoint=False)
+            row = FusedRow(trial.config, store.work_dir(spec.key), hooks, init_from=upstream.checkpoint_dir,
+                           resume_from=_resume_point(store, spec, log))
+            pending.append((trial, spec, run_id, row))
+        if not pending:
+            return found
+        try:
+            outcomes = run_fused_stage([row for _, _, _, row in pending])
+        except InjectedFault:
+            raise
+        except Exception as err:
+            for _, _, run_id, _ in pending:
+                _fail_run(tracking, run_id, err)
+            raise
+        for (trial, spec, run_id, row), outcome in zip(pending, outcomes):
+            if outcome.error is not None:
+                tracking.runs.finish(run_id, failed=f"{type(outcome.error).__name__}: {outcome.error}")
+                found[trial.trial_id] = outcome.error
+                continue
+            output = store.finalize(spec.key, outcome.result, run_id, upstream=spec.upstream)
+            _close_run(tracking, run_id, outcome.result.history, output, context, row.hooks.log)
+            found[trial.trial_id] = output
+    return found
 
 
 def _close_run(tracking: Tracking, run_id: str, history: list, output: StageOutput, context: SweepContext,
@@ -191,18 +257,41 @@ def _close_run(tracking: Tracking, run_id: str, history: list, output: StageOutp
             f"artifacts not logged ({err}); they are in {output.checkpoint_dir.parent}")
 
 
-def lpt_trainable(config: dict[str, Any], context: SweepContext) -> None:
-    """Tune entry point. config = {'trial': {'row', 'seed'}} (grid) or Optuna's sampled keys and 'seed';
-    context = the sweep-wide constants (bound with tune.with_parameters, kept out of every trial's config)."""
-    # Tune logs "Checkpoint successfully created at ..." for every epoch of every trial: noise between the
-    # progress lines; its warnings and errors still come through
-    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    trial = context.trial(tune_values(config))
-    chain = trial.chain[:-1] if context.upstream_only and len(trial.chain) > 1 else trial.chain
+def _tracking(context: SweepContext) -> tuple[StageStore, Tracking]:
     store = StageStore(context.stage_root)
     runs = RunRegistry(context.tracking.uri, context.tracking.experiment,
                        outage_wait_s=context.tracking.flush_timeout_s)
-    tracking = Tracking(runs, MetricSpool(runs.client, store.root / "_mlflow_spool"))
+    return store, Tracking(runs, MetricSpool(runs.client, store.root / "_mlflow_spool"))
+
+
+def _summary(trial: TrialSpec, output: StageOutput, stage: str) -> dict[str, Any]:
+    """A finished trial's final result: its metrics and where they come from (trials.json, the report)."""
+    summary = {**output.metrics, "stage": stage, "stage_key": output.key, "run_id": str(output.run_id),
+               "row": trial.row, "seed": trial.seed, "lpt_trial": trial.trial_id, "trial_complete": True}
+    return {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
+
+
+def _failure(trial: TrialSpec, err: BaseException) -> dict[str, Any]:
+    """The final result of a trial that ended on purpose (NaN loss, out of memory)."""
+    return {"trial_failed": f"{type(err).__name__}: {err}", "row": trial.row, "seed": trial.seed,
+            "lpt_trial": trial.trial_id, "acc": float("nan")}
+
+
+def lpt_trainable(config: dict[str, Any], context: SweepContext) -> None:
+    """Tune entry point. config = {'trial': {'row', 'seed'}} or {'trial': {'rows', 'seed'}} (grid; 'rows': fused)
+    or Optuna's sampled keys and 'seed'; context = the sweep-wide constants (bound with tune.with_parameters, kept
+    out of every trial's config)."""
+    # Tune logs "Checkpoint successfully created at ..." for every epoch of every trial: noise between the
+    # progress lines; its warnings and errors still come through
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    values = tune_values(config)
+    fused = context.fused_trials(values)
+    if fused is not None:
+        _fused_trial(context, fused)
+        return
+    trial = context.trial(values)
+    chain = trial.chain[:-1] if context.upstream_only and len(trial.chain) > 1 else trial.chain
+    store, tracking = _tracking(context)
     output = None
     try:
         for i, spec in enumerate(chain):
@@ -210,9 +299,29 @@ def lpt_trainable(config: dict[str, Any], context: SweepContext) -> None:
     except (NonFiniteLossError, StageOutOfMemoryError) as err:
         # not raised: Tune would retry at once, and fail the same way. The trial ends TERMINATED with the reason;
         # a resume, after the cause is fixed, runs it again (tuning.run_tuner) from its last checkpoint
-        tune.report({"trial_failed": f"{type(err).__name__}: {err}", "row": trial.row, "seed": trial.seed,
-                     "lpt_trial": trial.trial_id, "acc": float("nan")})
+        tune.report(_failure(trial, err))
         return
-    summary = {**output.metrics, "stage": chain[-1].stage, "stage_key": output.key, "run_id": str(output.run_id),
-               "row": trial.row, "seed": trial.seed, "lpt_trial": trial.trial_id, "trial_complete": True}
-    tune.report({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
+    tune.report(_summary(trial, output, chain[-1].stage))
+
+
+def _fused_trial(context: SweepContext, trials: list[TrialSpec]) -> None:
+    """Rows fused by the plan (orchestration.plan.fusion): their shared phase 1 (from the stage store), then their
+    phase 2 together. The final result holds each row's own, as JSON under FUSED_ROWS (Tune keeps a result's
+    values flat); the driver splits it into one outcome per row."""
+    store, tracking = _tracking(context)
+    lead = trials[0]
+    try:
+        upstream = train_tracked_stage(context, lead, lead.chain[0], None, False, store, tracking)
+        found = train_tracked_fused(context, trials, upstream, store, tracking)
+    except StageOutOfMemoryError as err:  # the rows' shared memory: each of them failed by it
+        found = {trial.trial_id: err for trial in trials}
+    rows = {trial.trial_id: (_failure(trial, found[trial.trial_id]) if isinstance(found[trial.trial_id], BaseException)
+                             else _summary(trial, found[trial.trial_id], "phase2")) for trial in trials}
+    complete = all(row.get("trial_complete") for row in rows.values())
+    tune.report({FUSED_ROWS: json.dumps(rows, default=float), "trial_complete": complete,
+                 "acc": _mean([row["acc"] for row in rows.values()])})
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if v == v]
+    return sum(finite) / len(finite) if finite else float("nan")

@@ -8,6 +8,7 @@ TERMINATED for Tune, which never runs them again: a resume runs them in a follow
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from ray.tune.search.optuna import OptunaSearch
 from lpt_core.config import STAGES
 from orchestration.plan.sweep_plan import SweepPlan
 from orchestration.plan.trial_specs import SweepContext, tune_values
-from orchestration.execute.trainable import lpt_trainable
+from orchestration.execute.trainable import FUSED_ROWS, lpt_trainable
 
 TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
              "iterations_since_restore", "done", "epoch", "loss", "lr", "epoch_time_s", "train_images_per_s",
@@ -38,7 +39,7 @@ def _trainable(plan: SweepPlan, context: SweepContext):
     return tune.with_resources(trainable, {"cpu": resources.cpu, "gpu": resources.gpu})
 
 
-def _search_space(plan: SweepPlan, rows: list[tuple[str, int]], optuna_search: bool) -> dict:
+def _search_space(plan: SweepPlan, units: list[dict[str, Any]], optuna_search: bool) -> dict:
     if optuna_search:
         space = {}
         for key, dist in plan.ablation.space.items():
@@ -47,7 +48,7 @@ def _search_space(plan: SweepPlan, rows: list[tuple[str, int]], optuna_search: b
             else:
                 space[key] = (tune.loguniform if dist.log else tune.uniform)(dist.low, dist.high)
         return {"seed": plan.settings.seeds[0], **space}
-    return {"trial": tune.grid_search([{"row": r, "seed": s} for r, s in rows])}
+    return {"trial": tune.grid_search(units)}
 
 
 def _tune_config(plan: SweepPlan, optuna_search: bool, early_stopping: bool) -> tune.TuneConfig:
@@ -95,9 +96,8 @@ class TrialOutcome:
     reason: str = ""
 
 
-def _outcome(context: SweepContext, config: dict[str, Any], metrics: dict[str, Any] | None,
+def _outcome(context: SweepContext, flat: dict[str, Any], metrics: dict[str, Any] | None,
              error: BaseException | str | None, terminal: bool) -> TrialOutcome:
-    flat = tune_values(config)
     ident, metrics = context.trial_id(flat), metrics or {}
     if error is not None:
         status, reason = "error", (str(error).strip().splitlines() or ["error"])[-1]
@@ -110,11 +110,22 @@ def _outcome(context: SweepContext, config: dict[str, Any], metrics: dict[str, A
     return TrialOutcome(ident, flat, status, metrics, reason)
 
 
+def _outcomes(context: SweepContext, config: dict[str, Any], metrics: dict[str, Any] | None,
+              error: BaseException | str | None, terminal: bool) -> list[TrialOutcome]:
+    """One outcome per row: a fused trial's final result carries each row's own (FUSED_ROWS, by trial id); a
+    fused trial that errored or did not finish gives each of its rows that status."""
+    flat = tune_values(config)
+    fused = context.fused_trials(flat)
+    if fused is None:
+        return [_outcome(context, flat, metrics, error, terminal)]
+    rows = json.loads(metrics[FUSED_ROWS]) if metrics and FUSED_ROWS in metrics else {}
+    return [_outcome(context, {"row": t.row, "seed": t.seed}, rows.get(t.trial_id), error, terminal) for t in fused]
+
+
 def _fit(tuner: tune.Tuner, context: SweepContext) -> dict[str, TrialOutcome]:
     found = {}
     for result in tuner.fit():
-        outcome = _outcome(context, result.config, result.metrics, result.error, terminal=True)
-        found[outcome.ident] = outcome
+        found.update((o.ident, o) for o in _outcomes(context, result.config, result.metrics, result.error, True))
     return found
 
 
@@ -124,8 +135,7 @@ def _saved_state(path: str, context: SweepContext) -> dict[str, TrialOutcome]:
     for trial in ExperimentAnalysis(path).trials:
         terminal = trial.status in (Trial.TERMINATED, Trial.ERROR)
         error = "errored" if trial.status == Trial.ERROR else None
-        outcome = _outcome(context, trial.config, trial.last_result, error, terminal)
-        found[outcome.ident] = outcome
+        found.update((o.ident, o) for o in _outcomes(context, trial.config, trial.last_result, error, terminal))
     return found
 
 
@@ -155,7 +165,7 @@ def _quiet_tune_output() -> None:
 
 
 def run_tuner(plan: SweepPlan, context: SweepContext, storage: str, name: str,
-              rows: list[tuple[str, int]], log=print) -> TunerResult:
+              units: list[dict[str, Any]], log=print) -> TunerResult:
     """Runs (or restores) one Tune run.
 
     On a resume, every Tune run of `name` is restored (unfinished and errored trials resumed, OptunaSearch's
@@ -172,7 +182,7 @@ def run_tuner(plan: SweepPlan, context: SweepContext, storage: str, name: str,
     runs = _runs(path)
     trainable = _trainable(plan, context)
     if not runs:
-        tuner = tune.Tuner(trainable, param_space=_search_space(plan, rows, optuna_search),
+        tuner = tune.Tuner(trainable, param_space=_search_space(plan, units, optuna_search),
                            tune_config=_tune_config(plan, optuna_search, early_stopping),
                            run_config=_run_config(plan, storage, name, _columns(plan, optuna_search)))
         latest = _fit(tuner, context)

@@ -92,9 +92,6 @@ class SweepPlan:
         """The stages its trials run, in order (phase1, phase2; joint)."""
         return list(dict.fromkeys(spec.stage for trial in self.trials.values() for spec in trial.chain))
 
-    def rows(self) -> list[tuple[str, int]]:
-        return [(trial.row, trial.seed) for trial in self.trials.values()]
-
     def upstream_keys(self) -> dict[str, tuple[str, int]]:
         """Distinct upstream (phase-1) stage keys -> one (row, seed) that needs it."""
         if not self.settings.stages.cache:
@@ -118,6 +115,8 @@ def _check_sweep_settings(settings: SweepSettings) -> SweepSettings:
     if settings.debug.hold_at_epoch is not None and not settings.debug.event_dir:
         raise ConfigError("debug.hold_at_epoch needs debug.event_dir (where the trial signals it holds and waits "
                           "for the release file)")
+    if settings.fuse_max_rows < 1:
+        raise ConfigError(f"fuse_max_rows={settings.fuse_max_rows}: must be >= 1 (fuse=off trains every row alone)")
     if settings.search.num_samples < 1 or settings.search.max_concurrent < 1:
         raise ConfigError("search.num_samples and search.max_concurrent must be >= 1")
     return settings

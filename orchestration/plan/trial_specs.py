@@ -45,8 +45,8 @@ class TrialSpec:
 
 
 def tune_values(config: dict[str, Any]) -> dict[str, Any]:
-    """A trial's own values from its Tune config: a grid trial's {'row', 'seed'} (nested under 'trial') or
-    Optuna's sampled keys and 'seed'."""
+    """A trial's own values from its Tune config: a grid trial's {'row', 'seed'} or a fused trial's {'rows', 'seed'}
+    (nested under 'trial'), or Optuna's sampled keys and 'seed'."""
     return {k: v for k, v in {**config, **config.get("trial", {})}.items() if k != "trial"}
 
 
@@ -74,6 +74,12 @@ class SweepContext:
         """The id of the trial whose tune_values these are (without building it)."""
         row = values["row"] if "row" in values else self._sampled(values)[0]
         return trial_id(row, values["seed"])
+
+    def fused_trials(self, values: dict[str, Any]) -> list[TrialSpec] | None:
+        """The rows of a fused trial (tune_values with 'rows'), None for any other trial."""
+        if "rows" not in values:
+            return None
+        return [self.trials[trial_id(row, values["seed"])] for row in values["rows"]]
 
     def trial(self, values: dict[str, Any]) -> TrialSpec:
         """The trial whose tune_values these are: from the table, or, for Optuna, built (and validated) here."""

@@ -58,7 +58,7 @@ def group_size(plan_for) -> SweepPlan:
 def test_group_size_plan(group_size: SweepPlan, weights: Path) -> None:
     assert group_size.name == "group_size-demo" and group_size.experiment == "demo"
     assert group_size.points == {str(m): {"prompt.pool_size": m} for m in (5, 10, 20, 40)}
-    assert group_size.rows() == [("5", 0), ("10", 0), ("20", 0), ("40", 0)]
+    assert [(t.row, t.seed) for t in group_size.trials.values()] == [("5", 0), ("10", 0), ("20", 0), ("40", 0)]
     assert group_size.base.backbone.weights_file == str(weights)
     assert not group_size.optuna and group_size.pretrain is not None
 
@@ -67,7 +67,7 @@ def test_fingerprint_is_stable_and_follows_the_seeds(plan_for, group_size: Sweep
     assert plan_for("ablation=group_size").fingerprint() == group_size.fingerprint()
     two_seeds = plan_for("ablation=group_size", "seeds=[0,1]")
     assert two_seeds.fingerprint() != group_size.fingerprint()
-    assert len(two_seeds.rows()) == 8
+    assert len(two_seeds.trials) == 8
     assert plan_for("ablation=group_size", "stages.cache=false").fingerprint() != group_size.fingerprint()
 
 

@@ -48,8 +48,12 @@ FAKES = {
             'while [ $# -gt 0 ]; do case $1 in -w) shift 2;; -*) shift;; *) break;; esac; done\nexec "$@"\n',
     "scontrol": '[ "$1 $2" = "show hostnames" ] && { echo n1; echo n2; exit 0; }\necho "scontrol $*" >> "$LOG"\n',
     "ray": 'echo "ray $*" >> "$LOG"\nexec tail -f /dev/null\n',  # a Ray node: runs until the script stops it
+    # wait-for-nodes returns once the Ray nodes it names have started (counted in the log), as the real one waits
+    # for them to register: without the wait, a loaded machine could stop the script before a node logs its start
     "python": 'echo "python $*" >> "$LOG"\n[ "$1" = -c ] && echo 10.0.0.1\n'
-              '[ "$2" = resume-flag ] && echo resume=true\nexit 0\n',
+              '[ "$2" = resume-flag ] && echo resume=true\n'
+              'if [ "$2" = wait-for-nodes ]; then shift 10\n'
+              '  until [ "$(grep -c "^ray start" "$LOG")" -ge $# ]; do sleep 0.05; done; fi\nexit 0\n',
 }
 
 
