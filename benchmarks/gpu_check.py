@@ -1,5 +1,6 @@
-"""`make gpu-check`, on a machine with a GPU: the GPU benchmark measure (measure 6 of benchmarks/run.py: ViT-B/16
-bf16 images/s and MFU, four demo trials packed on one GPU against one at a time) and a small GPU sweep through the
+"""`make gpu-check`, on a machine with a GPU: the GPU benchmark measures (measure 6 of benchmarks/run.py: ViT-B/16
+bf16 images/s and MFU, four demo trials packed on one GPU against one at a time; measure 7: fused phase-2 rows
+against the same rows one by one, bf16, R = 1, 2, 4, 8, goal >= 2x for R = 4) and a small GPU sweep through the
 real orchestration (the demo's group-size ablation, four trials at resources.gpu=0.25). The numbers go to
 benchmarks/gpu_check.json and into benchmarks/RESULTS.md, section "GPU check" (kept when `make bench` rewrites it).
 
@@ -38,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    parser.add_argument("--sweep-only", action="store_true", help="skip measure 6 (the benchmark measure)")
+    parser.add_argument("--sweep-only", action="store_true", help="skip measures 6 and 7 (the benchmark measures)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks",
                         help="where gpu_check.json goes and whose RESULTS.md gets the section (default benchmarks/)")
     parser.add_argument("--rows", default="5,10,20,40", help="group sizes of the sweep (default %(default)s)")
@@ -62,7 +63,7 @@ def sweep_overrides(args: argparse.Namespace, work: Path) -> list[str]:
 
 
 def measure_command(work: Path) -> list[str]:
-    return [sys.executable, str(REPO / "benchmarks" / "run.py"), "--device", "cuda", "--only", "gpu",
+    return [sys.executable, str(REPO / "benchmarks" / "run.py"), "--device", "cuda", "--only", "gpu,fused",
             "--out", str(work / "bench")]
 
 
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                              "measure": None}
     if not args.sweep_only:
         run_benchmarks(measure_command(work)[2:])
-        check["measure"] = json.loads((work / "bench" / "results.json").read_text())["sections"]["gpu"]
+        sections = json.loads((work / "bench" / "results.json").read_text())["sections"]
+        check["measure"], check["fused"] = sections["gpu"], sections["fused"]
     check["sweep"] = run_sweep(args, work)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(check, indent=1) + "\n")

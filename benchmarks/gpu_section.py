@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.measures import gpu
+from benchmarks.measures import fused_rows, gpu
 
 START, END = "<!-- gpu-check: start -->", "<!-- gpu-check: end -->"
 
@@ -17,6 +17,8 @@ def markdown(check: dict[str, Any]) -> str:
              f"Measured by `{run['command']}` on {run['device_name']} ({run['date']}).", ""]
     if check.get("measure") is not None:
         lines += ["### Measure 6", "", gpu.markdown(check["measure"]), ""]
+    if check.get("fused") is not None:
+        lines += ["### Measure 7", "", fused_rows.markdown(check["fused"]), ""]
     acc = ", ".join(f"m = {row}: " + ("n/a" if value is None else f"{value:.1f} %")
                     for row, value in sorted(sweep["acc"].items(), key=lambda item: int(item[0])))
     lines += ["### Sweep", "", f"`python {sweep['command']}`", "",

@@ -23,6 +23,7 @@ from lpt_core.data.manifest import DatasetError
 from lpt_core.official import evaluate_official, format_evaluation
 from lpt_core.train import run_stage
 
+
 def run(cfg: DictConfig) -> dict:
     spec = split(cfg)  # the same checks as sweep.py's, all before any work
     settings, lpt = spec.settings, spec.lpt

@@ -34,9 +34,9 @@ from lpt_core.sampling import ClassAwareSampler, InstanceSampler, steps_per_epoc
 from lpt_core.schedule import build_optimizer, lr_at
 from lpt_core.stages import fusion_key, stage_inputs
 from lpt_core.step import StepLoss
-from lpt_core.train import (NonFiniteLossError, Progress, StageHooks, StageResult, StageSetup, checkpoint_state,
-                            epoch_batches, eval_metrics, finish_result, init_from_phase1, out_of_memory_error,
-                            progress_line, prune_checkpoints, restore_progress, train_loader)
+from lpt_core.train import (NonFiniteLossError, Progress, StageHooks, StageOutOfMemoryError, StageResult,
+                            StageSetup, checkpoint_state, epoch_batches, eval_metrics, finish_result, init_from_phase1,
+                            out_of_memory_error, progress_line, prune_checkpoints, restore_progress, train_loader)
 
 STAGE = "phase2"
 RandomState = tuple[torch.Tensor, list[torch.Tensor]]  # torch's CPU generator state, and each CUDA device's
@@ -133,8 +133,47 @@ def _start_rows(rows: Sequence[FusedRow]) -> list[_RowRun]:
         meta = {"stage": STAGE, "backbone": vars(identity), "num_classes": bundle.num_classes,
                 "config": stage_inputs(row.cfg, STAGE), "init_from": str(row.init_from) if row.init_from else None}
         runs.append(_RowRun(row, setup, progress, params, start, history, start, _random_state(device), meta))
-    rows[0].hooks.log(f"[{STAGE}] {len(rows)} rows fused: one backbone forward and query pass per batch for all")
+    _check_one_phase1([run.setup.model for run in runs], [row.workdir for row in rows])
+    for row in rows:
+        row.hooks.log(f"[{STAGE}] {bundle.name}: {len(bundle.train)} train / {len(bundle.test)} eval images, "
+                      f"{bundle.num_classes} classes, backbone {cfg.backbone.name} on {device}; {len(rows)} rows "
+                      f"fused: one backbone forward and query pass per batch for all")
     return runs
+
+
+def _check_one_phase1(models: list[LPTModel], workdirs: list[Path]) -> None:
+    """The shared pass runs the first row's shared prompt u for every row: each row must start from the same u."""
+    lead = models[0].shared_prompt
+    for model, workdir in zip(models[1:], workdirs[1:]):
+        ours = model.shared_prompt
+        if (lead is None) != (ours is None) or (lead is not None and not torch.equal(lead.tokens, ours.tokens)):
+            raise ValueError(f"{workdir}: its shared prompt differs from {workdirs[0]}'s; fused rows must start "
+                             f"from one phase-1 checkpoint")
+
+
+def fused_train_step(models: Sequence[LPTModel], images: torch.Tensor, labels: Sequence[torch.Tensor],
+                     losses: Sequence[StepLoss], optimizers: Sequence[torch.optim.Optimizer],
+                     precision: str) -> list[torch.Tensor]:
+    """`lpt_core.step.train_step` of every row over one batch: the shared pass once, then each row's classifier
+    and loss from the random state that follows the batch (dropout and A-GCL's noise draw what the row alone would
+    draw), one backward for all (rows share no trained tensor: each gets the gradient of its own loss), each row's
+    optimizer step. Returns each row's loss, detached."""
+    device = images.device
+    after_batch = _random_state(device)
+    with autocast(device, precision):
+        features = shared_phase2_pass(models, images)
+    values = []
+    for model, row_features, loss in zip(models, features, losses):
+        _set_random_state(after_batch)
+        with autocast(device, precision):
+            logits = model.classify(row_features.feature)
+        values.append(loss(row_features.output(logits), labels))
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    torch.stack(values).sum().backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    return [value.detach() for value in values]
 
 
 def _train_epoch(runs: list[_RowRun], epoch: int) -> None:
@@ -164,21 +203,10 @@ def _train_epoch(runs: list[_RowRun], epoch: int) -> None:
         parts = [next(loader) for _ in branches]
         images = torch.cat([p[0] for p in parts]).to(device, non_blocking=True)
         labels = [p[1].to(device, non_blocking=True) for p in parts]
-        after_batch = _random_state(device)
-        with autocast(device, cfg.precision):
-            features = shared_phase2_pass(models, images)
-        values = []
-        for model, row_features, loss in zip(models, features, losses):
-            _set_random_state(after_batch)  # dropout and A-GCL's noise draw what this row alone would draw
-            with autocast(device, cfg.precision):
-                logits = model.classify(row_features.feature)
-            values.append(loss(row_features.output(logits), labels))
-        for run in runs:
-            run.progress.optimizer.zero_grad(set_to_none=True)
-        torch.stack(values).sum().backward()  # rows share no trained tensor: each gets the gradient of its own loss
-        for run, value, loss_sum in zip(runs, values, loss_sums):
-            run.progress.optimizer.step()
-            loss_sum += value.detach()
+        values = fused_train_step(models, images, labels, losses, [r.progress.optimizer for r in runs],
+                                  cfg.precision)
+        for value, loss_sum in zip(values, loss_sums):
+            loss_sum += value
     elapsed = time.perf_counter() - start
     images_seen = steps * batch_size * len(branches)
     after_epoch = _random_state(device)
@@ -239,7 +267,9 @@ def run_fused_stage(rows: Sequence[FusedRow], keep_checkpoints: int = 2) -> list
         if not is_out_of_memory(err):
             raise
         release_cached_memory(runs[0].setup.device)
-        raise out_of_memory_error(err, rows[0].cfg, STAGE, epoch, runs[0].setup.device) from err
+        error = out_of_memory_error(err, rows[0].cfg, STAGE, epoch, runs[0].setup.device)
+        raise StageOutOfMemoryError(f"{error}; {len(rows)} rows were training fused in this process: fewer rows "
+                                    f"at once need less (fuse_max_rows in a sweep; a resume trains them alone)") from err
     return _finish(runs)
 
 

@@ -6,7 +6,8 @@ in MLflow.
     python orchestration/sweep.py ablation=group_size experiment=places_lt data.root=/data/places365 cluster=ray
     python orchestration/sweep.py ablation=group_size resume=true            # finish an interrupted sweep
 
-Two Tune runs per sweep: first the distinct upstream stages (each phase 1 once), then the trials on top of them.
+Two Tune runs per sweep: first the distinct upstream stages (each phase 1 once), then the trials on top of them
+(phase-2 rows fused where the cluster has fewer trial slots than rows).
 Everything is validated before Ray starts; the sweep folder is locked against a second driver of the same name.
 """
 from __future__ import annotations
@@ -18,12 +19,15 @@ from omegaconf import DictConfig
 
 from experiments.compose import CONF_DIR, start_cli
 from lpt_core.config import ConfigError
-from orchestration.cluster.ray_connection import ClusterError
-from orchestration.execute.driver import SweepError, run_sweep
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    # the driver brings torch, Ray and MLflow (seconds of imports): loaded once the command line has passed
+    # start_cli's check, so that a mistyped key or option is refused at once
+    from orchestration.cluster.ray_connection import ClusterError
+    from orchestration.execute.driver import SweepError, run_sweep
+
     try:
         code = run_sweep(cfg)
     except (ConfigError, SweepError, ClusterError) as err:

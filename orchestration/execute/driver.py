@@ -30,7 +30,7 @@ from orchestration.plan.record import PLAN_FILE, PlanRecord, read_state
 from orchestration.execute.stage_store import StageStore
 from orchestration.cluster.storage_check import check_shared_storage
 from orchestration.tracking.registry import RunRegistry, redact
-from orchestration.execute.tuning import TrialOutcome, run_tuner
+from orchestration.execute.tuning import TrialOutcome, run_tuner, tune_run_exists
 from orchestration.reporting.workbench import summarise_sweep, ui_link, write_view
 
 
@@ -208,10 +208,14 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
             return 0
         connect(plan.settings.cluster, log=log)  # before writing anything: an unreachable cluster changes nothing
         check_resources(plan.settings.resources.cpu, plan.settings.resources.gpu)
+        storage = plan.settings.sweep.storage or str(folder / "tune")
         fusion = plan_fusion(plan, trial_slots(plan.settings.resources.cpu, plan.settings.resources.gpu,
                                                plan.settings.max_concurrent_trials))
-        for line in fusion.summary:
-            log(line)
+        if tune_run_exists(storage, "trials"):
+            log("fusion: as planned when the trials' Tune run started (it is restored with its trials)")
+        else:
+            for line in fusion.summary:
+                log(line)
         check_shared_storage({"sweep.root": folder, "stages.root": plan.settings.stages.root}, log=log)
         plan.ensure_backbones(log)
         record.write(folder)
@@ -222,7 +226,6 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
         upstream = plan.upstream_keys()
         parent = _parent_run(runs, plan, record, upstream, tracking_uri)
         context = plan.context(tracking_uri, parent)
-        storage = plan.settings.sweep.storage or str(folder / "tune")
         store = StageStore(plan.settings.stages.root)
         missing = {k: v for k, v in upstream.items() if not store.is_done(k, log=log)}
         if missing:

@@ -139,6 +139,11 @@ def _saved_state(path: str, context: SweepContext) -> dict[str, TrialOutcome]:
     return found
 
 
+def tune_run_exists(storage: str, name: str) -> bool:
+    """Whether a Tune run `name` was started in `storage` (a resume restores it as it was planned)."""
+    return tune.Tuner.can_restore(f"{storage.rstrip('/')}/{name}")
+
+
 def _runs(path: str) -> list[str]:
     """The Tune run at `path` and the reruns of its failed trials (path-rerun1, -rerun2, ...) that exist."""
     found = []

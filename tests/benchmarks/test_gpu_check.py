@@ -26,7 +26,7 @@ def test_without_cuda_it_refuses_to_run_and_says_what_can(capsys) -> None:
 def test_dry_run_prints_the_measure_and_a_sweep_that_sweep_py_accepts(tmp_path, capsys) -> None:
     assert gpu_check.main(["--dry-run", "--work", str(tmp_path)]) == 0
     measure, sweep = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
-    assert measure[1:] == [str(gpu_check.REPO / "benchmarks" / "run.py"), "--device", "cuda", "--only", "gpu",
+    assert measure[1:] == [str(gpu_check.REPO / "benchmarks" / "run.py"), "--device", "cuda", "--only", "gpu,fused",
                            "--out", str(tmp_path / "bench")]
     assert sweep[1] == str(gpu_check.REPO / "orchestration" / "sweep.py")
     overrides = sweep[2:]

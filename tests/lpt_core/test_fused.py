@@ -148,3 +148,15 @@ def test_an_unfused_run_resumes_a_fused_rows_checkpoint(make_config: Callable[..
                          resume_from=_newest(tmp_path / "row1"))
     straight = _alone(configs[1], phase1_checkpoint, tmp_path / "straight")
     _assert_same_results(finished, straight)
+
+
+def test_rows_from_different_phase1_checkpoints_are_refused(make_config: Callable[..., LPTConfig],
+                                                            phase1_checkpoint: Path, tmp_path: Path) -> None:
+    """Same config, but one row starts from phase 1's epoch 0 and the other from its last epoch: the shared pass
+    would run one u for both."""
+    earlier = phase1_checkpoint.parent / "epoch_0000"
+    assert earlier.is_dir() and earlier != phase1_checkpoint
+    cfg = make_config()
+    with pytest.raises(ValueError, match="fused rows must start from one phase-1 checkpoint"):
+        run_fused_stage([FusedRow(cfg, tmp_path / "a", QuietHooks(), init_from=phase1_checkpoint),
+                         FusedRow(cfg, tmp_path / "b", QuietHooks(), init_from=earlier)])

@@ -21,7 +21,8 @@ from .conftest import REPO, mlflow_runs, run_sweep_cli, stage_runs
 pytestmark = pytest.mark.slow
 
 ROWS = ["5", "10", "20", "40"]
-GPU = ["ablation=group_size", "cluster.num_gpus=1", "resources.cpu=0.5"]  # CPUs for four trials on two cores
+# CPUs for four trials on two cores; one row per trial (fuse=off), since these count the trials running at once
+GPU = ["ablation=group_size", "cluster.num_gpus=1", "resources.cpu=0.5", "fuse=off"]
 
 
 def rows(count: int) -> str:

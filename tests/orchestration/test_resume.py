@@ -25,6 +25,9 @@ def _fingerprint(folder: Path) -> dict[str, bytes]:
 
 
 def test_driver_killed_mid_sweep_resumes_without_duplicates(sweep_overrides, tmp_path):
+    """One trial slot for two rows: m=5 and m=10 train fused in one trial, which the kill interrupts while m=5
+    holds after its epoch 1 and m=10 has saved its epoch 0 (rows end their epochs in row order). The resume
+    continues each row from its own newest checkpoint and logs no epoch twice."""
     overrides = sweep_overrides("ablation=group_size", "ablation.values=[5,10]", "phase2.epochs=4",
                                 "max_concurrent_trials=1", "seeds=[0]")
     stages, folder, events = tmp_path / "stages", tmp_path / "sweeps" / "group_size-demo", tmp_path / "events"
@@ -64,7 +67,8 @@ def test_driver_killed_mid_sweep_resumes_without_duplicates(sweep_overrides, tmp
         assert steps(client, run, "loss") == [0, 1, 2, 3]
     resumed_stages = [json.loads(p.read_text())["extras"]["resumed_after_epoch"]
                       for p in stages.glob("phase2-*/result.json")]
-    assert sorted(resumed_stages, key=str) == [1, None]  # the killed m=5 trial continued after its epoch 1
+    assert sorted(resumed_stages) == [0, 1]  # m=10 continued after its epoch 0, the held m=5 after its epoch 1
+    assert "  fused: m = 5, 10 (seed 0)" in (tmp_path / "driver.log").read_text()
     assert len(json.loads((folder / "trials.json").read_text())) == 2
 
 

@@ -1,4 +1,5 @@
-"""End-to-end sweeps on the tiny demo: real Ray Tune, real MLflow SQLite store, real files."""
+"""End-to-end sweeps on the tiny demo: real Ray Tune, real MLflow SQLite store, real files. (The Optuna search and
+the joint stage are checked on test_all_ablations.py's sweeps of the loss and decoupled_vs_joint ablations.)"""
 from __future__ import annotations
 
 import csv
@@ -11,6 +12,7 @@ from experiments.compose import compose_config
 from orchestration.execute.driver import run_sweep
 
 from .conftest import REPO, mlflow_runs, stage_runs, steps
+from .report_checks import check_ablation_report
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +62,8 @@ def test_group_size_trains_phase1_once_and_one_phase2_per_m(ray_session, sweep_o
     assert (folder / "report" / "axis.png").stat().st_size > 0
     assert (folder / "report" / "matches.png").stat().st_size > 0
     assert json.loads((folder / "state.json").read_text())["status"] == "complete"
+    check_ablation_report("group_size", folder)  # as test_all_ablations.py checks every other ablation's
+    assert "  fused: m = 5, 10 (seed 0)" in capsys.readouterr().out  # four rows on two trial slots: two fused trials
 
     # a finished sweep run again trains nothing and prints its report
     stage_dirs = sorted(p.name for p in (tmp_path / "stages").glob("phase*"))
@@ -83,23 +87,6 @@ def test_group_size_trains_phase1_once_and_one_phase2_per_m(ray_session, sweep_o
         done_times[phase1[0].data.tags["lpt.stage_key"]]
 
 
-def test_optuna_loss_search_records_distinct_sampled_values(ray_session, sweep_overrides, tmp_path):
-    overrides = sweep_overrides("ablation=loss", "search=optuna", "search.num_samples=3", "search.max_concurrent=1",
-                                "phase2.epochs=2")
-    assert run_sweep(compose_config(overrides)) == 0
-    client, runs = mlflow_runs(tmp_path / "sweeps", "loss-demo")
-    phase2 = stage_runs(runs, "phase2")
-    assert len(phase2) == 3 and len(stage_runs(runs, "phase1")) == 1
-    sampled = {(r.data.params["phase2.loss.lambda_pos_ib"], r.data.params["phase2.loss.lambda_neg_ib"],
-                r.data.params["phase2.loss.eta"]) for r in phase2}
-    assert len(sampled) == 3
-    for lambda_pos, lambda_neg, eta in sampled:
-        assert 0.0 <= float(lambda_pos) <= 2.0 and 1.0 <= float(lambda_neg) <= 12.0 and 0.05 <= float(eta) <= 1.0
-    records = json.loads((tmp_path / "sweeps" / "loss-demo" / "trials.json").read_text())
-    assert len(records) == 3 and all(set(r["config"]) == {"phase2.loss.eta", "phase2.loss.lambda_neg_ib",
-                                                           "phase2.loss.lambda_pos_ib"} for r in records)
-
-
 def test_crashed_trial_is_retried_from_its_checkpoint_in_the_same_run(ray_session, sweep_overrides, tmp_path):
     overrides = sweep_overrides("ablation=group_size", "ablation.values=[10]", "debug.fail_at_epoch=1",
                                 "debug.fail_stage=phase2", "debug.fail_times=1")
@@ -113,16 +100,6 @@ def test_crashed_trial_is_retried_from_its_checkpoint_in_the_same_run(ray_sessio
     result = json.loads((stage / "result.json").read_text())
     assert result["extras"]["resumed_after_epoch"] == 1  # resumed after the crash, not restarted
     assert [h["epoch"] for h in result["history"]] == [0, 1, 2]
-
-
-def test_joint_training_is_one_stage(ray_session, sweep_overrides, tmp_path):
-    assert run_sweep(compose_config(sweep_overrides("ablation=decoupled_vs_joint"))) == 0
-    client, runs = mlflow_runs(tmp_path / "sweeps", "decoupled_vs_joint-demo")
-    assert [len(stage_runs(runs, s)) for s in ("phase1", "phase2", "joint")] == [1, 1, 1]
-    (joint,) = stage_runs(runs, "joint")
-    assert steps(client, joint) == [0, 1]
-    report = (tmp_path / "sweeps" / "decoupled_vs_joint-demo" / "report" / "report.md").read_text()
-    assert "| joint | joint |" in report and "| **decoupled** (reference) | phase2 |" in report
 
 
 def test_diverging_trials_fail_with_their_reason_and_are_not_retried(ray_session, sweep_overrides, tmp_path):
@@ -163,14 +140,22 @@ def test_more_gpus_than_the_cluster_has_is_refused(ray_session, sweep_overrides,
     assert not (tmp_path / "sweeps" / "group_size-demo" / "plan.json").exists()
 
 
-def test_same_sweep_twice_gives_the_same_metrics(ray_session, sweep_overrides, tmp_path):
-    finals = []
-    for attempt in ("a", "b"):
+def test_same_sweep_twice_fused_or_not_gives_the_same_metrics(ray_session, sweep_overrides, tmp_path, capsys):
+    """The same sweep in two fresh folders: once on one trial slot (its two rows fused into one trial), once with
+    fuse=off (a trial per row). Fusion is not part of what a sweep computes: the same stage keys, the same
+    metrics."""
+    finals, keys = [], []
+    for attempt, placement in (("a", "max_concurrent_trials=1"), ("b", "fuse=off")):
         root = tmp_path / attempt
-        assert run_sweep(compose_config(sweep_overrides("ablation=group_size", "ablation.values=[10]",
+        assert run_sweep(compose_config(sweep_overrides("ablation=group_size", "ablation.values=[10,20]", placement,
                                                         root=root))) == 0
-        (record,) = json.loads((root / "sweeps" / "group_size-demo" / "trials.json").read_text())
-        finals.append(record["metrics"])
-    assert finals[0].keys() == finals[1].keys()
-    for key, value in finals[0].items():
-        assert value == pytest.approx(finals[1][key], abs=1e-6, nan_ok=True), key
+        records = json.loads((root / "sweeps" / "group_size-demo" / "trials.json").read_text())
+        finals.append({r["row"]: r["metrics"] for r in records})
+        keys.append({r["row"]: r["stage_key"] for r in records})
+        printed = capsys.readouterr().out
+        assert ("  fused: m = 10, 20 (seed 0)" in printed) == (attempt == "a"), printed[-3000:]
+    assert keys[0] == keys[1] and sorted(keys[0]) == ["10", "20"]
+    for row in ("10", "20"):
+        assert finals[0][row].keys() == finals[1][row].keys()
+        for key, value in finals[0][row].items():
+            assert value == pytest.approx(finals[1][row][key], abs=1e-6, nan_ok=True), (row, key)
