@@ -18,16 +18,20 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) orchestration/sweep.py ablation=group_size
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+# two pytest workers (pytest-xdist), each test file on one of them: an end-to-end test spends a third of its time
+# waiting on other processes (Ray start-up, trial workers, SLURM, a browser), so a second worker uses the idle core
+XDIST := -n 2 --dist loadfile
 
-# while working: the unit and small integration tier (under 3 min)
+test: $(STAMP)
+	$(PY) -m pytest -q $(XDIST)
+
+# while working: the unit and small integration tier (about a minute)
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(XDIST) -m "not slow"
 
 # the end-to-end tier: real Ray sweeps, MLflow stores, SLURM, Chromium
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q $(XDIST) -m slow
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --out benchmarks

@@ -268,8 +268,8 @@ def run_fused_stage(rows: Sequence[FusedRow], keep_checkpoints: int = 2) -> list
             raise
         release_cached_memory(runs[0].setup.device)
         error = out_of_memory_error(err, rows[0].cfg, STAGE, epoch, runs[0].setup.device)
-        raise StageOutOfMemoryError(f"{error}; {len(rows)} rows were training fused in this process: fewer rows "
-                                    f"at once need less (fuse_max_rows in a sweep; a resume trains them alone)") from err
+        raise StageOutOfMemoryError(f"{error}; {len(rows)} rows were training fused in this process: fewer rows at "
+                                    f"once need less (fuse_max_rows in a sweep; a resume trains them alone)") from err
     return _finish(runs)
 
 

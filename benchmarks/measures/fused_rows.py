@@ -5,14 +5,14 @@
     weights, random batches already on the device, m = 5, 10, 20, 40, 5, ... for the rows.
 (b) The phase 2 of a group_size sweep on the demo (m = 5, 10, 20, 40, and its first two rows): `run_stage` of
     every row one after the other against one `run_fused_stage` of all of them, from one phase-1 checkpoint,
-    interleaved rounds in this process; then each variant once in a fresh process for its peak memory (what one
-    trial holds).
+    interleaved rounds in this process; then each variant once in a fresh process for the memory one trial takes.
 """
 from __future__ import annotations
 
 import dataclasses
 import multiprocessing
 import resource
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -107,13 +107,27 @@ def _phase2(configs: list[LPTConfig], phase1: Path, work: Path, fused: bool) -> 
     return time.perf_counter() - start
 
 
+def _rss_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+
+
 def _peak_child(configs: list[LPTConfig], phase1: Path, work: Path, fused: bool, threads: int, queue) -> None:
+    """Peak resident memory while the phase 2 runs, sampled every 5 ms, above what the process held before it
+    (interpreter, torch, the configs): the dataset, the backbone, the rows' models and activations."""
     torch.set_num_threads(threads)
-    if fused:
-        _phase2(configs, phase1, work, fused=True)
-    else:  # one trial per row: a trial's peak is the largest of them, each in its own process
-        _phase2(configs[-1:], phase1, work, fused=False)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    before, peak, done = _rss_mib(), [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], _rss_mib())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    # unfused, each row is its own trial and process: the largest pool (the last row) is a trial's peak
+    _phase2(configs if fused else configs[-1:], phase1, work, fused=fused)
+    done.set()
+    sampler.join()
+    queue.put(max(peak[0], _rss_mib()) - before)
 
 
 def _peak_mib(configs: list[LPTConfig], phase1: Path, work: Path, fused: bool, threads: int) -> float:
@@ -166,9 +180,11 @@ def markdown(section: dict[str, Any]) -> str:
                      f"{Stats(**r['unfused_steps_s']).fmt()} | {Stats(**r['ratio']).fmt()} |")
     if section["sweeps"]:
         lines += ["", f"Demo phase 2 of a group_size sweep ({' '.join(section['demo_overrides'])}): every row's "
-                  "run_stage one after the other vs one run_fused_stage, from one phase-1 checkpoint, interleaved; "
-                  "peak memory of one trial (its process's max RSS; unfused: one row per trial).", "",
-                  "| rows (m) | unfused s | fused s | fused / unfused | goal | peak MiB unfused / fused |",
+                  "run_stage one after the other vs one run_fused_stage, from one phase-1 checkpoint, interleaved. "
+                  "Memory of one trial: its process's peak resident memory while the phase 2 runs, above what it "
+                  "held before (the dataset, the backbone, the rows' models and activations; unfused: one row per "
+                  "trial).", "",
+                  "| rows (m) | unfused s | fused s | fused / unfused | goal | trial memory MiB unfused / fused |",
                   "|---|---|---|---|---|---|"]
         for r in section["sweeps"]:
             lines.append(f"| {r['rows']} ({', '.join(map(str, r['pool_sizes']))}) | {Stats(**r['unfused_s']).fmt()} | "

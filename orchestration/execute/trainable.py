@@ -45,8 +45,8 @@ class TrialHooks(StageHooks):
     def __init__(self, spool: MetricSpool, run_id: str, spec: StageSpec, report_to_tune: bool,
                  debug: DebugSettings, store: StageStore, device: torch.device, trial: TrialSpec,
                  tune_checkpoint: bool = True) -> None:
-        self.spool, self.run_id, self.spec = spool, run_id, spec
-        self.report_to_tune, self.tune_checkpoint, self.debug, self.store = report_to_tune, tune_checkpoint, debug, store
+        self.spool, self.run_id, self.spec, self.debug, self.store = spool, run_id, spec, debug, store
+        self.report_to_tune, self.tune_checkpoint = report_to_tune, tune_checkpoint
         self.last_eval: dict[str, float] = {"acc": float("nan"), "few": float("nan")}
         self.device, self.trial = device, trial
 
