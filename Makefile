@@ -22,8 +22,9 @@ demo: $(STAMP)
 # waiting on other processes (Ray start-up, trial workers, SLURM, a browser), so a second worker uses the idle core
 XDIST := -n 2 --dist loadfile
 
+# the slowest 25 tests are listed at the end: where the time goes
 test: $(STAMP)
-	$(PY) -m pytest -q $(XDIST)
+	$(PY) -m pytest -q $(XDIST) --durations=25
 
 # while working: the unit and small integration tier (about a minute)
 test-fast: $(STAMP)
