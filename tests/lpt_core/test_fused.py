@@ -160,3 +160,20 @@ def test_rows_from_different_phase1_checkpoints_are_refused(make_config: Callabl
     with pytest.raises(ValueError, match="fused rows must start from one phase-1 checkpoint"):
         run_fused_stage([FusedRow(cfg, tmp_path / "a", QuietHooks(), init_from=phase1_checkpoint),
                          FusedRow(cfg, tmp_path / "b", QuietHooks(), init_from=earlier)])
+
+
+# the demo domain (lpt_core.data.synthetic), as small as the orchestration tests run it
+DEMO_DATA = {"name": "demo", "img_size": 16, "resize_size": 16, "eval_batch_size": 64,
+             "options": {"num_classes": 10, "num_groups": 5, "n_max": 40, "tau": 10, "test_per_class": 4,
+                         "source_per_class": 20, "source_test_per_class": 4}}
+
+
+@pytest.mark.parametrize("rows", [
+    [{"pool_size": 5}, {"pool_size": 10}, {"pool_size": 20}],  # a group_size subset
+    [{"query": "phase1"}, {"query": "pretrained"}],  # a query_function pair: they share the embedding only
+], ids=["group_size", "query_function"])
+def test_demo_rows_fused_equal_each_row_alone(make_config: Callable[..., LPTConfig], tmp_path: Path,
+                                              rows: list[dict]) -> None:
+    demo = {**THREE_EPOCHS, "data": {**DEMO_DATA, "cache_dir": str(tmp_path / "cache")}}
+    phase1 = run_stage(make_config(demo), "phase1", tmp_path / "phase1", QuietHooks()).checkpoint_dir
+    _assert_rows_equal([make_config({**demo, "prompt": prompt}) for prompt in rows], phase1, tmp_path)
