@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-
 import optuna
 from ray import tune
 from ray.tune import CLIReporter, ExperimentAnalysis
