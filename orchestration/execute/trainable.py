@@ -313,7 +313,7 @@ def _fused_trial(context: SweepContext, trials: list[TrialSpec]) -> None:
     try:
         upstream = train_tracked_stage(context, lead, lead.chain[0], None, False, store, tracking)
         found = train_tracked_fused(context, trials, upstream, store, tracking)
-    except StageOutOfMemoryError as err:  # the rows' shared memory: each of them failed by it
+    except (NonFiniteLossError, StageOutOfMemoryError) as err:  # their phase 1, or their shared memory: every row
         found = {trial.trial_id: err for trial in trials}
     rows = {trial.trial_id: (_failure(trial, found[trial.trial_id]) if isinstance(found[trial.trial_id], BaseException)
                              else _summary(trial, found[trial.trial_id], "phase2")) for trial in trials}
