@@ -6,8 +6,8 @@ in MLflow.
     python orchestration/sweep.py ablation=group_size experiment=places_lt data.root=/data/places365 cluster=ray
     python orchestration/sweep.py ablation=group_size resume=true            # finish an interrupted sweep
 
-Two Tune runs per sweep: first the distinct upstream stages (each phase 1 once), then the trials on top of them
-(phase-2 rows fused where the cluster has fewer trial slots than rows).
+Two Tune runs per sweep: first the distinct upstream stages that several trials start from (each phase 1 once),
+then the trials on top of them (phase-2 rows fused where the cluster has fewer trial slots than rows).
 Everything is validated before Ray starts; the sweep folder is locked against a second driver of the same name.
 """
 from __future__ import annotations

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from lpt_core.files import FileLocked, atomic_write_bytes, file_lock
 from lpt_core.stages import stages_changed_by
 from orchestration.cluster.ray_connection import check_resources, connect, trial_slots
-from orchestration.plan.fusion import plan_fusion
+from orchestration.plan.fusion import plan_fusion, shared_upstream
 from orchestration.plan.sweep_plan import SweepPlan, build_plan
 from orchestration.reporting.build import Report, build_report
 from orchestration.plan.record import PLAN_FILE, PlanRecord, read_state
@@ -228,9 +228,13 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
         context = plan.context(tracking_uri, parent)
         store = StageStore(plan.settings.stages.root)
         missing = {k: v for k, v in upstream.items() if not store.is_done(k, log=log)}
+        separate = shared_upstream(plan, fusion.units, missing)
         if missing:
-            log(f"upstream: {len(missing)} distinct stage(s) to train, {len(upstream) - len(missing)} cached")
-            units = [{"row": row, "seed": seed} for row, seed in missing.values()]
+            alone = len(missing) - len(separate)
+            log(f"upstream: {len(missing)} distinct stage(s) to train, {len(upstream) - len(missing)} cached"
+                + (f"; {alone} of them needed by one trial each, trained in that trial" if alone else ""))
+        if separate:
+            units = [{"row": row, "seed": seed} for row, seed in separate.values()]
             failed = run_tuner(plan, context, storage, "upstream", units, log).failed
             if failed:
                 _write_json(folder / "state.json", {"status": "incomplete", "failed": failed})

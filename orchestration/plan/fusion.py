@@ -1,4 +1,5 @@
-"""Which phase-2 rows train fused in one trial (lpt_core.fused), decided once the cluster's trial slots are known.
+"""How a sweep's trials become Tune trials, decided once the cluster's trial slots are known: which phase-2 rows
+train fused in one trial (lpt_core.fused), and which upstream stages get a Tune run of their own before them.
 
 Rows fuse when they share a fusion key (lpt_core.stages.fusion_key: the phase 1 they start from, the seed and
 their data stream). How many fused trials a sweep gets is a wall-time decision: a fused trial of R rows costs less
@@ -19,7 +20,7 @@ from typing import Any
 
 from lpt_core.stages import fusion_key
 from orchestration.plan.sweep_plan import SweepPlan
-from orchestration.plan.trial_specs import TrialSpec
+from orchestration.plan.trial_specs import TrialSpec, trial_id
 
 
 @dataclass(frozen=True)
@@ -103,3 +104,20 @@ def plan_fusion(plan: SweepPlan, slots: int) -> FusionPlan:
              f"fused (their rows share each batch's backbone forward; fuse=off trains every row alone)"]
     lines += [f"  fused: {plan.ablation.axis} = {', '.join(u.rows)} (seed {u.seed})" for u in fused]
     return FusionPlan(units, lines)
+
+
+def shared_upstream(plan: SweepPlan, units: list[TrialUnit],
+                    missing: dict[str, tuple[str, int]]) -> dict[str, tuple[str, int]]:
+    """The missing upstream stages (phase 1) that get a Tune run of their own, before the trials: those that two or
+    more of the trials' units start from, or, with search=optuna, every one (its trials are sampled as it goes).
+    A stage only one unit needs is trained at the head of that unit's chain: nothing would wait for it, and a Tune
+    run of its own would cost a round of trial start-ups and hold every phase 2 back until the last phase 1 ends.
+    """
+    if plan.optuna:
+        return missing
+    users: dict[str, int] = {}
+    for unit in units:
+        keys = {spec.key for row in unit.rows for spec in plan.trials[trial_id(row, unit.seed)].chain[:-1]}
+        for key in keys:
+            users[key] = users.get(key, 0) + 1
+    return {key: needed_by for key, needed_by in missing.items() if users.get(key, 0) > 1}

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from experiments.compose import compose_config
 from lpt_core.config import ConfigError
-from orchestration.plan.fusion import TrialUnit, plan_fusion
+from orchestration.plan.fusion import TrialUnit, plan_fusion, shared_upstream
 from orchestration.plan.sweep_plan import SweepPlan, build_plan
 
 DEMO_MICRO = dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3)
@@ -113,3 +113,30 @@ def test_fusion_settings_do_not_change_the_sweeps_fingerprint(plan_for) -> None:
     base = plan_for("ablation=group_size").fingerprint()
     assert plan_for("ablation=group_size", "fuse=off").fingerprint() == base
     assert plan_for("ablation=group_size", "fuse_max_rows=2").fingerprint() == base
+
+
+def _missing(plan) -> dict[str, tuple[str, int]]:
+    return plan.upstream_keys()  # nothing is cached in this module's stage root
+
+
+def test_a_phase1_that_several_trials_start_from_gets_its_own_tune_run(plan_for) -> None:
+    plan = plan_for("ablation=group_size")
+    (key,) = _missing(plan)
+    assert list(shared_upstream(plan, plan_fusion(plan, slots=4).units, _missing(plan))) == [key]
+    assert list(shared_upstream(plan, plan_fusion(plan, slots=2).units, _missing(plan))) == [key]  # two fused trials
+
+
+def test_a_phase1_that_one_trial_needs_is_trained_in_that_trial(plan_for) -> None:
+    """One fused trial for every row, or one phase 1 per row (prompt_length): no Tune run of phase 1s before the
+    trials, which would only hold every phase 2 back."""
+    fused = plan_for("ablation=group_size")
+    assert shared_upstream(fused, plan_fusion(fused, slots=1).units, _missing(fused)) == {}
+    per_row = plan_for("ablation=prompt_length")
+    assert len(_missing(per_row)) == 4
+    assert shared_upstream(per_row, plan_fusion(per_row, slots=1).units, _missing(per_row)) == {}
+
+
+def test_an_optuna_search_trains_its_phase1_first(plan_for) -> None:
+    """Its trials are sampled one by one, each on the base row's phase 1."""
+    plan = plan_for("ablation=loss", "search=optuna")
+    assert shared_upstream(plan, plan_fusion(plan, slots=1).units, _missing(plan)) == _missing(plan)
