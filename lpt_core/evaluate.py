@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from lpt_core.metrics import gamma_ratio, knn_predict
 from lpt_core.config import LPTConfig
 from lpt_core.data import DatasetBundle
-from lpt_core.model import LPTModel, shared_phase2_pass
+from lpt_core.model import LPTModel, shared_phase2_pass, shared_phase2_queries
 from lpt_core.runtime import autocast
 
 
@@ -43,14 +43,44 @@ def evaluate(model: LPTModel, dataset: Dataset, stage: str, device: torch.device
     return EvalOutput(torch.cat(preds), torch.cat(labels).long(), torch.cat(queries), torch.cat(topk) if topk else None)
 
 
-def feature_statistics(model: LPTModel, bundle: DatasetBundle, test: EvalOutput, stage: str,
-                       device: torch.device, cfg: LPTConfig) -> tuple[dict[str, float], torch.Tensor]:
+@dataclass
+class QueryFeatures:
+    query: torch.Tensor  # [N, D] float32 on CPU
+    labels: torch.Tensor  # [N]
+
+
+def train_queries(model: LPTModel, bundle: DatasetBundle, stage: str, device: torch.device,
+                  cfg: LPTConfig) -> QueryFeatures:
+    """The query features of the training split (the K-NN's reference set)."""
+    train = evaluate(model, bundle.train_eval, stage, device, cfg)
+    return QueryFeatures(train.query, train.labels)
+
+
+def feature_statistics(train: QueryFeatures, test: EvalOutput, cfg: LPTConfig) -> tuple[dict[str, float], torch.Tensor]:
     """K-NN accuracy (train -> eval split) and gamma of the query features (Tab. 2 / Tab. 10), and the K-NN
     predictions [N] behind that accuracy (stored per image, so the K-NN accuracy gets an interval too)."""
-    train = evaluate(model, bundle.train_eval, stage, device, cfg)
     knn_preds = knn_predict(train.query, train.labels, test.query, k=cfg.eval.knn_k)
     knn_acc = 100.0 * int((knn_preds == test.labels).sum()) / len(knn_preds) if len(knn_preds) else math.nan
     return {"query_knn_acc": knn_acc, "query_gamma": gamma_ratio(test.query, test.labels)}, knn_preds
+
+
+@torch.no_grad()
+def train_queries_of_rows(models: Sequence[LPTModel], bundle: DatasetBundle, device: torch.device,
+                          cfg: LPTConfig) -> list[QueryFeatures]:
+    """`train_queries` of fused phase-2 rows in one pass: the query pass once per batch and query function."""
+    loader = DataLoader(bundle.train_eval, batch_size=cfg.data.eval_batch_size, shuffle=False,
+                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    found: list[list[torch.Tensor]] = [[] for _ in models]
+    labels = []
+    for model in models:
+        model.eval()
+    for images, y in loader:
+        with autocast(device, cfg.precision):
+            queries = shared_phase2_queries(models, images.to(device, non_blocking=True))
+        labels.append(y)
+        for row, query in zip(found, queries):
+            row.append(query.float().cpu())
+    return [QueryFeatures(torch.cat(row), torch.cat(labels).long()) for row in found]
 
 
 def image_paths(dataset: Dataset) -> list[str] | None:

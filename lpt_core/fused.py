@@ -27,7 +27,7 @@ from lpt_core.backbone import create_backbone, normalization, weights_digest
 from lpt_core.checkpoint import BackboneIdentity, save_checkpoint
 from lpt_core.config import LPTConfig
 from lpt_core.data import Normalization, build_dataset
-from lpt_core.evaluate import EvalOutput, evaluate_rows
+from lpt_core.evaluate import EvalOutput, evaluate_rows, train_queries_of_rows
 from lpt_core.model import LPTModel, shared_phase2_pass
 from lpt_core.runtime import autocast, is_out_of_memory, release_cached_memory, resolve_device, seed_everything
 from lpt_core.sampling import ClassAwareSampler, InstanceSampler, steps_per_epoch
@@ -36,7 +36,8 @@ from lpt_core.stages import fusion_key, stage_inputs
 from lpt_core.step import StepLoss
 from lpt_core.train import (NonFiniteLossError, Progress, StageHooks, StageOutOfMemoryError, StageResult,
                             StageSetup, checkpoint_state, epoch_batches, eval_metrics, finish_result, init_from_phase1,
-                            out_of_memory_error, progress_line, prune_checkpoints, restore_progress, train_loader)
+                            out_of_memory_error, progress_line, prune_checkpoints, restore_progress, train_loader,
+                            wants_feature_stats)
 
 STAGE = "phase2"
 RandomState = tuple[torch.Tensor, list[torch.Tensor]]  # torch's CPU generator state, and each CUDA device's
@@ -280,13 +281,17 @@ def _finish(runs: list[_RowRun]) -> list[RowOutcome]:
         run.metrics = dict(run.history[-1]) if run.history else {}
     if resumed_done:
         _evaluate(resumed_done)
+    finished = [run for run in runs if run.error is None]
+    lead = runs[0].setup
+    trains = iter(train_queries_of_rows([run.setup.model for run in finished], lead.bundle, lead.device, runs[0].cfg)
+                  if finished and wants_feature_stats(runs[0].cfg, lead.bundle) else [None] * len(finished))
     outcomes = []
     for run in runs:
         if run.error is not None:
             outcomes.append(RowOutcome(error=run.error))
             continue
-        _set_random_state(run.rng)
-        result = finish_result(run.cfg, STAGE, run.setup, run.out, run.metrics, run.history, run.checkpoint_dir)
+        result = finish_result(run.cfg, STAGE, run.setup, run.out, run.metrics, run.history, run.checkpoint_dir,
+                               train=next(trains))
         result.extras.update(resumed_after_epoch=run.first_epoch - 1 if run.row.resume_from else None,
                              trainable_params=sum(p.numel() for p in run.params), backbone=vars(run.setup.identity))
         outcomes.append(RowOutcome(result=result))

@@ -178,31 +178,42 @@ class LPTModel(nn.Module):
                 for name, t in module.state_dict().items()}
 
 
-def shared_phase2_pass(models: Sequence[LPTModel], images: Tensor) -> list[RowFeatures]:
-    """Phase 2 of several rows over one batch, paying once for what none of them trains.
-
-    The rows share one frozen backbone and one frozen shared prompt u (the phase 1 they all start from), so the
-    embedding, blocks 1..K and the phase-1 query pass are the same for every row: they run once, with the tokens
-    kept after each row's block K (the query pass runs through all of them anyway), and the pretrained query once
-    if a row matches with it. Each row then matches with its own keys and selects its own group prompts; blocks
-    K+1..L run once for all rows whose prompts have the same shape, stacked along the batch (one large batch for a
-    GPU), and once per remaining shape. Every op is the one `forward_grouped` runs for that row alone; only the
-    batch a matrix product sees is larger.
-    """
+def _shared_part(models: Sequence[LPTModel], images: Tensor) -> tuple[dict[int, Tensor], dict[str, Tensor]]:
+    """What no fused row trains, once: the tokens after each row's block K (the query pass runs through all of
+    them anyway) and the queries by function (phase1 / pretrained), each computed only if a row matches with it."""
     lead = models[0]
-    depth = len(lead.backbone.blocks)
-    cuts = sorted({m.block_k for m in models})
     tokens: dict[int, Tensor] = {}
     queries: dict[str, Tensor] = {}
     with torch.no_grad():
         x, start = lead.embed(images), 0
-        for cut in cuts:
+        for cut in sorted({m.block_k for m in models}):
             x = tokens[cut] = lead.run_blocks(x, start, cut)
             start = cut
         if any(m.cfg.query == "phase1" for m in models):
-            queries["phase1"] = lead.cls_feature(lead.run_blocks(x, start, depth))
+            queries["phase1"] = lead.cls_feature(lead.run_blocks(x, start, len(lead.backbone.blocks)))
     if any(m.cfg.query == "pretrained" for m in models):
         queries["pretrained"] = lead.pretrained_query(images)
+    return tokens, queries
+
+
+def shared_phase2_queries(models: Sequence[LPTModel], images: Tensor) -> list[Tensor]:
+    """Each fused row's query [B, D], the query pass run once per query function (the K-NN statistics need no
+    more: a phase-2 row's query does not depend on its pool)."""
+    _, queries = _shared_part(models, images)
+    return [queries[m.cfg.query] for m in models]
+
+
+def shared_phase2_pass(models: Sequence[LPTModel], images: Tensor) -> list[RowFeatures]:
+    """Phase 2 of several rows over one batch, paying once for what none of them trains.
+
+    The rows share one frozen backbone and one frozen shared prompt u (the phase 1 they all start from), so the
+    embedding, blocks 1..K and the query pass are the same for every row (`_shared_part`). Each row then matches
+    with its own keys and selects its own group prompts; blocks K+1..L run once for all rows whose prompts have the
+    same shape, stacked along the batch (one large batch for a GPU), and once per remaining shape. Every op is the
+    one `forward_grouped` runs for that row alone; only the batch a matrix product sees is larger.
+    """
+    tokens, queries = _shared_part(models, images)
+    depth = len(models[0].backbone.blocks)
     matched = []
     for m in models:
         topk_idx, topk_sim = m.group_pool.match(queries[m.cfg.query], m.cfg.top_k)

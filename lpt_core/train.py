@@ -26,7 +26,7 @@ from lpt_core.backbone import create_backbone, normalization, weights_digest
 from lpt_core.checkpoint import META_FILE, BackboneIdentity, CheckpointError, load_checkpoint, save_checkpoint, stage_of
 from lpt_core.config import STAGES, LPTConfig, StageConfig, from_dict
 from lpt_core.data import DatasetBundle, Normalization, build_dataset
-from lpt_core.evaluate import EvalOutput, evaluate, feature_statistics, image_paths
+from lpt_core.evaluate import EvalOutput, QueryFeatures, evaluate, feature_statistics, image_paths, train_queries
 from lpt_core.model import LPTModel
 from lpt_core.runtime import is_out_of_memory, release_cached_memory, resolve_device, seed_everything
 from lpt_core.sampling import ClassAwareSampler, InstanceSampler, branches_for, steps_per_epoch
@@ -290,11 +290,18 @@ def prune_checkpoints(folder: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def wants_feature_stats(cfg: LPTConfig, bundle: DatasetBundle) -> bool:
+    return cfg.eval.feature_stats and bundle.train_eval is not None
+
+
 def finish_result(cfg: LPTConfig, stage: str, setup: StageSetup, out: EvalOutput, metrics: dict, history: list,
-            ckpt_dir: Path) -> StageResult:
+                  ckpt_dir: Path, train: QueryFeatures | None = None) -> StageResult:
+    """The stage's result from its final evaluation; `train`: the training split's query features where the caller
+    has them already (fused rows compute them in one pass), else computed here if eval.feature_stats asks."""
     final, knn_preds = dict(metrics), None
-    if cfg.eval.feature_stats and setup.bundle.train_eval is not None:
-        stats, knn_preds = feature_statistics(setup.model, setup.bundle, out, stage, setup.device, cfg)
+    if wants_feature_stats(cfg, setup.bundle):
+        stats, knn_preds = feature_statistics(train or train_queries(setup.model, setup.bundle, stage, setup.device,
+                                                                     cfg), out, cfg)
         final.update(stats)
     per_class = per_class_table(out.preds, out.labels, setup.bundle.class_counts, setup.bundle.class_names)
     match = None

@@ -21,8 +21,10 @@ from lpt_core.train import NonFiniteLossError, run_stage
 from .conftest import QuietHooks, assert_same, without_timing
 
 LOGIT_TOLERANCE = 1e-5
-# three epochs of three steps per branch: the rows' pools drift apart from the first step on
-THREE_EPOCHS = {"phase2": {"epochs": 3, "steps_per_epoch": 3, "base_lr": 0.5}, "eval": {"every_epochs": 1}}
+# three epochs of three steps per branch: the rows' pools drift apart from the first step on; every epoch
+# evaluated, and the query features' K-NN accuracy and gamma at the end (computed for all rows in one pass)
+THREE_EPOCHS = {"phase2": {"epochs": 3, "steps_per_epoch": 3, "base_lr": 0.5},
+                "eval": {"every_epochs": 1, "feature_stats": True}}
 
 
 def _test_logits(cfg: LPTConfig, checkpoint: Path) -> torch.Tensor:
@@ -39,6 +41,7 @@ def _test_logits(cfg: LPTConfig, checkpoint: Path) -> torch.Tensor:
 
 def _assert_same_results(a, b) -> None:
     """The same metrics and history (timing aside), NaN where the other has NaN (a class group without classes)."""
+    assert {"query_knn_acc", "query_gamma"} <= set(a.metrics)
     assert_same(without_timing([a.metrics, *a.history]), without_timing([b.metrics, *b.history]))
 
 

@@ -115,28 +115,25 @@ def test_fusion_settings_do_not_change_the_sweeps_fingerprint(plan_for) -> None:
     assert plan_for("ablation=group_size", "fuse_max_rows=2").fingerprint() == base
 
 
-def _missing(plan) -> dict[str, tuple[str, int]]:
-    return plan.upstream_keys()  # nothing is cached in this module's stage root
-
-
 def test_a_phase1_that_several_trials_start_from_gets_its_own_tune_run(plan_for) -> None:
+    """(Nothing is trained in this module's stage root: every upstream stage is missing.)"""
     plan = plan_for("ablation=group_size")
-    (key,) = _missing(plan)
-    assert list(shared_upstream(plan, plan_fusion(plan, slots=4).units, _missing(plan))) == [key]
-    assert list(shared_upstream(plan, plan_fusion(plan, slots=2).units, _missing(plan))) == [key]  # two fused trials
+    (key,) = plan.upstream_keys()
+    assert list(shared_upstream(plan, plan_fusion(plan, slots=4).units, plan.upstream_keys())) == [key]
+    assert list(shared_upstream(plan, plan_fusion(plan, slots=2).units, plan.upstream_keys())) == [key]
 
 
 def test_a_phase1_that_one_trial_needs_is_trained_in_that_trial(plan_for) -> None:
     """One fused trial for every row, or one phase 1 per row (prompt_length): no Tune run of phase 1s before the
     trials, which would only hold every phase 2 back."""
     fused = plan_for("ablation=group_size")
-    assert shared_upstream(fused, plan_fusion(fused, slots=1).units, _missing(fused)) == {}
+    assert shared_upstream(fused, plan_fusion(fused, slots=1).units, fused.upstream_keys()) == {}
     per_row = plan_for("ablation=prompt_length")
-    assert len(_missing(per_row)) == 4
-    assert shared_upstream(per_row, plan_fusion(per_row, slots=1).units, _missing(per_row)) == {}
+    assert len(per_row.upstream_keys()) == 4
+    assert shared_upstream(per_row, plan_fusion(per_row, slots=1).units, per_row.upstream_keys()) == {}
 
 
 def test_an_optuna_search_trains_its_phase1_first(plan_for) -> None:
     """Its trials are sampled one by one, each on the base row's phase 1."""
     plan = plan_for("ablation=loss", "search=optuna")
-    assert shared_upstream(plan, plan_fusion(plan, slots=1).units, _missing(plan)) == _missing(plan)
+    assert shared_upstream(plan, plan_fusion(plan, slots=1).units, plan.upstream_keys()) == plan.upstream_keys()
