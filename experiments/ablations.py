@@ -215,6 +215,20 @@ register(Ablation(
     reference="vit_b", demo_reference="micro_m",  # micro_m is the demo's default micro ViT (width 128)
 ))
 register(Ablation(
+    "vpt_sampling", "VPT (the shared prompt) vs linear probe, with instance-balanced or class-balanced sampling, "
+    "both with CE (Tab. 1)", "row",
+    points=(
+        Point("linear_probe_instance", {"prompt.shared": False, "phase1.loss.name": "ce",
+                                        "phase1.sampling": "instance", RUN_UNTIL: "phase1"}),
+        Point("vpt_instance", {"phase1.loss.name": "ce", "phase1.sampling": "instance", RUN_UNTIL: "phase1"}),
+        Point("linear_probe_cb", {"prompt.shared": False, "phase1.loss.name": "ce",
+                                  "phase1.sampling": "class_balanced", RUN_UNTIL: "phase1"}),
+        Point("vpt_cb", {"phase1.loss.name": "ce", "phase1.sampling": "class_balanced", RUN_UNTIL: "phase1"}),
+    ),
+    stages=("phase1",), paper={"vpt_instance": 37.52, "vpt_cb": 44.17}, reference="vpt_cb",
+    steps=(("vpt_instance", "linear_probe_instance"), ("vpt_cb", "linear_probe_cb")),
+))
+register(Ablation(
     "per_phase", "Contribution of each part (Tab. 8 rows, plus Tab. 1's VPT without class-balanced sampling)", "row",
     points=(
         Point("linear_probe", {"prompt.shared": False, "phase1.loss.name": "ce", RUN_UNTIL: "phase1"}),

@@ -23,6 +23,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from experiments.ablations import ABLATIONS
+from experiments.suites import SUITES
 from experiments.schema import GROUP_OPTIONS, AblationChoice, DemoPretrainConfig, SweepSettings
 from lpt_core.config import OPEN_MAPPINGS, ConfigError, LPTConfig, build_dataclass, from_dict, no_such_key, to_dict
 from lpt_core.suggest import did_you_mean
@@ -31,7 +32,7 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 LPT_KEYS = tuple(f.name for f in dataclasses.fields(LPTConfig))
 # the options of the groups register_configs stores from code: one per registered ablation, the search and
 # cluster options, the demo's pretraining recipe
-STORED_OPTIONS: dict[str, tuple[str, ...]] = {"ablation": tuple(ABLATIONS), "pretrain": ("demo",),
+STORED_OPTIONS: dict[str, tuple[str, ...]] = {"ablation": (*ABLATIONS, *SUITES), "pretrain": ("demo",),
                                               **{group: tuple(options) for group, options in GROUP_OPTIONS.items()}}
 # config groups chosen on the command line (`model=vit_b`): the folders of conf/ and the stored groups
 CONFIG_GROUPS = frozenset({*(p.name for p in CONF_DIR.iterdir() if p.is_dir()), *STORED_OPTIONS})
@@ -47,7 +48,7 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="lpt_defaults", node=defaults)
     store.store(name="sweep_defaults", node=dataclasses.asdict(SweepSettings()))
-    for name in ABLATIONS:
+    for name in (*ABLATIONS, *SUITES):
         store.store(group="ablation", name=name, node=dataclasses.asdict(AblationChoice(name)))
     for group, options in GROUP_OPTIONS.items():
         for name, values in options.items():

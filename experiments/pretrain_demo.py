@@ -27,7 +27,7 @@ from experiments.compose import CONF_DIR
 from experiments.schema import DemoPretrainConfig
 from lpt_core.backbone import set_norm_eps
 from lpt_core.config import BackboneConfig, DataConfig, LPTConfig, build_dataclass
-from lpt_core.data.synthetic import demo_source_split, source_digest
+from lpt_core.data.synthetic import NUM_SOURCE_CLASSES, DemoOptions, demo_source_split, source_digest
 from lpt_core.files import atomic_write_bytes, content_key, file_lock
 from lpt_core.schedule import lr_at
 
@@ -140,6 +140,27 @@ def pretrain_micro_vit(backbone: BackboneConfig, images: torch.Tensor, labels: t
         log(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss_sum / seen:.3f}  train acc {correct / seen:.3f}  "
             f"{time.time() - start:.0f} s")
     return model.eval()
+
+
+def pretrain_seconds(backbone: BackboneConfig, data: DataConfig, pretrain: DemoPretrainConfig,
+                     batch: int = 16) -> float:
+    """What pretraining one micro ViT takes here: its epochs over the source images (source_per_class x
+    NUM_SOURCE_CLASSES) at the measured time per image of a training step (a warm-up step, then two timed)."""
+    options = DemoOptions.from_config(data)
+    model = timm.create_model(backbone.name, pretrained=False, num_classes=NUM_SOURCE_CLASSES, **backbone.model_kwargs)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=pretrain.lr)
+    x = torch.randn(batch, 3, options.image_size, options.image_size)
+    y = torch.randint(NUM_SOURCE_CLASSES, (batch,))
+    timings = []
+    for _ in range(3):
+        start = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        timings.append(time.perf_counter() - start)
+    per_image = sum(timings[1:]) / (len(timings) - 1) / batch
+    return per_image * pretrain.epochs * options.source_per_class * NUM_SOURCE_CLASSES
 
 
 @torch.no_grad()

@@ -123,6 +123,7 @@ class SweepSettings:
     resources: Resources = field(default_factory=Resources)
     seeds: list[int] = field(default_factory=lambda: [0])  # each ablation point is repeated once per seed
     resume: bool = False  # True: finish an interrupted / partly failed sweep of the same name
+    dry_run: bool = False  # print the plan (rows, distinct stages, trials, cached, a compute estimate); run nothing
     max_concurrent_trials: int = 0  # 0 = as many as the cluster's resources allow
     scheduler: Literal["fifo", "asha"] = "fifo"  # asha early-stops weak phase-2 trials on the ablation's metric
     max_failures: int = 2  # automatic retries of a crashed trial (from its last checkpoint)

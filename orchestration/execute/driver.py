@@ -9,6 +9,7 @@ the sweep folders, in sweep.root: the default tracking store of every sweep (mlf
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import getpass
 import json
 import re
@@ -23,15 +24,19 @@ from omegaconf import DictConfig
 from lpt_core.files import FileLocked, atomic_write_bytes, file_lock
 from lpt_core.stages import stages_changed_by
 from orchestration.cluster.ray_connection import check_resources, connect, trial_slots
+from orchestration.plan.estimate import Estimate, estimate, plan_lines, wall_line
 from orchestration.plan.fusion import plan_fusion, shared_upstream
 from orchestration.plan.sweep_plan import SweepPlan, build_plan
 from orchestration.reporting.build import Report, build_report
 from orchestration.plan.record import PLAN_FILE, PlanRecord, read_state
+from orchestration.plan.trial_specs import trial_id
 from orchestration.execute.stage_store import StageStore
 from orchestration.cluster.storage_check import check_shared_storage
 from orchestration.tracking.registry import RunRegistry, redact
+from orchestration.execute.suite_progress import SuiteProgress
 from orchestration.execute.tuning import TrialOutcome, run_tuner, tune_run_exists
-from orchestration.reporting.workbench import summarise_sweep, ui_link, write_view
+from orchestration.reporting.suite_report import build_suite_report, write_suite_file
+from orchestration.reporting.workbench import summarise_suite, summarise_sweep, ui_link, write_view
 
 
 class SweepError(RuntimeError):
@@ -178,9 +183,12 @@ def _parent_run(runs: RunRegistry, plan: SweepPlan, record: PlanRecord, upstream
     return parent
 
 
-def _summarise(runs: RunRegistry, parent: str, record: PlanRecord, report: Report, log) -> None:
+def _summarise(runs: RunRegistry, parent: str, record: PlanRecord, report: Report, suite: bool, log) -> None:
     """The parent run's summary, the view over every sweep of the experiment, and how to open it."""
-    summarise_sweep(runs, parent, record, report)
+    if suite:
+        summarise_suite(runs, parent, report)
+    else:
+        summarise_sweep(runs, parent, record, report)
     write_view(runs)
     command, link = ui_link(redact(runs.uri), runs.experiment_id)
     log(f"MLflow: this sweep beside every other of experiment {record.tracking_experiment!r}"
@@ -196,21 +204,53 @@ def _close_stopped(runs: RunRegistry, stopped: list[TrialOutcome]) -> None:
                                                           f"{int(outcome.metrics['epoch']) + 1} epoch(s)")
 
 
+def _announce(plan: SweepPlan, log) -> Estimate | None:
+    """The plan and its compute, before anything is trained (a suite always; any sweep with dry_run=true)."""
+    if plan.suite is None and not plan.settings.dry_run:
+        return None
+    store = StageStore(plan.settings.stages.root)
+    keys = {spec.key for trial in plan.trials.values() for spec in trial.chain}
+    found = estimate(plan, {key for key in keys if store.is_done(key, log=lambda message: None)})
+    for line in plan_lines(plan, found):
+        log(line)
+    return found
+
+
+def _report(plan: SweepPlan, folder: Path, tracking_uri: str, parent: str | None, log) -> Report:
+    """The sweep's report (a suite's: its tables and claims), logged to the parent run where there is one."""
+    if plan.suite is not None:
+        return build_suite_report(folder, tracking_uri, parent, log_to_mlflow=parent is not None, log=log)
+    return build_report(folder, tracking_uri=tracking_uri, parent_run_id=parent, log_to_mlflow=parent is not None)
+
+
+def _failed_upstream(separate: dict[str, tuple[str, int]], failed: list[str]) -> dict[str, str]:
+    """The upstream stages whose Tune run failed -> why (the trials on top of them end failed without training)."""
+    return {key: f"its upstream stage {key} failed (trial {trial_id(row, seed)})"
+            for key, (row, seed) in separate.items() if trial_id(row, seed) in failed}
+
+
 def run_sweep(cfg: DictConfig | dict, log=print) -> int:
     plan = build_plan(cfg)
     record = plan.record()
+    found = _announce(plan, log)
+    if plan.settings.dry_run:
+        log("dry_run=true: nothing was trained, no sweep folder or run was written")
+        return 0
     folder = _prepare_folder(plan)
     with sweep_lock(folder):
         status = _check_existing(plan, folder, record)
         if status == "complete":
             log(f"sweep {plan.name!r} is complete; nothing to train. Report:")
-            log(build_report(folder, tracking_uri=plan.tracking_uri(), log_to_mlflow=False).markdown)
+            log(_report(plan, folder, plan.tracking_uri(), None, log).markdown)
             return 0
         connect(plan.settings.cluster, log=log)  # before writing anything: an unreachable cluster changes nothing
         check_resources(plan.settings.resources.cpu, plan.settings.resources.gpu)
         storage = plan.settings.sweep.storage or str(folder / "tune")
-        fusion = plan_fusion(plan, trial_slots(plan.settings.resources.cpu, plan.settings.resources.gpu,
-                                               plan.settings.max_concurrent_trials))
+        slots = trial_slots(plan.settings.resources.cpu, plan.settings.resources.gpu,
+                            plan.settings.max_concurrent_trials)
+        fusion = plan_fusion(plan, slots)
+        if found is not None and not found.failure:
+            log(wall_line(found, slots))
         if tune_run_exists(storage, "trials"):
             log("fusion: as planned when the trials' Tune run started (it is restored with its trials)")
         else:
@@ -219,6 +259,8 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
         check_shared_storage({"sweep.root": folder, "stages.root": plan.settings.stages.root}, log=log)
         plan.ensure_backbones(log)
         record.write(folder)
+        if plan.suite is not None:
+            write_suite_file(folder, plan.suite.name, plan.aliases)
         _write_json(folder / "state.json", {"status": "running"})
         tracking_uri = plan.tracking_uri()
         runs = RunRegistry(tracking_uri, record.tracking_experiment,
@@ -233,24 +275,30 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
             alone = len(missing) - len(separate)
             log(f"upstream: {len(missing)} distinct stage(s) to train, {len(upstream) - len(missing)} cached"
                 + (f"; {alone} of them needed by one trial each, trained in that trial" if alone else ""))
+        callbacks = [SuiteProgress(plan, plan.suite, found.seconds if found else {})] if plan.suite else []
         if separate:
             units = [{"row": row, "seed": seed} for row, seed in separate.values()]
-            failed = run_tuner(plan, context, storage, "upstream", units, log).failed
-            if failed:
+            failed = run_tuner(plan, context, storage, "upstream", units, log, callbacks).failed
+            context = dataclasses.replace(context, failed_upstream=_failed_upstream(separate, failed))
+            if failed and all(context.blocked_by(plan.trials[trial_id(row, unit.seed)])
+                              for unit in fusion.units for row in unit.rows):
                 _write_json(folder / "state.json", {"status": "incomplete", "failed": failed})
                 log(f"upstream stage(s) failed for {failed}; the trials on top of them were not started. "
                     f"{RESUME_AFTER_FAILURE}")
                 runs.finish(parent, failed=f"upstream stage(s) failed: {failed}")
                 return 1
-        result = run_tuner(plan, context, storage, "trials", [unit.tune_config() for unit in fusion.units], log)
+            if failed:
+                log(f"upstream stage(s) failed for {failed}: the trials on top of them end failed, the others run")
+        result = run_tuner(plan, context, storage, "trials", [unit.tune_config() for unit in fusion.units], log,
+                           callbacks)
         _write_json(folder / "trials.json", result.records)
         failed, complete = result.failed, not result.failed
         _close_stopped(runs, result.stopped)
         _write_json(folder / "state.json", {"status": "complete" if complete else "incomplete", "failed": failed,
                                             "stopped": [o.ident for o in result.stopped]})
-        report = build_report(folder, tracking_uri=tracking_uri, parent_run_id=parent)
+        report = _report(plan, folder, tracking_uri, parent, log)
         log(report.markdown)
-        _summarise(runs, parent, record, report, log)
+        _summarise(runs, parent, record, report, plan.suite is not None, log)
         runs.finish(parent, failed=None if complete else f"{len(failed)} trial(s) failed: {failed}")
         if not complete:
             log(f"{len(failed)} trial(s) failed: {failed}. {RESUME_AFTER_FAILURE}")

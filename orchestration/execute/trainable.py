@@ -39,6 +39,10 @@ class InjectedFault(RuntimeError):
     """Raised on purpose by debug.fail_at_epoch (fault-injection tests of retry and resume)."""
 
 
+class UpstreamFailed(RuntimeError):
+    """The phase 1 a trial starts from failed in the upstream Tune run: the trial ends failed without training."""
+
+
 class TrialHooks(StageHooks):
     """Reports each epoch to MLflow (once per step) and, for the trial's final stage, to Tune with a checkpoint."""
 
@@ -290,6 +294,9 @@ def lpt_trainable(config: dict[str, Any], context: SweepContext) -> None:
         _fused_trial(context, fused)
         return
     trial = context.trial(values)
+    if (reason := context.blocked_by(trial)) is not None:
+        tune.report(_failure(trial, UpstreamFailed(reason)))
+        return
     chain = trial.chain[:-1] if context.upstream_only and len(trial.chain) > 1 else trial.chain
     store, tracking = _tracking(context)
     output = None
@@ -310,6 +317,10 @@ def _fused_trial(context: SweepContext, trials: list[TrialSpec]) -> None:
     values flat); the driver splits it into one outcome per row."""
     store, tracking = _tracking(context)
     lead = trials[0]
+    if (reason := context.blocked_by(lead)) is not None:
+        rows = {trial.trial_id: _failure(trial, UpstreamFailed(reason)) for trial in trials}
+        tune.report({FUSED_ROWS: json.dumps(rows, default=float), "trial_complete": False, "acc": float("nan")})
+        return
     try:
         upstream = train_tracked_stage(context, lead, lead.chain[0], None, False, store, tracking)
         found = train_tracked_fused(context, trials, upstream, store, tracking)

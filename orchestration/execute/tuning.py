@@ -69,13 +69,14 @@ def _tune_config(plan: SweepPlan, optuna_search: bool, early_stopping: bool) -> 
     )
 
 
-def _run_config(plan: SweepPlan, storage: str, name: str, params: dict[str, str]) -> tune.RunConfig:
+def _run_config(plan: SweepPlan, storage: str, name: str, params: dict[str, str],
+                callbacks: list[tune.Callback]) -> tune.RunConfig:
     reporter = CLIReporter(metric_columns={"stage": "stage", "epoch": "epoch", "acc": "acc", "few": "few"},
                            parameter_columns=params, max_report_frequency=30, sort_by_metric=False)
     return tune.RunConfig(name=name, storage_path=storage,
                           failure_config=tune.FailureConfig(max_failures=plan.settings.max_failures),
                           checkpoint_config=tune.CheckpointConfig(num_to_keep=2), progress_reporter=reporter,
-                          verbose=1)
+                          callbacks=callbacks, verbose=1)
 
 
 def _columns(plan: SweepPlan, optuna_search: bool, prefix: str = "") -> dict[str, str]:
@@ -169,13 +170,14 @@ def _quiet_tune_output() -> None:
 
 
 def run_tuner(plan: SweepPlan, context: SweepContext, storage: str, name: str,
-              units: list[dict[str, Any]], log=print) -> TunerResult:
+              units: list[dict[str, Any]], log=print, callbacks: list[tune.Callback] | None = None) -> TunerResult:
     """Runs (or restores) one Tune run.
 
     On a resume, every Tune run of `name` is restored (unfinished and errored trials resumed, OptunaSearch's
     state kept). A trial that ended on purpose before this driver started (NaN loss, out of memory: Tune marks it
     TERMINATED, so its restore leaves it alone) runs again in a new Tune run `<name>-rerun<k>` on its own config:
     it continues from its newest checkpoint in the stage store and its MLflow run, like any resumed trial.
+    callbacks: Tune callbacks of a new run (a restored run brings back its own).
     """
     _quiet_tune_output()
     optuna_search = plan.optuna and name == "trials"
@@ -188,7 +190,7 @@ def run_tuner(plan: SweepPlan, context: SweepContext, storage: str, name: str,
     if not runs:
         tuner = tune.Tuner(trainable, param_space=_search_space(plan, units, optuna_search),
                            tune_config=_tune_config(plan, optuna_search, early_stopping),
-                           run_config=_run_config(plan, storage, name, _columns(plan, optuna_search)))
+                           run_config=_run_config(plan, storage, name, _columns(plan, optuna_search), callbacks or []))
         latest = _fit(tuner, context)
     else:
         before: dict[str, TrialOutcome] = {}
@@ -207,7 +209,8 @@ def run_tuner(plan: SweepPlan, context: SweepContext, storage: str, name: str,
                 f"(Tune run {rerun}): {[o.ident for o in again]}")
             tuner = tune.Tuner(trainable, param_space={"trial": tune.grid_search([o.config for o in again])},
                                tune_config=_tune_config(plan, optuna_search=False, early_stopping=False),
-                               run_config=_run_config(plan, storage, rerun, _columns(plan, optuna_search, "trial/")))
+                               run_config=_run_config(plan, storage, rerun, _columns(plan, optuna_search, "trial/"),
+                                                         callbacks or []))
             latest.update(_fit(tuner, context))
     stopped = [o for o in latest.values() if o.status == "stopped" and early_stopping]
     failed = [o for o in latest.values() if o.status != "complete" and o not in stopped]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from experiments.ablations import get_ablation
+from experiments.suites import find_ablation
 from lpt_core.config import ConfigError
 from lpt_core.files import atomic_write_bytes
 from orchestration.tracking.run_names import metric_name
@@ -81,6 +81,6 @@ class PlanRecord:
         if self.search != "grid":
             return {**params, **{key: value for key, value in (self.content or {}).items()
                                  if key.startswith("search.") and key != "search.name"}}
-        reference = get_ablation(self.ablation).reference_for(self.experiment)
+        reference = find_ablation(self.ablation).reference_for(self.experiment)
         return {**params, "rows": ",".join(self.rows),
                 "reference": f"{self.axis}={reference}" if reference in self.rows else "(not in this sweep)"}

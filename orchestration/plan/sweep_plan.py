@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig
 
-from experiments.ablations import RUN_UNTIL, Ablation, get_ablation
+from experiments.ablations import RUN_UNTIL, Ablation
+from experiments.suites import SUITES, Suite, find_ablation
 from experiments.compose import split
 from experiments.pretrain_demo import ensure_demo_weights, with_demo_weights
 from experiments.schema import DemoPretrainConfig, SweepSettings
@@ -32,6 +33,12 @@ class SweepPlan:
     points: dict[str, dict[str, Any]]  # row label -> overrides, as the ablation declares them
     pretrain: DemoPretrainConfig | None
     trials: dict[str, TrialSpec]  # by trial id: every (row, seed); with Optuna, the base row (its upstream)
+    # a suite: every row of its tables -> the row trained for it (rows whose trials are the same are trained once)
+    aliases: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def suite(self) -> Suite | None:
+        return SUITES.get(self.ablation.name)
 
     @property
     def optuna(self) -> bool:
@@ -174,6 +181,24 @@ def _optuna_trials(name: str, ablation: Ablation, settings: SweepSettings, base:
     return {trial.trial_id: trial}
 
 
+def _merge_identical_rows(trials: dict[str, TrialSpec], points: dict[str, dict[str, Any]],
+                          reference: str | None) -> tuple[dict[str, TrialSpec], dict[str, dict[str, Any]],
+                                                          dict[str, str]]:
+    """A suite's rows whose trials run the same stages for every seed (the same stage keys: the reference
+    configuration is a row of five tables) become one row, labelled by the reference where it is one of them, else
+    by the first. Returns the trials and points of the rows kept, and every row's label -> the row kept for it."""
+    chains: dict[str, list] = {}
+    for trial in trials.values():
+        chains.setdefault(trial.row, []).append((trial.seed, tuple(spec.key for spec in trial.chain)))
+    kept: dict[tuple, str] = {}
+    for row in sorted(points, key=lambda label: label != reference):  # the reference first: its label names the group
+        kept.setdefault(tuple(sorted(chains[row])), row)
+    aliases = {row: kept[tuple(sorted(chains[row]))] for row in points}
+    rows = set(aliases.values())
+    return ({ident: t for ident, t in trials.items() if t.row in rows},
+            {row: overrides for row, overrides in points.items() if row in rows}, aliases)
+
+
 def _absolute_paths(cfg: LPTConfig) -> LPTConfig:
     """Tune runs each trial in its own folder: relative paths from the command line must not move with it."""
     def absolute(value: str | None) -> str | None:
@@ -189,7 +214,7 @@ def build_plan(cfg: DictConfig | dict) -> SweepPlan:
     (`SweepPlan.ensure_backbones`), after the cheap checks."""
     spec = split(cfg)
     settings = _check_sweep_settings(spec.settings)
-    ablation = get_ablation(settings.ablation.name)
+    ablation = find_ablation(settings.ablation.name)
     base = _absolute_paths(spec.lpt)  # the base config alone must be valid
     name = settings.sweep.name or f"{ablation.name}-{spec.name}"
     # one MLflow experiment per dataset experiment (demo, places_lt, ...) unless tracking.experiment names one
@@ -198,6 +223,13 @@ def build_plan(cfg: DictConfig | dict) -> SweepPlan:
     if settings.search.name == "optuna" and settings.ablation.values is not None:
         raise ConfigError("ablation.values selects grid rows; it has no meaning with search=optuna")
     points = _select_points(ablation, spec.name, settings.ablation.values)
-    trials = (_optuna_trials(name, ablation, settings, base, spec.pretrain) if settings.search.name == "optuna"
-              else _grid_trials(name, ablation, settings, base, points, spec.pretrain))
-    return SweepPlan(name, spec.name, ablation, settings, base, points, spec.pretrain, trials)
+    if settings.search.name == "optuna":
+        if ablation.name in SUITES:
+            raise ConfigError(f"search=optuna: {ablation.name!r} is a suite of tables; search one ablation of it")
+        trials = _optuna_trials(name, ablation, settings, base, spec.pretrain)
+        return SweepPlan(name, spec.name, ablation, settings, base, points, spec.pretrain, trials)
+    trials = _grid_trials(name, ablation, settings, base, points, spec.pretrain)
+    aliases = {}
+    if ablation.name in SUITES:
+        trials, points, aliases = _merge_identical_rows(trials, points, ablation.reference_for(spec.name))
+    return SweepPlan(name, spec.name, ablation, settings, base, points, spec.pretrain, trials, aliases)

@@ -65,6 +65,13 @@ class SweepContext:
     parent_run_id: str
     debug: DebugSettings
     upstream_only: bool = False  # the upstream Tune run: each trial stops before its last stage
+    # upstream stages whose Tune run failed -> why: a trial on top of one ends failed at once (a resume reruns it)
+    failed_upstream: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def blocked_by(self, trial: TrialSpec) -> str | None:
+        """Why `trial` cannot run: the failure of an upstream stage it starts from; None when it can."""
+        reasons = [self.failed_upstream[spec.key] for spec in trial.chain if spec.key in self.failed_upstream]
+        return reasons[0] if reasons else None
 
     def _sampled(self, values: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         sampled = {key: values[key] for key in self.space}

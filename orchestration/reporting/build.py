@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiments.ablations import PAPER_EXPERIMENT, Ablation, get_ablation
+from experiments.ablations import PAPER_EXPERIMENT, Ablation
+from experiments.suites import find_ablation
 from lpt_core.uncertainty import REPLICATES
 from orchestration.reporting import optuna_study, plots
 from orchestration.reporting.sources import Run, Sources, load_predictions, load_runs, open_store, upstream_runs
@@ -32,6 +33,7 @@ class Report:
     markdown: str
     rows: list[dict]
     files: list[Path] = field(default_factory=list)
+    tables: Tables | None = None  # what the markdown shows (a suite's report reads its tables' lines)
 
 
 def _grid_lines(plan: PlanRecord, ablation: Ablation, runs: list[Run]) -> list[Line]:
@@ -67,7 +69,7 @@ def _upstream_lines(lines: list[Line], runs: dict[str, Run]) -> tuple[Line | Non
 def collect(folder: Path, sources: Sources, replicates: int = REPLICATES) -> Tables:
     """Every line of the report with its points, intervals and paired differences, and notes on what is missing."""
     plan = PlanRecord.read(folder)
-    ablation = get_ablation(plan.ablation)
+    ablation = find_ablation(plan.ablation)
     runs = load_runs(folder, sources)
     lines = _grid_lines(plan, ablation, runs)
     shared, row_upstreams = _upstream_lines(lines, upstream_runs(runs, sources))
@@ -109,7 +111,7 @@ def _unfinished(folder: Path, plan: PlanRecord, lines: list[Line]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- markdown
-def _cell(line: Line, key: str) -> str:
+def cell(line: Line, key: str) -> str:
     point = line.point.get(key, math.nan)
     if math.isnan(point):
         return "-"
@@ -127,7 +129,7 @@ def _delta_cell(line: Line, key: str) -> str:
     return f"{i.estimate:+.1f} [{i.low:+.1f}, {i.high:+.1f}]" + (" *" if comparison.significant else "")
 
 
-def _label(line: Line) -> str:
+def row_label(line: Line) -> str:
     return f"**{line.label}** (reference)" if line.role == "reference" else line.label
 
 
@@ -155,9 +157,9 @@ def _main_tables(tables: Tables, lines: list[Line]) -> list[str]:
         out += ["", f"### {RULE_TITLES[rule]}", "", f"| {plan.axis} | stage | " + " | ".join(head) + " |",
                 "|" + "---|" * (len(head) + 2)]
         for line in lines:
-            cells = [_cell(line, k) for k in columns]
+            cells = [cell(line, k) for k in columns]
             cells += [str(ablation.paper.get(line.label, ""))] if paper and rule == "authors" else []
-            out.append(f"| {_label(line)} | {line.stage} | " + " | ".join(cells) + " |")
+            out.append(f"| {row_label(line)} | {line.stage} | " + " | ".join(cells) + " |")
         out += ["", _method(plan)]
     return out
 
@@ -178,7 +180,7 @@ def _comparison_table(tables: Tables) -> list[str]:
            "|" + "---|" * (len(keys) + 1)]
     for line in tables.lines + tables.steps:
         if line is not reference:
-            out.append(f"| {_label(line)} | " + " | ".join(_delta_cell(line, k) for k in keys) + " |")
+            out.append(f"| {row_label(line)} | " + " | ".join(_delta_cell(line, k) for k in keys) + " |")
     steps = " (a step `a - b`: row a minus row b)" if tables.steps else ""
     out += ["", f"Δ = row - reference in points{steps}, 95 % paired bootstrap interval (the same resampled test "
                 f"images and seeds for both rows); * = the difference is significant after Holm's correction over the "
@@ -247,4 +249,4 @@ def build_report(folder: str | Path, tracking_uri: str | None = None, parent_run
     files += plots.draw(tables, out) + optuna_files
     if log_to_mlflow and tracking_uri and parent_run_id:
         RunRegistry(tracking_uri, plan.tracking_experiment).log_artifacts(parent_run_id, [out], "report")
-    return Report(text, rows, files)
+    return Report(text, rows, files, tables)

@@ -194,3 +194,17 @@ def _holm(lines: list[Line]) -> None:
 
 def comparison_count(lines: list[Line]) -> int:
     return sum(1 for line in lines for c in line.delta.values() if not math.isnan(c.p))
+
+
+def paired_comparison(a: Line, b: Line, key: str, tables: dict[str, pa.Table],
+                      replicates: int = REPLICATES) -> Comparison | None:
+    """a minus b on `key`, paired over the same resampled images and seeds, with the replicates a report's table
+    draws (a line's replicates do not depend on the other lines of its table, so this equals the table's own
+    difference); None where a line lacks predictions or the two are not on the same seeds and test images."""
+    runs = a.runs + b.runs
+    if not a.runs or not b.runs or a.seeds != b.seeds or any(r.stage_key not in tables for r in runs):
+        return None
+    evals = {r.stage_key: _parse(tables[r.stage_key]) for r in runs}
+    if evals[a.runs[0].stage_key].labels.tobytes() != evals[b.runs[0].stage_key].labels.tobytes():
+        return None
+    return _differences([a, b], _bootstrap([a, b], evals, replicates), 0, 1, (key,)).get(key)

@@ -56,6 +56,12 @@ def summarise_sweep(runs: RunRegistry, parent_id: str, plan: PlanRecord, report:
     runs.set_tags(parent_id, {TAG_NOTE: _description(report.markdown), TAG_COLUMNS: ";".join(points)})
 
 
+def summarise_suite(runs: RunRegistry, parent_id: str, report: Report) -> None:
+    """A suite's parent run: its report (tables and claims) as its description; each table's numbers are the metrics
+    of the table's own run below it."""
+    runs.set_tags(parent_id, {TAG_NOTE: _description(report.markdown)})
+
+
 def view_state(columns: list[str]) -> dict:
     """The shared view (the keys of MLflow's experiment page state) showing these metric columns."""
     selected = [f"metrics.`{name}`" for name in columns]

@@ -9,6 +9,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from experiments.ablations import ABLATIONS, Ablation, register, sweep
+from experiments.suites import SUITES
 from experiments.pretrain_demo import DemoPretrainConfig
 from experiments.single_run import run
 from experiments.schema import AblationChoice, ClusterSettings, Resources, SearchSettings, SweepSettings
@@ -87,7 +88,7 @@ def _stored_options(group: str) -> list[str]:
 
 def test_ablation_group_and_registry_match_one_to_one() -> None:
     options = _stored_options("ablation")
-    assert options == sorted(ABLATIONS)
+    assert options == sorted({*ABLATIONS, *SUITES})  # every ablation, and every suite of them (ablation=paper)
     for name in options:  # the option names its own registry entry
         node = ConfigStore.instance().load(f"ablation/{name}.yaml").node
         assert node["name"] == name and node["values"] is None
