@@ -51,7 +51,7 @@ def stage_cost(cfg: LPTConfig, stage: str, train_images: int, test_images: int) 
     return StageCost(trained, evaluated)
 
 
-def seconds_per_image(cfg: LPTConfig, stage: str, num_classes: int, batch: int = 8,
+def seconds_per_image(cfg: LPTConfig, stage: str, num_classes: int, batch: int = 2,
                       repeats: int = 2) -> tuple[float, float]:
     """(train, eval) seconds per image of `stage` on cfg.device with cfg.threads threads: a warm-up step, then the
     mean of `repeats` timed steps on random images."""

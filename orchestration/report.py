@@ -1,5 +1,6 @@
 """`python orchestration/report.py sweep=<name> [root=outputs/sweeps] [tracking_uri=...]` (or `lpt-report`): the
 report of a sweep built again from its stage store and its MLflow runs, e.g. after a resume or with another store.
+A suite (`ablation=paper`) gets its tables' reports and its claims again; `sweep=<suite>/<ablation>` one table's.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from lpt_core.config import ConfigError
 from lpt_core.suggest import did_you_mean
 from orchestration.plan.record import PLAN_FILE, PlanRecord
 from orchestration.reporting.build import build_report
+from orchestration.reporting.suite_report import build_suite_report, is_suite
 from orchestration.tracking.registry import default_tracking_uri
 
 
@@ -43,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     uri = args.get("tracking_uri") or _recorded_uri(plan) or default_tracking_uri(folder.parent)
-    report = build_report(folder, tracking_uri=uri, log_to_mlflow=False)
+    if is_suite(folder):  # a suite: each table's report, then its own with the claims
+        report = build_suite_report(folder, uri, log_to_mlflow=False, log=lambda line: None)
+    else:
+        report = build_report(folder, tracking_uri=uri, log_to_mlflow=False)
     print(report.markdown)
     print("\nfiles: " + ", ".join(str(p) for p in report.files))
     return 0

@@ -210,7 +210,7 @@ def _announce(plan: SweepPlan, log) -> Estimate | None:
         return None
     store = StageStore(plan.settings.stages.root)
     keys = {spec.key for trial in plan.trials.values() for spec in trial.chain}
-    found = estimate(plan, {key for key in keys if store.is_done(key, log=lambda message: None)})
+    found = estimate(plan, {key for key in keys if store.is_done(key, log=lambda message: None)}, log)
     for line in plan_lines(plan, found):
         log(line)
     return found

@@ -10,6 +10,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from experiments.pretrain_demo import demo_backbone_path, pretrain_seconds
 from experiments.suites import SUITES, split_label
@@ -53,12 +54,13 @@ def _missing_backbones(plan: SweepPlan) -> list[Path]:
 
 
 def _cost_key(cfg: LPTConfig, stage: str) -> str:
-    """What the time per image depends on: the architecture, the input size, the stage and the prompt's shape."""
-    return json.dumps([stage, cfg.backbone.name, cfg.backbone.model_kwargs, cfg.data.img_size, to_dict(cfg)["prompt"],
-                       cfg.device, cfg.threads, cfg.precision], sort_keys=True, default=str)
+    """What the time per image mostly depends on: the stage, the architecture, the input size and the prompt's
+    length (the pool size, k and the query function change it by a few percent: one measurement serves them)."""
+    return json.dumps([stage, cfg.backbone.name, cfg.backbone.model_kwargs, cfg.data.img_size, cfg.prompt.length,
+                       cfg.prompt.shared, cfg.device, cfg.threads, cfg.precision], sort_keys=True, default=str)
 
 
-def estimate(plan: SweepPlan, done: set[str]) -> Estimate:
+def estimate(plan: SweepPlan, done: set[str], log: Callable[[str], None] = print) -> Estimate:
     """done: the stage keys the stage store holds."""
     stages = _distinct_stages(plan)
     result = Estimate({key: stage for key, (stage, _) in stages.items()}, set(stages) & done,
@@ -75,6 +77,8 @@ def estimate(plan: SweepPlan, done: set[str]) -> Estimate:
             train, test, classes = sizes[data]
             cost_key = _cost_key(cfg, stage)
             if cost_key not in per_image:
+                if not per_image:
+                    log("measuring step times here for the estimate ...")
                 per_image[cost_key] = seconds_per_image(cfg, stage, classes)
             result.seconds[key] = stage_cost(cfg, stage, train, test).seconds(per_image[cost_key])
         for path in result.backbones:

@@ -15,7 +15,7 @@ from experiments.ablations import get_ablation
 from orchestration.reporting.statistics import POINT_KEYS, RULE_KEYS
 from orchestration.tracking.run_names import lpt_metrics
 
-PER_ROW_PHASE1 = {"prompt_length", "sampling", "model_size", "per_phase"}  # no phase 1 shared by all rows
+PER_ROW_PHASE1 = {"prompt_length", "sampling", "model_size", "per_phase", "vpt_sampling"}  # no phase 1 shared by all rows
 
 
 def read_report(folder: Path) -> tuple[str, list[dict]]:
@@ -25,10 +25,12 @@ def read_report(folder: Path) -> tuple[str, list[dict]]:
 
 def _held(folder: Path, run_id: str) -> dict[str, float]:
     """What MLflow holds for a run, by lpt_core's keys: every sweep here, and so the phase 1 a sweep reused from
-    the stage store, is tracked in the one default store beside the sweep folders."""
+    the stage store, is tracked in the one default store beside the sweep folders (a suite's table folders sit one
+    level further down)."""
     from mlflow.tracking import MlflowClient
 
-    return lpt_metrics(MlflowClient(f"sqlite:///{folder.parent / 'mlflow.db'}").get_run(run_id).data.metrics)
+    store = next(parent / "mlflow.db" for parent in folder.parents if (parent / "mlflow.db").exists())
+    return lpt_metrics(MlflowClient(f"sqlite:///{store}").get_run(run_id).data.metrics)
 
 
 def _mlflow_means(folder: Path, row: dict) -> dict[str, float]:
@@ -74,7 +76,7 @@ def check_ablation_report(name: str, folder: Path) -> None:
     authors = markdown.split("### authors")[1].split("###")[0]
     cells = [c.strip() for line in authors.splitlines()[3:] if line.startswith("| ") for c in line.split("|")[3:-1]]
     assert cells and all("±" in c for c in cells if c != "-"), cells
-    assert "± = half-width of the 95 % percentile interval" in markdown and "paper" not in markdown
+    assert "± = half-width of the 95 % percentile interval" in markdown and "paper, Places-LT" not in markdown
     for row in rows:  # every other line is compared with the reference, paired, on overall and few
         if row["role"] != "reference":
             assert row["d_acc_lo"] and row["d_few_lo"], row["row"]
