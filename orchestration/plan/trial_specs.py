@@ -8,14 +8,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from experiments.schema import DebugSettings, TrackingSettings
-from lpt_core.config import ConfigError, LPTConfig, from_dict, to_dict
-from lpt_core.files import atomic_write_bytes
+from lpt_core.config import LPTConfig
 from lpt_core.stages import StageSpec, stage_chain
 
 BASE_ROW = "base"  # the row of an Optuna search's upstream trial: the base configuration, nothing sampled

@@ -20,8 +20,8 @@ from orchestration.reporting import optuna_study, plots
 from orchestration.reporting.sources import Run, Sources, load_predictions, load_runs, open_store, upstream_runs
 from orchestration.reporting.statistics import KEY_NAMES, MAX_OPTUNA_ROWS, POINT_KEYS, RULE_KEYS, Line, Tables, \
     comparison_count, set_intervals, set_points
-from orchestration.plan.record import PLAN_FILE, PlanRecord, read_state
-from orchestration.tracking.registry import RunRegistry, default_tracking_uri
+from orchestration.plan.record import PlanRecord, read_state
+from orchestration.tracking.registry import RunRegistry
 
 RULE_TITLES = {"authors": "authors' split (many > 100, 20 < medium <= 100, few <= 20)",
                "standard": "standard split (many > 100, 20 <= medium <= 100, few < 20)"}

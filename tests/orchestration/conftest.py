@@ -3,9 +3,11 @@ cache (demo data + pretrained micro ViT) so the pretraining happens once."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -71,6 +73,20 @@ def wait_for_event(event_dir: Path, name: str, proc: subprocess.Popen, timeout: 
         if time.monotonic() > deadline:
             raise AssertionError(f"no event {name} in {event_dir} after {timeout:.0f} s")
         time.sleep(0.2)
+
+
+def kill_driver_when(overrides: list[str], log_path: Path, wait: Callable[[subprocess.Popen], None]) -> None:
+    """Runs `python orchestration/sweep.py <overrides>` in a process group of its own (stdout and stderr to
+    log_path) until `wait(proc)` returns, on an event a trial emits, then SIGKILLs the driver and everything it
+    started, as a dead login node or an OOM killer would."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO / "orchestration" / "sweep.py"), *overrides], cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait(proc)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def run_sweep_cli(overrides: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:

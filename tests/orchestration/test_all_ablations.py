@@ -43,7 +43,7 @@ EXTRA_CHECKS = {"decoupled_vs_joint": _joint_is_one_stage}
 
 @pytest.mark.parametrize("name", sorted(set(ABLATIONS) - {"group_size"}))
 def test_ablation_end_to_end(name, ray_session, sweep_overrides, shared_root):
-    assert len(ABLATIONS) == 11
+    assert len(ABLATIONS) == 12
     assert run_sweep(compose_config(sweep_overrides(f"ablation={name}", root=shared_root))) == 0
     check_ablation_report(name, shared_root / "sweeps" / f"{name}-demo")
     if name in EXTRA_CHECKS:

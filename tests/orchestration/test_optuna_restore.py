@@ -4,16 +4,13 @@ so a restored search ran too few trials, or with a fresh searcher too many)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, mlflow_runs, run_sweep_cli, stage_runs, steps
+from .conftest import kill_driver_when, mlflow_runs, run_sweep_cli, stage_runs, steps
 
 pytestmark = pytest.mark.slow
 
@@ -38,14 +35,8 @@ def test_optuna_sweep_restored_after_driver_kill_runs_exactly_num_samples(sweep_
     # both trials of the first wave hold after their phase-2 epoch 1: the kill lands while two sampled trials
     # are mid-training and the third is not sampled yet, on any machine
     hold = [f"debug.event_dir={events}", "debug.hold_at_epoch=1", "debug.fail_stage=phase2"]
-    with open(tmp_path / "driver.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, str(REPO / "orchestration" / "sweep.py"), *overrides, *hold],
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            _wait_for_events(events, "phase2.*.seed0.epoch1", 2, proc)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    kill_driver_when([*overrides, *hold], tmp_path / "driver.log",
+                     lambda proc: _wait_for_events(events, "phase2.*.seed0.epoch1", 2, proc))
     held = sorted(p.name for p in events.glob("phase2.*.seed0.epoch1"))
     assert len(held) == 2 and not list(events.glob("phase2.*.seed0.epoch2"))
     assert json.loads((folder / "state.json").read_text())["status"] == "running"

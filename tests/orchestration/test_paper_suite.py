@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -22,7 +18,7 @@ from orchestration.execute.driver import run_sweep
 from orchestration.plan.sweep_plan import build_plan
 from orchestration.report import main as report_main
 
-from .conftest import REPO, mlflow_runs, run_sweep_cli, stage_runs, steps, wait_for_event
+from .conftest import kill_driver_when, mlflow_runs, run_sweep_cli, stage_runs, steps, wait_for_event
 from .report_checks import check_ablation_report
 
 pytestmark = pytest.mark.slow
@@ -161,14 +157,8 @@ def test_a_suite_killed_in_the_middle_resumes(sweep_overrides, tmp_path):
     events = tmp_path / "events"
     hold = [f"debug.event_dir={events}", "debug.hold_at_epoch=1", "debug.fail_stage=phase2",
             "debug.fail_row=group_size:5"]
-    with open(tmp_path / "driver.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, str(REPO / "orchestration" / "sweep.py"), *overrides, *hold],
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_for_event(events, "phase2.group_size_5.seed0.epoch1", proc)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    kill_driver_when([*overrides, *hold], tmp_path / "driver.log",
+                     lambda proc: wait_for_event(events, "phase2.group_size_5.seed0.epoch1", proc))
     folder = tmp_path / "sweeps" / SUITE
     assert json.loads((folder / "state.json").read_text())["status"] == "running"
     first = (tmp_path / "driver.log").read_text()

@@ -3,15 +3,13 @@ removed mid-trial. Each runs in its own processes so that its Ray is not the tes
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, mlflow_runs, run_sweep_cli, stage_runs, steps, wait_for_event
+from .conftest import REPO, kill_driver_when, mlflow_runs, run_sweep_cli, stage_runs, steps, wait_for_event
 
 pytestmark = pytest.mark.slow
 
@@ -33,14 +31,8 @@ def test_driver_killed_mid_sweep_resumes_without_duplicates(sweep_overrides, tmp
     stages, folder, events = tmp_path / "stages", tmp_path / "sweeps" / "group_size-demo", tmp_path / "events"
     # the m=5 trial holds after its phase-2 epoch 1 until released: the kill lands mid-trial on any machine
     hold = [f"debug.event_dir={events}", "debug.hold_at_epoch=1", "debug.fail_stage=phase2", "debug.fail_row=5"]
-    with open(tmp_path / "driver.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, str(REPO / "orchestration" / "sweep.py"), *overrides, *hold],
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_for_event(events, "phase2.5.seed0.epoch1", proc)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    kill_driver_when([*overrides, *hold], tmp_path / "driver.log",
+                     lambda proc: wait_for_event(events, "phase2.5.seed0.epoch1", proc))
     assert _phase2_checkpoints(stages)
     (phase1_dir,) = stages.glob("phase1-*")
     phase1_done = (phase1_dir / "DONE").stat().st_mtime_ns

@@ -6,16 +6,12 @@ hold nothing that depends on m (it once held A's [5, ...] pool, and B's m=20 mod
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 
 from lpt_core.checkpoint import STATE_FILE, safe_torch_load, verify_checkpoint
 
-from .conftest import REPO, mlflow_runs, run_sweep_cli, stage_runs, steps, wait_for_event
+from .conftest import kill_driver_when, mlflow_runs, run_sweep_cli, stage_runs, steps, wait_for_event
 
 pytestmark = pytest.mark.slow
 
@@ -26,14 +22,9 @@ def test_sweep_resumes_a_phase1_killed_in_a_sweep_with_another_pool_size(sweep_o
     stages, events = tmp_path / "stages", tmp_path / "events"
     sweep_a = sweep_overrides("ablation=group_size", "ablation.values=[5]", *SHARED, f"debug.event_dir={events}",
                               "debug.hold_at_epoch=0", "debug.fail_stage=phase1")
-    with open(tmp_path / "sweep_a.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, str(REPO / "orchestration" / "sweep.py"), *sweep_a], cwd=REPO,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_for_event(events, "phase1.5.seed0.epoch0", proc)  # A's m=5 trial holds after phase-1 epoch 0
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    # A's m=5 trial holds after phase-1 epoch 0
+    kill_driver_when(sweep_a, tmp_path / "sweep_a.log", lambda proc: wait_for_event(events, "phase1.5.seed0.epoch0",
+                                                                                  proc))
     (phase1_dir,) = stages.glob("phase1-*")
     assert not (phase1_dir / "DONE").exists()
     assert [p.name for p in (phase1_dir / "work" / "checkpoints").glob("epoch_*")] == ["epoch_0000"]
