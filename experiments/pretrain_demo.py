@@ -27,9 +27,11 @@ from experiments.compose import CONF_DIR
 from experiments.schema import DemoPretrainConfig
 from lpt_core.backbone import set_norm_eps
 from lpt_core.config import BackboneConfig, DataConfig, LPTConfig, build_dataclass
+from lpt_core.cost import timed
 from lpt_core.data.synthetic import NUM_SOURCE_CLASSES, DemoOptions, demo_source_split, source_digest
 from lpt_core.files import atomic_write_bytes, content_key, file_lock
 from lpt_core.schedule import lr_at
+from lpt_core.step import update
 
 WEIGHTS_NAME = "micro_vit.safetensors"
 # the demo's micro ViT as its config group declares it (model=micro), for this module's command line
@@ -144,22 +146,14 @@ def pretrain_micro_vit(backbone: BackboneConfig, images: torch.Tensor, labels: t
 
 def pretrain_seconds(backbone: BackboneConfig, data: DataConfig, pretrain: DemoPretrainConfig,
                      batch: int = 16) -> float:
-    """What pretraining one micro ViT takes here: its epochs over the source images (source_per_class x
-    NUM_SOURCE_CLASSES) at the measured time per image of a training step (a warm-up step, then two timed)."""
+    """What pretraining one micro ViT takes here (on the CPU, where the demo pretrains): its epochs over the source
+    images (source_per_class x NUM_SOURCE_CLASSES) at the measured time per image of a training step."""
     options = DemoOptions.from_config(data)
     model = timm.create_model(backbone.name, pretrained=False, num_classes=NUM_SOURCE_CLASSES, **backbone.model_kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=pretrain.lr)
     x = torch.randn(batch, 3, options.image_size, options.image_size)
     y = torch.randint(NUM_SOURCE_CLASSES, (batch,))
-    timings = []
-    for _ in range(3):
-        start = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        timings.append(time.perf_counter() - start)
-    per_image = sum(timings[1:]) / (len(timings) - 1) / batch
+    per_image = timed(lambda: update(optimizer, F.cross_entropy(model(x), y)), 2, torch.device("cpu")) / batch
     return per_image * pretrain.epochs * options.source_per_class * NUM_SOURCE_CLASSES
 
 
@@ -182,15 +176,21 @@ def with_demo_weights(cfg: LPTConfig, pretrain: DemoPretrainConfig | None) -> LP
     return dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, weights_file=str(path)))
 
 
+def pretrained_here(cfg: LPTConfig, pretrain: DemoPretrainConfig | None) -> bool:
+    """Whether cfg's backbone is a demo micro ViT that this project pretrains (set by `with_demo_weights`), not
+    weights a user named."""
+    weights = cfg.backbone.weights_file
+    if pretrain is None or weights is None or Path(weights).parents[1] != Path(cfg.data.cache_dir) / "demo_backbone":
+        return False
+    return weights == str(demo_backbone_path(cfg.backbone, cfg.data, pretrain, cfg.data.cache_dir))
+
+
 def ensure_demo_weights(configs: Iterable[LPTConfig], pretrain: DemoPretrainConfig | None,
                         log: Callable[[str], None] = print) -> None:
     """Pretrains, once each, the demo backbones that these configs (set by `with_demo_weights`) load and that no
     earlier call cached."""
-    if pretrain is None:
-        return
     for cfg in configs:
-        expected = demo_backbone_path(cfg.backbone, cfg.data, pretrain, cfg.data.cache_dir)
-        if cfg.backbone.weights_file == str(expected):
+        if pretrained_here(cfg, pretrain):
             ensure_demo_backbone(cfg.backbone, cfg.data, pretrain, cfg.data.cache_dir, log=log)
 
 

@@ -101,7 +101,8 @@ def register_suite(suite: Suite) -> Suite:
             labels = {p.label for p in ablation.points_for(experiment)}
             wanted = claim.rows_for(experiment)
             size = {"better": 2, "best": 1, "within_noise": 1}.get(claim.kind)
-            if not set(wanted) <= labels or (size is not None and len(wanted) != size) or len(wanted) < 1:
+            wrong_size = len(wanted) != size if size is not None else len(wanted) < 2  # increasing: 2 or more
+            if not set(wanted) <= labels or wrong_size or len(set(wanted)) != len(wanted):
                 raise ValueError(f"suite {suite.name!r}: claim {claim.text!r} ({claim.kind}) names rows {wanted}, "
                                  f"not rows of {claim.table!r} on {experiment}: {sorted(labels)}")
     SUITES[suite.name] = suite

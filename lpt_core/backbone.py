@@ -11,6 +11,7 @@ from pathlib import Path
 
 import timm
 import torch
+from huggingface_hub import constants as hf_constants, file_exists, try_to_load_from_cache
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -48,6 +49,43 @@ def create_backbone(cfg: BackboneConfig) -> VisionTransformer:
         raise ConfigError(f"backbone.norm_eps={cfg.norm_eps!r}: {cfg.name!r} has no LayerNorm to apply it to")
     model.requires_grad_(False)
     return model.eval()
+
+
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm loads from a hub repo, in that order
+
+
+def weights_problem(cfg: BackboneConfig, timeout_s: float = 10.0) -> str | None:
+    """Why the backbone's weights cannot be had on this machine, or None: a local file that is missing, or a hub
+    tag that is neither in the Hugging Face cache nor downloadable (offline, or the hub unreachable). Checked
+    before a sweep trains anything, on every node, so that a trial does not die on a hub error."""
+    if cfg.weights_file is not None:
+        try:
+            _pretrained_kwargs(cfg)
+        except ConfigError as err:
+            return str(err)
+        return None
+    if not cfg.pretrained:
+        return None
+    base_name = cfg.name.split(".")[0]
+    if not timm.is_model(base_name):
+        return f"backbone.name={cfg.name!r}: unknown timm model"
+    repo = timm.models.get_pretrained_cfg(cfg.name).hf_hub_id
+    if repo is None:  # weights behind a plain URL: torch.hub's cache, not checked here
+        return None
+    if any(isinstance(try_to_load_from_cache(repo, name), str) for name in HUB_WEIGHT_FILES):
+        return None
+    where = f"not in the Hugging Face cache here ({hf_constants.HF_HUB_CACHE})"
+    if hf_constants.HF_HUB_OFFLINE:
+        return (f"backbone.name={cfg.name!r}: its weights (hub repo {repo}) are {where} and HF_HUB_OFFLINE is set; "
+                f"download them once where there is a network, or give backbone.weights_file")
+    try:
+        if any(file_exists(repo, name) for name in HUB_WEIGHT_FILES):
+            return None
+        reason = "the repo has no weights file"
+    except Exception as err:  # no network, a proxy, the hub down: all say the same to the user
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+    return (f"backbone.name={cfg.name!r}: its weights (hub repo {repo}) are {where} and cannot be downloaded "
+            f"({reason}); download them once where there is a network, or give backbone.weights_file")
 
 
 def set_norm_eps(model: nn.Module, eps: float) -> list[str]:

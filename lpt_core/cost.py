@@ -2,8 +2,8 @@
 measured time per image, so that a sweep can say whether it is minutes or GPU-days before it starts.
 
 The time is measured on the real model of the stage (a randomly initialised backbone of the same architecture:
-the weights do not change the time) with a few steps of a small batch, per image: on a CPU the cost grows
-linearly with the batch, on a GPU a small batch overstates it.
+the weights do not change the time) with a few steps, per image: on a CPU at a batch of 2 (the cost grows
+linearly with the batch), on a GPU at the stage's batch up to 64 (a small batch would overstate it).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -51,11 +52,16 @@ def stage_cost(cfg: LPTConfig, stage: str, train_images: int, test_images: int) 
     return StageCost(trained, evaluated)
 
 
-def seconds_per_image(cfg: LPTConfig, stage: str, num_classes: int, batch: int = 2,
+CPU_BATCH, GPU_BATCH = 2, 64  # images per sampling branch in a timed step
+
+
+def seconds_per_image(cfg: LPTConfig, stage: str, num_classes: int, batch: int | None = None,
                       repeats: int = 2) -> tuple[float, float]:
     """(train, eval) seconds per image of `stage` on cfg.device with cfg.threads threads: a warm-up step, then the
-    mean of `repeats` timed steps on random images."""
+    mean of `repeats` timed steps on random images (batch: per sampling branch; default CPU_BATCH / GPU_BATCH)."""
     device = resolve_device(cfg.device)
+    if batch is None:
+        batch = CPU_BATCH if device.type == "cpu" else min(cfg.stage_config(stage).batch_size, GPU_BATCH)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or threads)
     try:
@@ -68,16 +74,17 @@ def seconds_per_image(cfg: LPTConfig, stage: str, num_classes: int, batch: int =
         labels = [torch.randint(num_classes, (batch,), device=device) for _ in loss.branches]
         forward = functools.partial(model, stage=stage)
         model.train()
-        train = _timed(lambda: train_step(forward, images, labels, loss, optimizer, cfg.precision), repeats, device)
+        train = timed(lambda: train_step(forward, images, labels, loss, optimizer, cfg.precision), repeats, device)
         model.eval()
         with torch.no_grad():
-            evaluate = _timed(lambda: forward(images), repeats, device)
+            evaluate = timed(lambda: forward(images), repeats, device)
     finally:
         torch.set_num_threads(threads)
     return train / len(images), evaluate / len(images)
 
 
-def _timed(call, repeats: int, device: torch.device) -> float:
+def timed(call: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Seconds per call: one warm-up call, then the mean of `repeats` (the device synchronised around them)."""
     call()
     _sync(device)
     start = time.perf_counter()

@@ -60,7 +60,7 @@ def check_shared_storage(roots: dict[str, str | Path], timeout_s: float = 120.0,
     try:
         pending = {n["NodeID"]: reader.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(probes) for n in nodes}
-        answers = _collect(pending, timeout_s)
+        answers = collect_answers(pending, timeout_s, "the storage check")
     finally:
         for path, _ in probes.values():
             Path(path).unlink(missing_ok=True)
@@ -79,19 +79,20 @@ def check_shared_storage(roots: dict[str, str | Path], timeout_s: float = 120.0,
         f"{len(nodes)} nodes")
 
 
-def _collect(pending: dict[str, object], timeout_s: float) -> dict[str, dict | str]:
-    """Each node's answer, or why there is none (no answer in time, or the check failed there)."""
+def collect_answers(pending: dict[str, object], timeout_s: float, check: str) -> dict[str, dict | str]:
+    """Each node's answer to a check pinned to it, or why there is none (no answer in time, or the check failed
+    there)."""
     import ray
 
     ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=timeout_s)
     answers: dict[str, dict | str] = {}
     for node, ref in pending.items():
         if ref not in ready:
-            answers[node] = f"did not answer the storage check within {timeout_s:g} s"
+            answers[node] = f"did not answer {check} within {timeout_s:g} s"
             continue
         try:
             answers[node] = ray.get(ref)
         except ray.exceptions.RayError as err:  # e.g. the project is not importable there
-            answers[node] = f"could not run the storage check ({(str(err).strip().splitlines() or ['?'])[-1]})"
+            answers[node] = f"could not run {check} ({(str(err).strip().splitlines() or ['?'])[-1]})"
     return answers
 

@@ -21,9 +21,11 @@ from typing import Any, Iterator
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
 from omegaconf import DictConfig
 
+from lpt_core.config import ConfigError
 from lpt_core.files import FileLocked, atomic_write_bytes, file_lock
 from lpt_core.stages import stages_changed_by
-from orchestration.cluster.ray_connection import check_resources, connect, trial_slots
+from orchestration.cluster.input_check import check_inputs
+from orchestration.cluster.ray_connection import ClusterError, check_resources, connect, trial_slots
 from orchestration.plan.estimate import Estimate, estimate, plan_lines, wall_line
 from orchestration.plan.fusion import plan_fusion, shared_upstream
 from orchestration.plan.sweep_plan import SweepPlan, build_plan
@@ -141,6 +143,18 @@ def _refuse_changed(plan: SweepPlan, folder: Path, saved: PlanRecord, fingerprin
         f"name, e.g. sweep.name={plan.name}-{number}: {_reused_stages(plan, saved.content, changed)}")
 
 
+@contextlib.contextmanager
+def _removed_if_refused(folder: Path, created: bool) -> Iterator[None]:
+    """A new sweep refused before it wrote its plan (a missing input, an unreachable cluster) leaves no folder
+    behind: the folder this driver made holds nothing but its lock then."""
+    try:
+        yield
+    except (ConfigError, ClusterError, SweepError):
+        if created and not (folder / PLAN_FILE).exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def _check_existing(plan: SweepPlan, folder: Path, record: PlanRecord) -> str:
     """'new', 'resume' or 'complete'; refuses to overwrite a different or unfinished sweep, or to track a resume
     into another store or experiment than its first runs (the sweep's runs would be split between the two)."""
@@ -208,9 +222,8 @@ def _announce(plan: SweepPlan, log) -> Estimate | None:
     """The plan and its compute, before anything is trained (a suite always; any sweep with dry_run=true)."""
     if plan.suite is None and not plan.settings.dry_run:
         return None
-    store = StageStore(plan.settings.stages.root)
-    keys = {spec.key for trial in plan.trials.values() for spec in trial.chain}
-    found = estimate(plan, {key for key in keys if store.is_done(key, log=lambda message: None)}, log)
+    store = StageStore(plan.settings.stages.root)  # read only: a stage's DONE mark (its trial verifies it)
+    found = estimate(plan, {key for key in plan.stage_keys() if (store.folder(key) / "DONE").is_file()}, log)
     for line in plan_lines(plan, found):
         log(line)
     return found
@@ -234,10 +247,11 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
     record = plan.record()
     found = _announce(plan, log)
     if plan.settings.dry_run:
-        log("dry_run=true: nothing was trained, no sweep folder or run was written")
+        log("dry_run=true: nothing was trained; no sweep folder, stage or run was written")
         return 0
+    created = not (Path(plan.settings.sweep.root) / plan.name).exists()
     folder = _prepare_folder(plan)
-    with sweep_lock(folder):
+    with sweep_lock(folder), _removed_if_refused(folder, created):
         status = _check_existing(plan, folder, record)
         if status == "complete":
             log(f"sweep {plan.name!r} is complete; nothing to train. Report:")
@@ -245,6 +259,7 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
             return 0
         connect(plan.settings.cluster, log=log)  # before writing anything: an unreachable cluster changes nothing
         check_resources(plan.settings.resources.cpu, plan.settings.resources.gpu)
+        check_inputs(plan, log=log)
         storage = plan.settings.sweep.storage or str(folder / "tune")
         slots = trial_slots(plan.settings.resources.cpu, plan.settings.resources.gpu,
                             plan.settings.max_concurrent_trials)
@@ -275,13 +290,15 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
             alone = len(missing) - len(separate)
             log(f"upstream: {len(missing)} distinct stage(s) to train, {len(upstream) - len(missing)} cached"
                 + (f"; {alone} of them needed by one trial each, trained in that trial" if alone else ""))
-        callbacks = [SuiteProgress(plan, plan.suite, found.seconds if found else {})] if plan.suite else []
+        callbacks = [SuiteProgress(plan, plan.suite, found.seconds if found and not found.failure else {})] if plan.suite else []
         if separate:
             units = [{"row": row, "seed": seed} for row, seed in separate.values()]
             failed = run_tuner(plan, context, storage, "upstream", units, log, callbacks).failed
             context = dataclasses.replace(context, failed_upstream=_failed_upstream(separate, failed))
-            if failed and all(context.blocked_by(plan.trials[trial_id(row, unit.seed)])
-                              for unit in fusion.units for row in unit.rows):
+            # a plain sweep stops here when nothing else can run; a suite's trials end failed one by one, so that its
+            # report says which tables lack what
+            if failed and plan.suite is None and all(context.blocked_by(plan.trials[trial_id(row, unit.seed)])
+                                                     for unit in fusion.units for row in unit.rows):
                 _write_json(folder / "state.json", {"status": "incomplete", "failed": failed})
                 log(f"upstream stage(s) failed for {failed}; the trials on top of them were not started. "
                     f"{RESUME_AFTER_FAILURE}")

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import time
 from ray.tune import Callback
+from ray.tune.experiment import Trial
 
-from experiments.suites import Suite, split_label
+from experiments.suites import Suite
 from lpt_core.cost import format_duration
 from orchestration.execute.stage_store import StageStore
 from orchestration.plan.sweep_plan import SweepPlan
@@ -17,11 +18,8 @@ from orchestration.plan.sweep_plan import SweepPlan
 class SuiteProgress(Callback):
     def __init__(self, plan: SweepPlan, suite: Suite, seconds: dict[str, float]) -> None:
         self.store, self.name = StageStore(plan.settings.stages.root), suite.name
-        self.keys = {spec.key for trial in plan.trials.values() for spec in trial.chain}
-        self.tables: dict[str, set[str]] = {}
-        for label, kept in plan.aliases.items():
-            keys = {spec.key for trial in plan.trials.values() if trial.row == kept for spec in trial.chain}
-            self.tables.setdefault(split_label(label)[0], set()).update(keys)
+        self.keys = set(plan.stage_keys())
+        self.tables = plan.table_stage_keys()
         self.order = [table.ablation for table in suite.tables if table.ablation in self.tables]
         self.cost = {key: seconds.get(key, 1.0) for key in self.keys}  # 1 each where there is no estimate
         self.done: set[str] = set()
@@ -48,7 +46,7 @@ class SuiteProgress(Callback):
         return (f"{self.name}: {len(self.done)}/{len(self.keys)} distinct stages done; tables complete "
                 f"{len(complete)}/{len(self.order)}" + (f" ({', '.join(complete)})" if complete else "") + f"; {eta}")
 
-    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         done = self._done()
         if done != self.done:
             self.done = done

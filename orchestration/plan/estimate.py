@@ -7,16 +7,19 @@ user knows whether the command is 30 minutes or 300 GPU-hours before starting it
 from __future__ import annotations
 
 import json
+import multiprocessing
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from experiments.pretrain_demo import demo_backbone_path, pretrain_seconds
-from experiments.suites import SUITES, split_label
+from experiments.pretrain_demo import pretrain_seconds, pretrained_here
+from experiments.suites import split_label
 from lpt_core.config import LPTConfig, to_dict
 from lpt_core.cost import format_duration, seconds_per_image, stage_cost
 from lpt_core.data import build_dataset
+from lpt_core.runtime import resolve_device
 from orchestration.plan.sweep_plan import SweepPlan
 
 
@@ -45,19 +48,18 @@ def _distinct_stages(plan: SweepPlan) -> dict[str, tuple[str, LPTConfig]]:
 
 
 def _missing_backbones(plan: SweepPlan) -> list[Path]:
-    if plan.pretrain is None:
-        return []
     paths = {Path(t.config.backbone.weights_file) for t in plan.trials.values()
-             if t.config.backbone.weights_file == str(demo_backbone_path(t.config.backbone, t.config.data,
-                                                                         plan.pretrain, t.config.data.cache_dir))}
+             if pretrained_here(t.config, plan.pretrain)}
     return sorted(p for p in paths if not p.is_file())
 
 
 def _cost_key(cfg: LPTConfig, stage: str) -> str:
-    """What the time per image mostly depends on: the stage, the architecture, the input size and the prompt's
-    length (the pool size, k and the query function change it by a few percent: one measurement serves them)."""
-    return json.dumps([stage, cfg.backbone.name, cfg.backbone.model_kwargs, cfg.data.img_size, cfg.prompt.length,
-                       cfg.prompt.shared, cfg.device, cfg.threads, cfg.precision], sort_keys=True, default=str)
+    """What the time per image depends on: the stage, the architecture, the input size and the prompt's shape
+    (length, k and how the k are combined: concat lengthens the sequence); the pool size and the query function
+    change it by a few percent, so one measurement serves them."""
+    p = cfg.prompt
+    return json.dumps([stage, cfg.backbone.name, cfg.backbone.model_kwargs, cfg.data.img_size, p.length, p.shared,
+                       p.top_k, p.ensemble, cfg.device, cfg.threads, cfg.precision], sort_keys=True, default=str)
 
 
 def estimate(plan: SweepPlan, done: set[str], log: Callable[[str], None] = print) -> Estimate:
@@ -66,6 +68,15 @@ def estimate(plan: SweepPlan, done: set[str], log: Callable[[str], None] = print
     result = Estimate({key: stage for key, (stage, _) in stages.items()}, set(stages) & done,
                       _missing_backbones(plan))
     todo = {key: value for key, value in stages.items() if key not in done}
+    # on a GPU in a child process: a CUDA context the driver kept would take memory from the trials beside it
+    pool = (ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            if todo and resolve_device(plan.base.device).type == "cuda" else None)
+
+    def measure(cfg: LPTConfig, stage: str, classes: int) -> tuple[float, float]:
+        if pool is None:
+            return seconds_per_image(cfg, stage, classes)
+        return pool.submit(seconds_per_image, cfg, stage, classes).result()
+
     try:
         sizes = {}
         per_image: dict[str, tuple[float, float]] = {}
@@ -79,39 +90,25 @@ def estimate(plan: SweepPlan, done: set[str], log: Callable[[str], None] = print
             if cost_key not in per_image:
                 if not per_image:
                     log("measuring step times here for the estimate ...")
-                per_image[cost_key] = seconds_per_image(cfg, stage, classes)
+                per_image[cost_key] = measure(cfg, stage, classes)
             result.seconds[key] = stage_cost(cfg, stage, train, test).seconds(per_image[cost_key])
         for path in result.backbones:
             cfg = next(t.config for t in plan.trials.values() if t.config.backbone.weights_file == str(path))
             result.seconds[str(path)] = pretrain_seconds(cfg.backbone, cfg.data, plan.pretrain)
-        result.device = plan.base.device if plan.base.device != "auto" else _auto_device()
+        result.device = str(resolve_device(plan.base.device))
     except Exception as err:  # no data here, no weights: the plan stands, only the estimate is missing
         result.failure = (str(err).splitlines() or [type(err).__name__])[0][:300]
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return result
-
-
-def _auto_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _separate_stage_count(plan: SweepPlan) -> int:
-    """Distinct stages if each table were its own sweep (a stage shared by two tables counted twice)."""
-    by_table: dict[str, set[str]] = {}
-    for label, kept in plan.aliases.items():
-        table = split_label(label)[0]
-        for trial in plan.trials.values():
-            if trial.row == kept:
-                by_table.setdefault(table, set()).update(spec.key for spec in trial.chain)
-    return sum(len(keys) for keys in by_table.values())
 
 
 def plan_lines(plan: SweepPlan, found: Estimate) -> list[str]:
     """The plan as printed: tables, rows, stages, trials, the stage store, the compute."""
     seeds = plan.settings.seeds
     lines = []
-    suite = SUITES.get(plan.ablation.name)
+    suite = plan.suite
     if suite is not None:
         lines.append(f"plan: suite {suite.name!r} on {plan.experiment}, seeds {seeds}: {len(suite.tables)} tables, "
                      f"{len(plan.aliases)} rows, {len(plan.points)} distinct (rows that run the same stages are "
@@ -128,7 +125,8 @@ def plan_lines(plan: SweepPlan, found: Estimate) -> list[str]:
                      + (" (search=optuna: trials sampled as it runs)" if plan.optuna else ""))
     counts = Counter(found.stages.values())
     kinds = ", ".join(f"{n} {stage}" for stage, n in counts.items())
-    separate = _separate_stage_count(plan) if suite is not None else 0
+    # distinct stages if each table were its own sweep (a stage two tables share counted twice)
+    separate = sum(len(keys) for keys in plan.table_stage_keys().values()) if suite is not None else 0
     lines.append(f"stages: {len(found.stages)} distinct ({kinds})"
                  + (f", against {separate} if each table ran as its own sweep" if separate else "")
                  + f"; the stage store holds {len(found.cached)}, {len(found.stages) - len(found.cached)} to train"

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig
 
 from experiments.ablations import RUN_UNTIL, Ablation
-from experiments.suites import SUITES, Suite, find_ablation
+from experiments.suites import SUITES, Suite, find_ablation, split_label
 from experiments.compose import split
 from experiments.pretrain_demo import ensure_demo_weights, with_demo_weights
 from experiments.schema import DemoPretrainConfig, SweepSettings
@@ -98,6 +98,20 @@ class SweepPlan:
     def stage_names(self) -> list[str]:
         """The stages its trials run, in order (phase1, phase2; joint)."""
         return list(dict.fromkeys(spec.stage for trial in self.trials.values() for spec in trial.chain))
+
+    def stage_keys(self) -> dict[str, str]:
+        """Every distinct stage its trials run: key -> stage name."""
+        return {spec.key: spec.stage for trial in self.trials.values() for spec in trial.chain}
+
+    def table_stage_keys(self) -> dict[str, set[str]]:
+        """A suite: per table (ablation), the stage keys of its rows (a merged row's under every table it is in)."""
+        by_row: dict[str, set[str]] = {}
+        for trial in self.trials.values():
+            by_row.setdefault(trial.row, set()).update(spec.key for spec in trial.chain)
+        tables: dict[str, set[str]] = {}
+        for label, kept in self.aliases.items():
+            tables.setdefault(split_label(label)[0], set()).update(by_row.get(kept, set()))
+        return tables
 
     def upstream_keys(self) -> dict[str, tuple[str, int]]:
         """Distinct upstream (phase-1) stage keys -> one (row, seed) that needs it."""
@@ -223,13 +237,14 @@ def build_plan(cfg: DictConfig | dict) -> SweepPlan:
     if settings.search.name == "optuna" and settings.ablation.values is not None:
         raise ConfigError("ablation.values selects grid rows; it has no meaning with search=optuna")
     points = _select_points(ablation, spec.name, settings.ablation.values)
+    suite = ablation.name in SUITES
     if settings.search.name == "optuna":
-        if ablation.name in SUITES:
+        if suite:
             raise ConfigError(f"search=optuna: {ablation.name!r} is a suite of tables; search one ablation of it")
         trials = _optuna_trials(name, ablation, settings, base, spec.pretrain)
         return SweepPlan(name, spec.name, ablation, settings, base, points, spec.pretrain, trials)
     trials = _grid_trials(name, ablation, settings, base, points, spec.pretrain)
     aliases = {}
-    if ablation.name in SUITES:
+    if suite:
         trials, points, aliases = _merge_identical_rows(trials, points, ablation.reference_for(spec.name))
     return SweepPlan(name, spec.name, ablation, settings, base, points, spec.pretrain, trials, aliases)

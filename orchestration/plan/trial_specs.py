@@ -24,6 +24,12 @@ def trial_id(row: str, seed: int) -> str:
     return f"{row}/seed={seed}"
 
 
+def split_trial_id(ident: str) -> tuple[str, int]:
+    """'<row>/seed=<seed>' -> (row, seed): the inverse of trial_id."""
+    row, _, seed = ident.rpartition("/seed=")
+    return row, int(seed)
+
+
 @dataclass(frozen=True)
 class TrialSpec:
     trial_id: str

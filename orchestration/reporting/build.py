@@ -224,7 +224,7 @@ def csv_rows(tables: Tables) -> list[dict]:
     return rows
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict]) -> None:
     keys = list(dict.fromkeys(k for row in rows for k in row))
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys)
@@ -245,7 +245,7 @@ def build_report(folder: str | Path, tracking_uri: str | None = None, parent_run
     rows = csv_rows(tables)
     files = [out / "report.md", out / "report.csv"]
     files[0].write_text(text + "\n")
-    _write_csv(files[1], rows)
+    write_csv(files[1], rows)
     files += plots.draw(tables, out) + optuna_files
     if log_to_mlflow and tracking_uri and parent_run_id:
         RunRegistry(tracking_uri, plan.tracking_experiment).log_artifacts(parent_run_id, [out], "report")

@@ -5,15 +5,15 @@ built from per-table sweep folders written beside it (`<suite folder>/<ablation>
 state.json made from the suite's), so that every table gets the report of its ablation run alone (report.md with
 both split rules and its paired differences, report.csv, plots; `report.py sweep=<suite>/<ablation>` rebuilds one)
 and the suite's report reads their lines. Claims are paired differences between rows of a table, computed with the
-replicates the tables draw (the same numbers as the tables' own differences) and Holm-adjusted over every
-comparison of the suite.
+replicates the tables draw (a difference a table also shows has the same estimate and interval there; its p-value
+differs: a table adjusts over its own comparisons, the suite over all its claims') and Holm-adjusted over the
+claims' comparisons of the suite.
 
 Files: <suite folder>/suite.json (the suite and which row was trained for each table row), report/report.md,
 report/claims.csv, report/claims.png.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import dataclass
@@ -28,8 +28,8 @@ from experiments.suites import SUITES, Claim, Suite, split_label
 from lpt_core.files import atomic_write_bytes
 from lpt_core.uncertainty import holm
 from orchestration.plan.record import STATE_FILE, PlanRecord, read_state
-from orchestration.plan.trial_specs import trial_id
-from orchestration.reporting.build import PAPER_NAMES, Report, build_report, cell, row_label
+from orchestration.plan.trial_specs import split_trial_id, trial_id
+from orchestration.reporting.build import PAPER_NAMES, Report, build_report, cell, row_label, write_csv
 from orchestration.reporting.sources import Sources, load_predictions, open_store
 from orchestration.reporting.statistics import ALPHA, KEY_NAMES, Comparison, Line, Tables, paired_comparison
 from orchestration.reporting.workbench import summarise_sweep
@@ -54,8 +54,13 @@ def _read_suite(folder: Path) -> tuple[Suite, dict[str, str]]:
     return SUITES[saved["suite"]], saved["aliases"]
 
 
-def _row_of(ident: str) -> str:
-    return ident.rsplit("/seed=", 1)[0]
+def _seeds_by_row(folder: Path, status: str) -> dict[str, list[int]]:
+    """The suite's trials that state.json lists under `status` (failed, stopped): row -> their seeds."""
+    found: dict[str, list[int]] = {}
+    for ident in read_state(folder).get(status, []):
+        row, seed = split_trial_id(ident)
+        found.setdefault(row, []).append(seed)
+    return found
 
 
 def write_table_folders(folder: Path) -> dict[str, Path]:
@@ -65,8 +70,7 @@ def write_table_folders(folder: Path) -> dict[str, Path]:
     suite, aliases = _read_suite(folder)
     path = folder / "trials.json"
     records = json.loads(path.read_text()) if path.exists() else []
-    state = read_state(folder)
-    failed_rows = {_row_of(ident) for ident in state.get("failed", [])}
+    failed_seeds, stopped_seeds = _seeds_by_row(folder, "failed"), _seeds_by_row(folder, "stopped")
     folders = {}
     for table in suite.tables:
         labels = [label for label in aliases if split_label(label)[0] == table.ablation]
@@ -79,16 +83,16 @@ def write_table_folders(folder: Path) -> dict[str, Path]:
         PlanRecord(record.fingerprint, f"{record.name}/{table.ablation}", table.ablation, record.experiment,
                    ablation.axis, rows, record.seeds, "grid", ablation.metric, record.stage_root, None, record.mode,
                    record.tracking_experiment, record.tracking_uri).write(sub)
-        trials, failed = [], []
+        trials, failed, stopped = [], [], []
         for label, row in zip(labels, rows):
             kept = aliases[label]
             trials += [{**r, "row": row, "trial_id": trial_id(row, r["seed"])} for r in records if r["row"] == kept]
-            failed += [trial_id(row, seed) for seed in record.seeds if kept in failed_rows]
-        complete = state.get("status") == "complete" or (state.get("status") == "incomplete" and not failed
-                                                           and len(trials) == len(rows) * len(record.seeds))
+            failed += [trial_id(row, seed) for seed in failed_seeds.get(kept, [])]
+            stopped += [trial_id(row, seed) for seed in stopped_seeds.get(kept, [])]
+        complete = not failed and len(trials) == len(rows) * len(record.seeds)
         atomic_write_bytes(sub / "trials.json", json.dumps(trials, indent=1, sort_keys=True).encode())
         atomic_write_bytes(sub / STATE_FILE, json.dumps({"status": "complete" if complete else "incomplete",
-                                                          "failed": failed}, indent=1).encode())
+                                                          "failed": failed, "stopped": stopped}, indent=1).encode())
         folders[table.ablation] = sub
     return folders
 
@@ -121,26 +125,36 @@ def claim_pairs(claim: Claim, experiment: str, lines: dict[str, Line]) -> list[t
         return [(rows[0], rows[1])]
     if claim.kind == "increasing":
         return list(zip(rows[1:], rows[:-1]))
-    others = [label for label in lines if label != rows[0]]
+    others = [label for label in lines if label != rows[0] and not math.isnan(lines[label].point.get(claim.key,
+                                                                                                      math.nan))]
     if claim.kind == "best":
         return [(rows[0], other) for other in others]
-    best = max(others, key=lambda label: lines[label].point.get(claim.key, -math.inf), default=None)
+    best = max(others, key=lambda label: lines[label].point[claim.key], default=None)
     return [(rows[0], best)] if best is not None else []
 
 
-def evaluate_claims(suite: Suite, experiment: str, tables: dict[str, Tables], sources: Sources) -> list[ClaimResult]:
-    """Every claim of the suite, its differences Holm-adjusted together."""
+def evaluate_claims(suite: Suite, experiment: str, tables: dict[str, Tables], sources: Sources,
+                    planned: set[str]) -> list[ClaimResult]:
+    """Every claim of the suite (planned: the `<table>:<row>` labels the sweep has), its differences Holm-adjusted
+    together; a within-noise claim's own p-value is kept as it is (a test that holds when nothing is significant
+    must not get easier with every claim added to the family)."""
     results = []
     predictions: dict = {}
     for claim in suite.claims:
         table = tables.get(claim.table)
         lines = {ln.label: ln for ln in table.lines if ln.role in ("row", "reference")} if table else {}
         wanted = claim.rows_for(experiment)
-        absent = [row for row in wanted if row not in lines]
-        if table is None or absent:
-            results.append(ClaimResult(claim, [], [], missing=f"no finished trial for {', '.join(absent or wanted)}"))
+        outside = [row for row in wanted if suite.label(claim.table, row) not in planned]
+        unfinished = [row for row in wanted if row not in lines and row not in outside]
+        if outside or unfinished:
+            missing = "; ".join(filter(None, (outside and f"not in this sweep: {', '.join(outside)}",
+                                              unfinished and f"no finished trial for {', '.join(unfinished)}")))
+            results.append(ClaimResult(claim, [], [], missing=missing))
             continue
         pairs = claim_pairs(claim, experiment, lines)
+        if not pairs:
+            results.append(ClaimResult(claim, [], [], missing=f"no other row of {claim.table} in this sweep"))
+            continue
         for label in {label for pair in pairs for label in pair}:
             for run in lines[label].runs:
                 if run.stage_key not in predictions:
@@ -149,9 +163,11 @@ def evaluate_claims(suite: Suite, experiment: str, tables: dict[str, Tables], so
         comparisons = [paired_comparison(lines[a], lines[b], claim.key, found) for a, b in pairs]
         missing = "" if all(comparisons) else "no per-image predictions, or other seeds or test images"
         results.append(ClaimResult(claim, pairs, comparisons, missing=missing))
-    tested = [c for result in results for c in result.comparisons if c is not None]
-    for comparison, adjusted in zip(tested, holm([c.p for c in tested])):
+    family = [c for r in results if r.claim.kind != "within_noise" for c in r.comparisons if c is not None]
+    for comparison, adjusted in zip(family, holm([c.p for c in family])):
         comparison.p_holm = adjusted
+    for comparison in (c for r in results if r.claim.kind == "within_noise" for c in r.comparisons if c is not None):
+        comparison.p_holm = comparison.p
     for result in results:
         result.verdict = verdict(result.claim, result.comparisons) if not result.missing else MISSING
     return results
@@ -164,8 +180,8 @@ def _table_section(title: str, folder_name: str, tables: Tables) -> list[str]:
     plan, ablation = tables.plan, tables.ablation
     paper = PAPER_NAMES.get(plan.experiment) if plan.experiment == PAPER_EXPERIMENT else None
     keys = ("acc", "many", "medium", "few", *(k for k in ablation.compare if k == "query_knn_acc"))
-    head = ["overall", "many", "medium", "few", *(KEY_NAMES[k] for k in keys[4:])] + ([f"paper, {paper}"] if paper
-                                                                                      else [])
+    head = ["overall", "many", "medium", "few", *(KEY_NAMES[k] for k in keys[4:])]
+    head += [f"paper, {paper} (overall)"] if paper else []
     out = ["", f"### {title}", "", f"| {plan.axis} | stage | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 2)]
     for line in tables.lines:
         cells = [cell(line, k) for k in keys] + ([str(ablation.paper.get(line.label, ""))] if paper else [])
@@ -183,7 +199,7 @@ def _difference(pair: tuple[str, str], comparison: Comparison | None) -> str:
     return f"{pair[0]} - {pair[1]}: {i.estimate:+.1f} [{i.low:+.1f}, {i.high:+.1f}]"
 
 
-def _claims_section(results: list[ClaimResult]) -> list[str]:
+def _claims_section(results: list[ClaimResult], seeds: int) -> list[str]:
     out = ["", "## Claims", "", "| claim | paper | on | difference, 95 % interval | p (Holm) | verdict |",
            "|---|---|---|---|---|---|"]
     for r in results:
@@ -195,12 +211,16 @@ def _claims_section(results: list[ClaimResult]) -> list[str]:
         p_values = "<br>".join(f"{c.p_holm:.3g}" if c else "-" for c in r.comparisons)
         out.append(f"| {r.claim.text} | {r.claim.source} | {KEY_NAMES.get(r.claim.key, r.claim.key)} | "
                    f"{differences} | {p_values} | **{r.verdict}** |")
-    count = sum(1 for r in results for c in r.comparisons if c is not None)
-    out += ["", f"Difference = row a - row b in points of the table's accuracy, 95 % paired bootstrap interval (the "
-                f"same numbers as the table's own report). p = Holm-adjusted over the {count} comparisons of the "
-                f"suite (family-wise α = {ALPHA}). A claim holds when each of its differences is significant in the "
-                f"claimed direction, is contradicted when one is significant against it, and is not significant "
-                f"otherwise; `within noise` holds unless the row is significantly below the best other row."]
+    count = sum(1 for r in results if r.claim.kind != "within_noise" for c in r.comparisons if c is not None)
+    out += ["", f"Difference = row a - row b in points of the table's accuracy, 95 % paired bootstrap interval (where "
+                f"a table's report shows the same difference, the same estimate and interval). p = Holm-adjusted over "
+                f"the {count} comparisons of the suite's claims (family-wise α = {ALPHA}); a `within noise` claim "
+                f"keeps its own p. A claim holds when each of its differences is significant in the claimed "
+                f"direction, is contradicted when one is significant against it, and is not significant otherwise; "
+                f"`within noise` holds unless the row is significantly below the best other row."]
+    if seeds == 1:
+        out.append("With one seed the intervals cover the test set's sampling only, not the spread between training "
+                   "runs: `seeds=[0,1,2]` puts the seeds into every interval and difference.")
     return out
 
 
@@ -216,7 +236,7 @@ def suite_markdown(record: PlanRecord, suite: Suite, reports: dict[str, Report],
             out += ["", f"### {table.title}", "", "No row of this table is in the sweep."]
         else:
             out += _table_section(table.title, table.ablation, report.tables)
-    return "\n".join(out + _claims_section(results))
+    return "\n".join(out + _claims_section(results, seeds))
 
 
 def _claims_rows(results: list[ClaimResult]) -> list[dict]:
@@ -250,16 +270,8 @@ def _claims_plot(results: list[ClaimResult], path: Path) -> Path:
     return path
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["claim"])
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def _missing_notes(folder: Path, suite: Suite, aliases: dict[str, str]) -> list[str]:
-    state = read_state(folder)
-    failed_rows = {_row_of(ident) for ident in state.get("failed", [])}
+    state, failed_rows = read_state(folder), _seeds_by_row(folder, "failed")
     notes = []
     for table in suite.tables:
         failed = [split_label(label)[1] for label in aliases
@@ -298,14 +310,15 @@ def build_suite_report(folder: str | Path, tracking_uri: str | None = None, pare
         log(f"{suite.name}: table {ablation} reported in {sub / 'report'}")
     client, note = open_store(tracking_uri, record.tracking_experiment, 5.0)
     tables = {name: report.tables for name, report in reports.items() if report.tables is not None}
-    results = evaluate_claims(suite, record.experiment, tables, Sources(Path(record.stage_root), client, note))
+    results = evaluate_claims(suite, record.experiment, tables, Sources(Path(record.stage_root), client, note),
+                              set(aliases))
     text = suite_markdown(record, suite, reports, results, [note, *_missing_notes(folder, suite, aliases)])
     out = folder / "report"
     out.mkdir(exist_ok=True)
     rows = _claims_rows(results)
     files = [out / "report.md", out / "claims.csv"]
     files[0].write_text(text + "\n")
-    _write_csv(files[1], rows)
+    write_csv(files[1], rows)
     files.append(_claims_plot(results, out / "claims.png"))
     if registry is not None:
         registry.log_artifacts(parent_run_id, [out], "report")

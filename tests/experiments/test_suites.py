@@ -69,3 +69,11 @@ def test_model_size_claims_use_the_demo_rows_on_the_demo():
     claim = next(c for c in SUITES["paper"].claims if c.table == "model_size")
     assert claim.rows_for("places_lt") == ("vit_t", "vit_s", "vit_b")
     assert claim.rows_for("demo") == ("micro_s", "micro_m", "micro_l")
+
+
+def test_claims_with_too_few_or_repeated_rows_are_refused():
+    with pytest.raises(ValueError, match="increasing.*names rows \\('1',\\)"):
+        register_suite(_suite(Claim("x", "Fig. 4", "topk", "increasing", ("1",))))
+    with pytest.raises(ValueError, match="better.*names rows \\('1', '1'\\)"):
+        register_suite(_suite(Claim("x", "Fig. 4", "topk", "better", ("1", "1"))))
+    assert "test_suite" not in SUITES

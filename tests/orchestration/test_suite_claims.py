@@ -1,7 +1,8 @@
-"""A suite's claims (orchestration/reporting/suite_report.py): which differences each kind of claim rests on, and
-the verdict from Holm-adjusted comparisons, on hand-made lines and comparisons."""
+"""A suite's report (orchestration/reporting/suite_report.py) on hand-made inputs: which differences each kind of
+claim rests on, the verdict from Holm-adjusted comparisons, and the per-table sweep folders made from the suite's."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -12,7 +13,10 @@ from experiments.suites import Claim
 from lpt_core.uncertainty import Interval
 from orchestration.reporting.sources import Run
 from orchestration.reporting.statistics import Comparison, Line, paired_comparison
-from orchestration.reporting.suite_report import CONTRADICTED, HOLDS, MISSING, NOT_SIGNIFICANT, claim_pairs, verdict
+from orchestration.plan.record import PlanRecord
+from orchestration.plan.trial_specs import trial_id
+from orchestration.reporting.suite_report import (CONTRADICTED, HOLDS, MISSING, NOT_SIGNIFICANT, claim_pairs, verdict,
+                                                  write_suite_file, write_table_folders)
 
 
 def _comparison(estimate: float, p_holm: float) -> Comparison:
@@ -75,3 +79,30 @@ def test_paired_comparison_is_the_difference_of_the_two_rows():
     assert reverse.p == comparison.p
     other_seed = Line("c", "phase2", [Run("c", 1, "phase2", "b", None, {})], point={"acc": 50.0})
     assert paired_comparison(a, other_seed, "acc", tables) is None  # not on the same seeds: no pairing
+
+
+def test_table_folders_take_each_seed_of_a_merged_row(tmp_path):
+    """A suite of two seeds whose merged row group_size:20 failed on seed 1 only: each table that holds it lists
+    that seed alone as failed and keeps seed 0's trial under its own row label."""
+    folder = tmp_path / "paper-demo"
+    folder.mkdir()
+    PlanRecord("f", "paper-demo", "paper", "demo", "row", ["group_size:5", "group_size:20"], [0, 1], "grid", "acc",
+               str(tmp_path / "stages")).write(folder)
+    write_suite_file(folder, "paper", {"group_size:5": "group_size:5", "group_size:20": "group_size:20",
+                                       "topk:2": "group_size:20"})
+    record = {"stage": "phase2", "stage_key": "k", "run_id": "r", "metrics": {"acc": 50.0}, "config": {}}
+    trials = [{**record, "row": row, "seed": seed, "trial_id": trial_id(row, seed)}
+              for row, seed in (("group_size:5", 0), ("group_size:5", 1), ("group_size:20", 0))]
+    (folder / "trials.json").write_text(json.dumps(trials))
+    (folder / "state.json").write_text(json.dumps({"status": "incomplete", "failed": ["group_size:20/seed=1"]}))
+    folders = write_table_folders(folder)
+    assert set(folders) == {"group_size", "topk"}
+    topk = json.loads((folders["topk"] / "state.json").read_text())
+    assert topk == {"status": "incomplete", "failed": ["2/seed=1"], "stopped": []}
+    assert [(t["row"], t["seed"], t["trial_id"]) for t in json.loads((folders["topk"] / "trials.json").read_text())] \
+        == [("2", 0, "2/seed=0")]
+    group = json.loads((folders["group_size"] / "state.json").read_text())
+    assert group["failed"] == ["20/seed=1"]
+    table = PlanRecord.read(folders["group_size"])
+    assert (table.name, table.ablation, table.rows, table.axis) == ("paper-demo/group_size", "group_size",
+                                                                    ["5", "20"], "m")

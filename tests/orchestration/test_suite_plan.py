@@ -58,7 +58,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, demo_cache):
                              "as its own sweep; the stage store holds 0, 44 to train; 4 demo backbone(s) to pretrain")
     compute = next(line for line in lines if line.startswith("compute: "))
     assert compute.startswith("compute: about ") and "on cpu (step times measured here" in compute
-    assert lines[-1] == "dry_run=true: nothing was trained, no sweep folder or run was written"
+    assert lines[-1] == "dry_run=true: nothing was trained; no sweep folder, stage or run was written"
     assert not (tmp_path / "sweeps").exists() and not (tmp_path / "stages").exists()
 
 
