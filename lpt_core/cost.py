@@ -2,8 +2,9 @@
 measured time per image, so that a sweep can say whether it is minutes or GPU-days before it starts.
 
 The time is measured on the real model of the stage (a randomly initialised backbone of the same architecture:
-the weights do not change the time) with a few steps, per image: on a CPU at a batch of 2 (the cost grows
-linearly with the batch), on a GPU at the stage's batch up to 64 (a small batch would overstate it).
+the weights do not change the time) with a few steps, per image: on a GPU at the stage's batch up to 64 (a small
+batch would overstate it); on a CPU at 2 images per branch, and again at up to 32 where that step is quick (a small
+model, whose per-image cost a tiny batch overstates; a large one costs the same per image at any batch).
 """
 from __future__ import annotations
 
@@ -52,16 +53,22 @@ def stage_cost(cfg: LPTConfig, stage: str, train_images: int, test_images: int) 
     return StageCost(trained, evaluated)
 
 
-CPU_BATCH, GPU_BATCH = 2, 64  # images per sampling branch in a timed step
+CPU_BATCH, CPU_QUICK_STEP_S, CPU_LARGE_BATCH, GPU_BATCH = 2, 0.05, 32, 64  # images per sampling branch
 
 
 def seconds_per_image(cfg: LPTConfig, stage: str, num_classes: int, batch: int | None = None,
                       repeats: int = 2) -> tuple[float, float]:
     """(train, eval) seconds per image of `stage` on cfg.device with cfg.threads threads: a warm-up step, then the
-    mean of `repeats` timed steps on random images (batch: per sampling branch; default CPU_BATCH / GPU_BATCH)."""
+    mean of `repeats` timed steps on random images (batch: per sampling branch; default as the module says)."""
     device = resolve_device(cfg.device)
-    if batch is None:
-        batch = CPU_BATCH if device.type == "cpu" else min(cfg.stage_config(stage).batch_size, GPU_BATCH)
+    largest = cfg.stage_config(stage).batch_size
+    if batch is None and device.type == "cpu":
+        train, evaluate = seconds_per_image(cfg, stage, num_classes, CPU_BATCH, repeats)
+        if train * CPU_BATCH * 2 > CPU_QUICK_STEP_S or largest <= CPU_BATCH:
+            return train, evaluate
+        batch = min(largest, CPU_LARGE_BATCH)
+    elif batch is None:
+        batch = min(largest, GPU_BATCH)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or threads)
     try:

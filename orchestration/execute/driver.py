@@ -69,8 +69,7 @@ def sweep_lock(folder: Path) -> Iterator[None]:
 
 
 def _prepare_folder(plan: SweepPlan) -> Path:
-    root = Path(plan.settings.sweep.root)
-    folder = (root / plan.name).resolve()
+    root, folder = Path(plan.settings.sweep.root), plan.folder
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".write-test"
@@ -249,7 +248,7 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
     if plan.settings.dry_run:
         log("dry_run=true: nothing was trained; no sweep folder, stage or run was written")
         return 0
-    created = not (Path(plan.settings.sweep.root) / plan.name).exists()
+    created = not plan.folder.exists()
     folder = _prepare_folder(plan)
     with sweep_lock(folder), _removed_if_refused(folder, created):
         status = _check_existing(plan, folder, record)

@@ -99,6 +99,11 @@ class SweepPlan:
         """The stages its trials run, in order (phase1, phase2; joint)."""
         return list(dict.fromkeys(spec.stage for trial in self.trials.values() for spec in trial.chain))
 
+    @property
+    def folder(self) -> Path:
+        """The sweep folder: sweep.root/<name>."""
+        return (Path(self.settings.sweep.root) / self.name).resolve()
+
     def stage_keys(self) -> dict[str, str]:
         """Every distinct stage its trials run: key -> stage name."""
         return {spec.key: spec.stage for trial in self.trials.values() for spec in trial.chain}

@@ -22,6 +22,7 @@ from orchestration.reporting.statistics import KEY_NAMES, MAX_OPTUNA_ROWS, POINT
     comparison_count, set_intervals, set_points
 from orchestration.plan.record import PlanRecord, read_state
 from orchestration.tracking.registry import RunRegistry
+from orchestration.tracking.study import load_sweep_study
 
 RULE_TITLES = {"authors": "authors' split (many > 100, 20 < medium <= 100, few <= 20)",
                "standard": "standard split (many > 100, 20 <= medium <= 100, few < 20)"}
@@ -240,7 +241,8 @@ def build_report(folder: str | Path, tracking_uri: str | None = None, parent_run
     tables = collect(folder, Sources(Path(plan.stage_root), client, note))
     out = folder / "report"
     out.mkdir(exist_ok=True)
-    optuna_md, optuna_files = optuna_study.section(tables, out) if plan.search == "optuna" else ([], [])
+    optuna_md, optuna_files = (optuna_study.section(tables, out, load_sweep_study(folder, plan.name))
+                               if plan.search == "optuna" else ([], []))
     text = markdown(tables, optuna_md)
     rows = csv_rows(tables)
     files = [out / "report.md", out / "report.csv"]

@@ -1,8 +1,7 @@
-"""The Optuna part of a report: which searched parameter matters (Optuna's own importance evaluator on a study
-rebuilt from the finished trials) and the metric against each parameter (optuna.png).
+"""The Optuna part of a report: which searched parameter matters (Optuna's own importance evaluator on the
+sweep's study, orchestration/tracking/study.py) and the metric against each parameter (optuna.png).
 
-The study is rebuilt instead of read from Tune's searcher state: the trials' MLflow runs and trials.json outlive
-that state, and a rebuilt study holds exactly the trials the report shows.
+A sweep of an earlier version kept its study in memory only: its study is rebuilt from the finished trials.
 """
 from __future__ import annotations
 
@@ -16,6 +15,7 @@ import optuna
 from experiments.ablations import Distribution
 from orchestration.reporting.plots import REFERENCE, ROW, error_bars
 from orchestration.reporting.statistics import Tables
+from orchestration.tracking.study import STUDY_FILE
 
 IMPORTANCE_SEED = 0
 
@@ -80,23 +80,26 @@ def plot(path: Path, tables: Tables, scores: dict[str, float]) -> None:
     fig.savefig(path, dpi=120)
 
 
-def section(tables: Tables, out: Path) -> tuple[list[str], list[Path]]:
-    """(report.md lines, files) of the Optuna part."""
+def section(tables: Tables, out: Path, study: optuna.Study | None) -> tuple[list[str], list[Path]]:
+    """(report.md lines, files) of the Optuna part; study: the sweep's own (None: rebuilt from the trials)."""
     trials = _trials(tables)
+    finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))) if study \
+        else len(trials)
+    source = (f"the sweep's study ({STUDY_FILE} in its folder, {finished} complete trials)" if study else
+              f"a study rebuilt from the {finished} finished trials (distributions from the ablation's search space)")
     lines = ["", f"### parameter importances for {tables.plan.metric}", ""]
     scores: dict[str, float] = {}
-    if len(trials) < 2:
-        lines.append(f"Not computable: {len(trials)} finished trial(s); importances need at least 2.")
+    if finished < 2:
+        lines.append(f"Not computable: {finished} finished trial(s); importances need at least 2.")
     else:
         try:
-            scores = importances(rebuild_study(tables.ablation.space, trials, tables.plan.mode))
+            scores = importances(study or rebuild_study(tables.ablation.space, trials, tables.plan.mode))
         except (ValueError, RuntimeError, ZeroDivisionError) as err:
-            lines.append(f"Not computable on these {len(trials)} trials: {err}")
+            lines.append(f"Not computable on these {finished} trials: {err}")
     if scores:
         lines += ["| parameter | importance |", "|---|---|"]
         lines += [f"| {name} | {value:.3f} |" for name, value in scores.items()]
-        lines += ["", f"optuna.importance with the fANOVA evaluator (seed {IMPORTANCE_SEED}) on a study rebuilt from "
-                      f"the {len(trials)} finished trials (distributions from the ablation's search space); with few "
+        lines += ["", f"optuna.importance with the fANOVA evaluator (seed {IMPORTANCE_SEED}) on {source}; with few "
                       f"trials these are rough."]
     plot(out / "optuna.png", tables, scores)
     return lines, [out / "optuna.png"]

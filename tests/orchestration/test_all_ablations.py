@@ -15,6 +15,8 @@ import pytest
 from experiments.ablations import ABLATIONS, get_ablation
 from experiments.compose import compose_config
 from orchestration.execute.driver import run_sweep
+from orchestration.reporting.optuna_study import importances as importance_scores
+from orchestration.tracking.study import load_sweep_study
 
 from .conftest import mlflow_runs, stage_runs, steps
 from .report_checks import check_ablation_report, check_numbers_and_intervals, read_report
@@ -67,6 +69,11 @@ def test_loss_optuna_end_to_end(ray_session, sweep_overrides, shared_root):
         assert f"| {key} |" in importances
     assert "Optuna trials have no reference row" in markdown
     assert (folder / "report" / "optuna.png").exists()
+    # the importances are those of the sweep's own study, which optuna.load_study opens from the sweep folder
+    study = load_sweep_study(folder, "loss-optuna")
+    assert "on the sweep's study (optuna.journal in its folder, 3 complete trials)" in importances
+    for key, value in importance_scores(study).items():
+        assert f"| {key} | {value:.3f} |" in importances
 
     # each sampled trial is its own phase-2 run on the one phase 1, with distinct values inside the space
     _, runs = mlflow_runs(shared_root / "sweeps", "loss-optuna")

@@ -8,7 +8,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import optuna
 import pytest
+
+from orchestration.tracking.study import study_storage
 
 from .conftest import kill_driver_when, mlflow_runs, run_sweep_cli, stage_runs, steps
 
@@ -64,3 +67,14 @@ def test_optuna_sweep_restored_after_driver_kill_runs_exactly_num_samples(sweep_
     assert sorted(tuple(str(r["config"][k]) for k in SPACE) for r in records) == sorted(sampled)
     assert sorted(r["run_id"] for r in records) == sorted(r.info.run_id for r in phase2)
     assert json.loads((folder / "state.json").read_text()) == {"status": "complete", "failed": [], "stopped": []}
+
+    # the sweep's Optuna study, persisted in its folder, went on across the kill: the same 3 trials, numbered once,
+    # none left running, their values and sampled params those of the finished trials
+    study = optuna.load_study(study_name="loss-demo", storage=study_storage(folder))
+    assert sorted(t.number for t in study.trials) == list(range(len(study.trials)))
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == 3 and not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    assert sorted(tuple(str(t.params[k]) for k in SPACE) for t in complete) == sorted(sampled)
+    assert sorted(t.value for t in complete) == sorted(r["metrics"]["acc"] for r in records)
+    assert "on the sweep's study (optuna.journal in its folder, 3 complete trials)" in \
+        (folder / "report" / "report.md").read_text()
