@@ -251,20 +251,27 @@ def _claims_rows(results: list[ClaimResult]) -> list[dict]:
     return rows
 
 
+def _agreement(claim: Claim, comparison: Comparison) -> str:
+    """What one difference says of its claim, as its verdict would if the claim rested on it alone."""
+    return verdict(claim, [comparison])
+
+
 def _claims_plot(results: list[ClaimResult], path: Path) -> Path:
-    """Every difference a claim rests on with its interval, coloured by the claim's verdict, the 0 line marked."""
-    items = [(f"{r.claim.text}\n{a} - {b} ({KEY_NAMES.get(r.claim.key, r.claim.key)})", c, r.verdict)
+    """Every difference a claim rests on with its interval, coloured by what it says of the claim (a claim of
+    several differences holds only if each is green: its verdict is in the table), the 0 line marked."""
+    items = [(f"{r.claim.text}\n{a} - {b} ({KEY_NAMES.get(r.claim.key, r.claim.key)})", c, _agreement(r.claim, c))
              for r in results for (a, b), c in zip(r.pairs, r.comparisons) if c is not None]
     figure = Figure(figsize=(9, 0.55 * max(1, len(items)) + 1.2))
     axis = figure.add_subplot()
-    for y, (_, c, result) in enumerate(reversed(items)):
+    for y, (_, c, says) in enumerate(reversed(items)):
         i = c.interval
         axis.errorbar(i.estimate, y, xerr=[[i.estimate - i.low], [i.high - i.estimate]], fmt="o", capsize=3,
-                      color=VERDICT_COLOURS.get(result, "0.5"))
+                      color=VERDICT_COLOURS.get(says, "0.5"))
     axis.axvline(0, color="0.3", linewidth=1, linestyle="--")
     axis.set_yticks(range(len(items)), [label for label, _, _ in reversed(items)], fontsize=7)
     axis.set_xlabel("paired difference, points (95 % interval)")
-    axis.set_title("The paper's claims: holds (green), not significant (grey), contradicted (red)", fontsize=9)
+    axis.set_title("Each difference a claim rests on, Holm-adjusted over the suite\n"
+                   "green: supports the claim, grey: not significant, red: against it", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=130)
     return path

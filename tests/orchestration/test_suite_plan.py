@@ -43,9 +43,10 @@ def test_a_suite_is_not_searched():
         build_plan(compose_config(["ablation=paper", "search=optuna"]))
 
 
-def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, demo_cache):
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    """A cache of its own: the session's may hold backbones other tests pretrained (the plan counts what is not)."""
     lines: list[str] = []
-    overrides = tiny_sweep(tmp_path, demo_cache, "ablation=paper", "seeds=[0,1]", "dry_run=true")
+    overrides = tiny_sweep(tmp_path, tmp_path / "cache", "ablation=paper", "seeds=[0,1]", "dry_run=true")
     assert run_sweep(compose_config(overrides), log=lines.append) == 0
     assert lines.pop(0) == "measuring step times here for the estimate ..."
     assert lines[0] == ("plan: suite 'paper' on demo, seeds [0, 1]: 7 tables, 24 rows, 19 distinct (rows that run "
