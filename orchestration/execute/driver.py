@@ -221,8 +221,8 @@ def _announce(plan: SweepPlan, log) -> Estimate | None:
     """The plan and its compute, before anything is trained (a suite always; any sweep with dry_run=true)."""
     if plan.suite is None and not plan.settings.dry_run:
         return None
-    store = StageStore(plan.settings.stages.root)  # read only: a stage's DONE mark (its trial verifies it)
-    found = estimate(plan, {key for key in plan.stage_keys() if (store.folder(key) / "DONE").is_file()}, log)
+    store = StageStore(plan.settings.stages.root)
+    found = estimate(plan, {key for key in plan.stage_keys() if store.marked_done(key)}, log)
     for line in plan_lines(plan, found):
         log(line)
     return found
@@ -289,7 +289,8 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
             alone = len(missing) - len(separate)
             log(f"upstream: {len(missing)} distinct stage(s) to train, {len(upstream) - len(missing)} cached"
                 + (f"; {alone} of them needed by one trial each, trained in that trial" if alone else ""))
-        callbacks = [SuiteProgress(plan, plan.suite, found.seconds if found and not found.failure else {})] if plan.suite else []
+        seconds = found.seconds if found is not None and not found.failure else {}
+        callbacks = [SuiteProgress(plan, plan.suite, seconds)] if plan.suite is not None else []
         if separate:
             units = [{"row": row, "seed": seed} for row, seed in separate.values()]
             failed = run_tuner(plan, context, storage, "upstream", units, log, callbacks).failed

@@ -50,9 +50,14 @@ class StageStore:
         """Exclusive per-stage lock: a second trial needing the same stage waits, then finds it done."""
         return file_lock(self.folder(key) / ".lock")
 
+    def marked_done(self, key: str) -> bool:
+        """Whether the stage's DONE mark is there: a cheap look, for what only reports progress (is_done verifies
+        the output before anything reads it)."""
+        return (self.folder(key) / "DONE").is_file()
+
     def is_done(self, key: str, log=print) -> bool:
         folder = self.folder(key)
-        if not (folder / "DONE").is_file():
+        if not self.marked_done(key):
             return False
         try:
             verify_checkpoint(folder / "final")

@@ -31,8 +31,7 @@ class SuiteProgress(Callback):
         self.start, self.at_start = time.time(), self._cost(self.done)
 
     def _done(self) -> set[str]:
-        """The stages finished (their DONE mark; the trial that reads one verifies it)."""
-        return {key for key in self.keys if (self.store.folder(key) / "DONE").is_file()}
+        return {key for key in self.keys if self.store.marked_done(key)}
 
     def _cost(self, keys: set[str]) -> float:
         return sum(self.cost[key] for key in keys)

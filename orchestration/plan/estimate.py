@@ -39,14 +39,6 @@ class Estimate:
         return sum(self.seconds.values()) if not self.failure else float("nan")
 
 
-def _distinct_stages(plan: SweepPlan) -> dict[str, tuple[str, LPTConfig]]:
-    found: dict[str, tuple[str, LPTConfig]] = {}
-    for trial in plan.trials.values():
-        for spec in trial.chain:
-            found.setdefault(spec.key, (spec.stage, trial.config))
-    return found
-
-
 def _missing_backbones(plan: SweepPlan) -> list[Path]:
     paths = {Path(t.config.backbone.weights_file) for t in plan.trials.values()
              if pretrained_here(t.config, plan.pretrain)}
@@ -64,7 +56,7 @@ def _cost_key(cfg: LPTConfig, stage: str) -> str:
 
 def estimate(plan: SweepPlan, done: set[str], log: Callable[[str], None] = print) -> Estimate:
     """done: the stage keys the stage store holds."""
-    stages = _distinct_stages(plan)
+    stages = plan.stage_configs()
     result = Estimate({key: stage for key, (stage, _) in stages.items()}, set(stages) & done,
                       _missing_backbones(plan))
     todo = {key: value for key, value in stages.items() if key not in done}

@@ -104,9 +104,17 @@ class SweepPlan:
         """The sweep folder: sweep.root/<name>."""
         return (Path(self.settings.sweep.root) / self.name).resolve()
 
+    def stage_configs(self) -> dict[str, tuple[str, LPTConfig]]:
+        """Every distinct stage its trials run: key -> (stage name, the config of a trial that runs it)."""
+        found: dict[str, tuple[str, LPTConfig]] = {}
+        for trial in self.trials.values():
+            for spec in trial.chain:
+                found.setdefault(spec.key, (spec.stage, trial.config))
+        return found
+
     def stage_keys(self) -> dict[str, str]:
         """Every distinct stage its trials run: key -> stage name."""
-        return {spec.key: spec.stage for trial in self.trials.values() for spec in trial.chain}
+        return {key: stage for key, (stage, _) in self.stage_configs().items()}
 
     def table_stage_keys(self) -> dict[str, set[str]]:
         """A suite: per table (ablation), the stage keys of its rows (a merged row's under every table it is in)."""
