@@ -278,7 +278,7 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
         _write_json(folder / "state.json", {"status": "running"})
         tracking_uri = plan.tracking_uri()
         runs = RunRegistry(tracking_uri, record.tracking_experiment,
-                           outage_wait_s=plan.settings.tracking.flush_timeout_s)
+                           outage_wait_s=plan.settings.tracking.flush_timeout_s, artifacts=plan.artifact_root())
         upstream = plan.upstream_keys()
         parent = _parent_run(runs, plan, record, upstream, tracking_uri)
         context = plan.context(tracking_uri, parent)

@@ -20,7 +20,7 @@ from lpt_core.config import ConfigError, LPTConfig, flatten, to_dict
 from lpt_core.files import content_key
 from orchestration.plan.record import PlanRecord
 from orchestration.plan.trial_specs import BASE_ROW, SweepContext, TrialSpec
-from orchestration.tracking.registry import default_tracking_uri, redact
+from orchestration.tracking.registry import artifact_root, default_tracking_uri, redact
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,11 @@ class SweepPlan:
     def tracking_uri(self) -> str:
         """The MLflow store of this sweep's runs: tracking.uri, or the one store under sweep.root."""
         return self.settings.tracking.uri or default_tracking_uri(self.settings.sweep.root)
+
+    def artifact_root(self) -> Path | None:
+        """Where the store's new experiments keep their artifacts (also when the store is reached through the
+        sweep's own tracking server: the artifacts are files on the shared filesystem, not database rows)."""
+        return artifact_root(self.tracking_uri(), self.settings.sweep.root)
 
     def record(self) -> PlanRecord:
         """plan.json of this plan (taken before the demo backbones are resolved: what the sweep computes)."""

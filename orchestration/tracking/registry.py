@@ -51,14 +51,20 @@ def default_tracking_uri(sweep_root: str | Path) -> str:
     return f"sqlite:///{(Path(sweep_root).resolve() / 'mlflow.db')}"
 
 
-def artifact_location(uri: str, experiment: str) -> str | None:
-    """Where a new experiment keeps its runs' artifacts: beside a SQLite store, in mlartifacts/<experiment>, so the
-    store's folder holds everything (a client without a server would write to ./mlruns, wherever it runs); None,
-    the server's own artifact store, for any other store."""
-    if not uri.startswith("sqlite:///"):
+def artifact_root(store_uri: str, sweep_root: str | Path | None = None) -> Path | None:
+    """The folder of a new experiment's artifacts. A database holds no files, and a client without a server would
+    write them to ./mlruns wherever it runs: beside a SQLite store (its folder then holds everything), under
+    sweep.root for a database server (postgresql://...); None for an `mlflow server`, which has its own store."""
+    if store_uri.startswith(("http://", "https://", "databricks")):
         return None
-    folder = Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts"
-    return (folder / re.sub(r"[^\w.-]", "_", experiment)).as_uri()
+    if store_uri.startswith("sqlite:///"):
+        return Path(store_uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts"
+    return Path(sweep_root).resolve() / "mlartifacts" if sweep_root is not None else None
+
+
+def artifact_location(root: Path | None, experiment: str) -> str | None:
+    """The experiment's own folder under `root` (None: the server decides)."""
+    return None if root is None else (root / re.sub(r"[^\w.-]", "_", experiment)).as_uri()
 
 
 def is_outage(err: BaseException) -> bool:
@@ -98,8 +104,12 @@ class RunRegistry:
     """The sweep's runs in one MLflow experiment: found again by tag, created once (with their params), reopened
     by a retry or a resume, tagged, given their final statistics and artifacts, finished."""
 
-    def __init__(self, uri: str, experiment: str, outage_wait_s: float = 120.0) -> None:
+    def __init__(self, uri: str, experiment: str, outage_wait_s: float = 120.0,
+                 artifacts: Path | None = None) -> None:
+        """artifacts: where a new experiment keeps its artifacts (`artifact_root`; default: beside a SQLite
+        store, else the server's choice)."""
         self.uri, self.outage_wait_s = uri, outage_wait_s
+        self.artifacts = artifacts if artifacts is not None else artifact_root(uri)
         self.client = tracking_client(uri)
         self.experiment_id = self._experiment(experiment)
 
@@ -110,7 +120,7 @@ class RunRegistry:
         if found is not None:
             return found.experiment_id
         try:
-            return self._call(lambda: self.client.create_experiment(name, artifact_location(self.uri, name),
+            return self._call(lambda: self.client.create_experiment(name, artifact_location(self.artifacts, name),
                                                                     EXPERIMENT_TAGS))
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":

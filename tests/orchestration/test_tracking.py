@@ -9,7 +9,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from orchestration.tracking.registry import MetricSpool, RunRegistry, artifact_location, default_tracking_uri, redact
+from orchestration.tracking.registry import (MetricSpool, RunRegistry, artifact_location, artifact_root,
+                                             default_tracking_uri, redact)
 
 _names = itertools.count()
 
@@ -69,8 +70,15 @@ def test_an_experiment_trains_models_and_keeps_its_artifacts_beside_the_store(tm
     (tmp_path / "report.md").write_text("table")
     runs.log_artifacts(parent, [tmp_path / "report.md"], "report")
     assert (folder / parent / "artifacts" / "report" / "report.md").read_text() == "table"
-    assert artifact_location("http://127.0.0.1:5000", "demo") is None  # a server's own artifact store
-    assert artifact_location("sqlite:///team.db", "a/b") == (Path("mlartifacts").resolve() / "a_b").as_uri()
+
+
+def test_artifacts_of_each_kind_of_store_go_where_every_node_and_the_ui_find_them(tmp_path: Path) -> None:
+    assert artifact_root("http://127.0.0.1:5000", tmp_path) is None  # a server's own artifact store
+    assert artifact_root("sqlite:///team.db", tmp_path) == Path("mlartifacts").resolve()  # beside the file
+    assert artifact_root("postgresql://lpt@db:5432/lpt", tmp_path / "sweeps") == tmp_path / "sweeps" / "mlartifacts"
+    assert artifact_root("postgresql://lpt@db:5432/lpt") is None
+    assert artifact_location(tmp_path, "a/b") == (tmp_path / "a_b").as_uri()
+    assert artifact_location(None, "demo") is None
 
 
 def test_log_metrics_logs_only_what_changed(runs: RunRegistry, sweep: str) -> None:
