@@ -86,6 +86,11 @@ class TrackingSettings:
     uri: str | None = None  # default sqlite:///<sweep.root>/mlflow.db, shared by every sweep; or an `mlflow server`
     experiment: str | None = None  # the MLflow experiment; default: the experiment's name (demo, places_lt, ...)
     flush_timeout_s: float = 120.0  # how long a finished stage waits for an unreachable server before moving on
+    # the sweep's own `mlflow server` over a store that is not a server: auto = on a cluster of several nodes (the
+    # trials then never open the store themselves: one writer), on = always, off = never (refused for SQLite on
+    # several nodes)
+    server: Literal["auto", "on", "off"] = "auto"
+    server_port: int = 0  # its port on the driver's node; 0 = a free one
 
 
 @dataclass

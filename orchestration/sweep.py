@@ -27,10 +27,11 @@ def main(cfg: DictConfig) -> None:
     # start_cli's check, so that a mistyped key or option is refused at once
     from orchestration.cluster.ray_connection import ClusterError
     from orchestration.execute.driver import SweepError, run_sweep
+    from orchestration.tracking.single_writer import TrackingError
 
     try:
         code = run_sweep(cfg)
-    except (ConfigError, SweepError, ClusterError) as err:
+    except (ConfigError, SweepError, ClusterError, TrackingError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     sys.exit(code)

@@ -76,11 +76,16 @@ def connect(settings: ClusterSettings, log=print) -> None:
         f"{resources.get('GPU', 0):g} GPUs")
 
 
-def check_resources(cpu: float, gpu: float) -> None:
-    """A trial asking for more than any node has would wait forever: refuse it with the numbers."""
+def alive_nodes() -> list[dict]:
+    """The live nodes of the cluster Ray is connected to, as ray.nodes() describes them."""
     import ray
 
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    return [node for node in ray.nodes() if node.get("Alive")]
+
+
+def check_resources(cpu: float, gpu: float) -> None:
+    """A trial asking for more than any node has would wait forever: refuse it with the numbers."""
+    nodes = [n["Resources"] for n in alive_nodes()]
     most_gpus = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
     most_cpus = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
     if gpu > most_gpus:
@@ -92,10 +97,8 @@ def check_resources(cpu: float, gpu: float) -> None:
 def trial_slots(cpu: float, gpu: float, max_concurrent_trials: int) -> int:
     """How many trials of `cpu` CPUs and `gpu` GPUs the live nodes run at once (capped by max_concurrent_trials,
     0 = no cap): a trial fits on one node, so each node contributes what fits on it alone."""
-    import ray
-
     slots = 0
-    for node in (n["Resources"] for n in ray.nodes() if n.get("Alive")):
+    for node in (n["Resources"] for n in alive_nodes()):
         fits = math.floor(node.get("CPU", 0.0) / cpu + 1e-9)
         if gpu > 0:
             fits = min(fits, math.floor(node.get("GPU", 0.0) / gpu + 1e-9))

@@ -25,9 +25,9 @@ from lpt_core.config import ConfigError
 from lpt_core.files import FileLocked, atomic_write_bytes, file_lock
 from lpt_core.stages import stages_changed_by
 from orchestration.cluster.input_check import check_inputs
-from orchestration.cluster.ray_connection import ClusterError, check_resources, connect, trial_slots
+from orchestration.cluster.ray_connection import ClusterError, alive_nodes, check_resources, connect, trial_slots
 from orchestration.plan.estimate import Estimate, estimate, plan_lines, wall_line
-from orchestration.plan.fusion import plan_fusion, shared_upstream
+from orchestration.plan.fusion import FusionPlan, plan_fusion, shared_upstream
 from orchestration.plan.sweep_plan import SweepPlan, build_plan
 from orchestration.reporting.build import Report, build_report
 from orchestration.plan.record import PLAN_FILE, PlanRecord, read_state
@@ -35,6 +35,7 @@ from orchestration.plan.trial_specs import trial_id
 from orchestration.execute.stage_store import StageStore
 from orchestration.cluster.storage_check import check_shared_storage
 from orchestration.tracking.registry import RunRegistry, redact
+from orchestration.tracking.single_writer import TrackingError, single_writer
 from orchestration.execute.suite_progress import SuiteProgress
 from orchestration.execute.tuning import TrialOutcome, run_tuner, tune_run_exists
 from orchestration.reporting.suite_report import build_suite_report, write_suite_file
@@ -148,7 +149,7 @@ def _removed_if_refused(folder: Path, created: bool) -> Iterator[None]:
     behind: the folder this driver made holds nothing but its lock then."""
     try:
         yield
-    except (ConfigError, ClusterError, SweepError):
+    except (ConfigError, ClusterError, SweepError, TrackingError):
         if created and not (folder / PLAN_FILE).exists():
             shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -185,25 +186,26 @@ def _git_commit() -> dict[str, str]:
     return {MLFLOW_GIT_COMMIT: out.stdout.strip()} if out.returncode == 0 and out.stdout.strip() else {}
 
 
-def _parent_run(runs: RunRegistry, plan: SweepPlan, record: PlanRecord, upstream: dict, tracking_uri: str) -> str:
+def _parent_run(runs: RunRegistry, plan: SweepPlan, record: PlanRecord, upstream: dict) -> str:
     """The sweep's parent run (found again by a resume), with what the sweep varies as its params."""
     parent = runs.parent_run(plan.name, {
         "lpt.ablation": plan.ablation.name, "lpt.experiment": plan.experiment, "lpt.search": plan.settings.search.name,
-        "lpt.stage_keys": ",".join(sorted(upstream))[:5000], "lpt.tracking_uri": redact(tracking_uri),
+        "lpt.stage_keys": ",".join(sorted(upstream))[:5000], "lpt.tracking_uri": redact(plan.tracking_uri()),
         MLFLOW_SOURCE_NAME: "orchestration/sweep.py", MLFLOW_SOURCE_TYPE: "LOCAL", MLFLOW_USER: getpass.getuser(),
         **_git_commit()})
     runs.log_params(parent, record.parent_params())
     return parent
 
 
-def _summarise(runs: RunRegistry, parent: str, record: PlanRecord, report: Report, suite: bool, log) -> None:
+def _summarise(runs: RunRegistry, parent: str, record: PlanRecord, report: Report, suite: bool, store_uri: str,
+               log) -> None:
     """The parent run's summary, the view over every sweep of the experiment, and how to open it."""
     if suite:
         summarise_suite(runs, parent, report)
     else:
         summarise_sweep(runs, parent, record, report)
     write_view(runs)
-    command, link = ui_link(redact(runs.uri), runs.experiment_id)
+    command, link = ui_link(redact(store_uri), runs.experiment_id)  # the store: the sweep's own server stops with it
     log(f"MLflow: this sweep beside every other of experiment {record.tracking_experiment!r}"
         + (f"; serve the store with\n    {command}\nand open " if command else ": ") + link)
 
@@ -272,52 +274,61 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
                 log(line)
         check_shared_storage({"sweep.root": folder, "stages.root": plan.settings.stages.root}, log=log)
         plan.ensure_backbones(log)
-        record.write(folder)
-        if plan.suite is not None:
-            write_suite_file(folder, plan.suite.name, plan.aliases)
-        _write_json(folder / "state.json", {"status": "running"})
-        tracking_uri = plan.tracking_uri()
-        runs = RunRegistry(tracking_uri, record.tracking_experiment,
-                           outage_wait_s=plan.settings.tracking.flush_timeout_s, artifacts=plan.artifact_root())
-        upstream = plan.upstream_keys()
-        parent = _parent_run(runs, plan, record, upstream, tracking_uri)
-        context = plan.context(tracking_uri, parent)
-        store = StageStore(plan.settings.stages.root)
-        missing = {k: v for k, v in upstream.items() if not store.is_done(k, log=log)}
-        separate = shared_upstream(plan, fusion.units, missing)
-        if missing:
-            alone = len(missing) - len(separate)
-            log(f"upstream: {len(missing)} distinct stage(s) to train, {len(upstream) - len(missing)} cached"
-                + (f"; {alone} of them needed by one trial each, trained in that trial" if alone else ""))
-        seconds = found.seconds if found is not None and not found.failure else {}
-        callbacks = [SuiteProgress(plan, plan.suite, seconds)] if plan.suite is not None else []
-        if separate:
-            units = [{"row": row, "seed": seed} for row, seed in separate.values()]
-            failed = run_tuner(plan, context, storage, "upstream", units, log, callbacks).failed
-            context = dataclasses.replace(context, failed_upstream=_failed_upstream(separate, failed))
-            # a plain sweep stops here when nothing else can run; a suite's trials end failed one by one, so that its
-            # report says which tables lack what
-            if failed and plan.suite is None and all(context.blocked_by(plan.trials[trial_id(row, unit.seed)])
-                                                     for unit in fusion.units for row in unit.rows):
-                _write_json(folder / "state.json", {"status": "incomplete", "failed": failed})
-                log(f"upstream stage(s) failed for {failed}; the trials on top of them were not started. "
-                    f"{RESUME_AFTER_FAILURE}")
-                runs.finish(parent, failed=f"upstream stage(s) failed: {failed}")
-                return 1
-            if failed:
-                log(f"upstream stage(s) failed for {failed}: the trials on top of them end failed, the others run")
-        result = run_tuner(plan, context, storage, "trials", [unit.tune_config() for unit in fusion.units], log,
-                           callbacks)
-        _write_json(folder / "trials.json", result.records)
-        failed, complete = result.failed, not result.failed
-        _close_stopped(runs, result.stopped)
-        _write_json(folder / "state.json", {"status": "complete" if complete else "incomplete", "failed": failed,
-                                            "stopped": [o.ident for o in result.stopped]})
-        report = _report(plan, folder, tracking_uri, parent, log)
-        log(report.markdown)
-        _summarise(runs, parent, record, report, plan.suite is not None, log)
-        runs.finish(parent, failed=None if complete else f"{len(failed)} trial(s) failed: {failed}")
-        if not complete:
-            log(f"{len(failed)} trial(s) failed: {failed}. {RESUME_AFTER_FAILURE}")
+        tracking = plan.settings.tracking
+        with single_writer(plan.tracking_uri(), tracking.server, tracking.server_port, len(alive_nodes()),
+                           plan.artifact_root(), folder, plan.name, log) as tracking_uri:
+            record.write(folder)
+            if plan.suite is not None:
+                write_suite_file(folder, plan.suite.name, plan.aliases)
+            _write_json(folder / "state.json", {"status": "running"})
+            return _train(plan, record, folder, storage, fusion, found, tracking_uri, log)
+
+
+def _train(plan: SweepPlan, record: PlanRecord, folder: Path, storage: str, fusion: FusionPlan,
+           found: Estimate | None, tracking_uri: str, log) -> int:
+    """The parent run, the upstream and trials Tune runs, trials.json, state.json, the report and the summary;
+    tracking_uri is what the driver and the trials write to (the store, or the sweep's server over it)."""
+    runs = RunRegistry(tracking_uri, record.tracking_experiment,
+                       outage_wait_s=plan.settings.tracking.flush_timeout_s, artifacts=plan.artifact_root())
+    upstream = plan.upstream_keys()
+    parent = _parent_run(runs, plan, record, upstream)
+    context = plan.context(tracking_uri, parent)
+    store = StageStore(plan.settings.stages.root)
+    missing = {k: v for k, v in upstream.items() if not store.is_done(k, log=log)}
+    separate = shared_upstream(plan, fusion.units, missing)
+    if missing:
+        alone = len(missing) - len(separate)
+        log(f"upstream: {len(missing)} distinct stage(s) to train, {len(upstream) - len(missing)} cached"
+            + (f"; {alone} of them needed by one trial each, trained in that trial" if alone else ""))
+    seconds = found.seconds if found is not None and not found.failure else {}
+    callbacks = [SuiteProgress(plan, plan.suite, seconds)] if plan.suite is not None else []
+    if separate:
+        units = [{"row": row, "seed": seed} for row, seed in separate.values()]
+        failed = run_tuner(plan, context, storage, "upstream", units, log, callbacks).failed
+        context = dataclasses.replace(context, failed_upstream=_failed_upstream(separate, failed))
+        # a plain sweep stops here when nothing else can run; a suite's trials end failed one by one, so that its
+        # report says which tables lack what
+        if failed and plan.suite is None and all(context.blocked_by(plan.trials[trial_id(row, unit.seed)])
+                                                 for unit in fusion.units for row in unit.rows):
+            _write_json(folder / "state.json", {"status": "incomplete", "failed": failed})
+            log(f"upstream stage(s) failed for {failed}; the trials on top of them were not started. "
+                f"{RESUME_AFTER_FAILURE}")
+            runs.finish(parent, failed=f"upstream stage(s) failed: {failed}")
             return 1
-        return 0
+        if failed:
+            log(f"upstream stage(s) failed for {failed}: the trials on top of them end failed, the others run")
+    result = run_tuner(plan, context, storage, "trials", [unit.tune_config() for unit in fusion.units], log,
+                       callbacks)
+    _write_json(folder / "trials.json", result.records)
+    failed, complete = result.failed, not result.failed
+    _close_stopped(runs, result.stopped)
+    _write_json(folder / "state.json", {"status": "complete" if complete else "incomplete", "failed": failed,
+                                        "stopped": [o.ident for o in result.stopped]})
+    report = _report(plan, folder, tracking_uri, parent, log)
+    log(report.markdown)
+    _summarise(runs, parent, record, report, plan.suite is not None, plan.tracking_uri(), log)
+    runs.finish(parent, failed=None if complete else f"{len(failed)} trial(s) failed: {failed}")
+    if not complete:
+        log(f"{len(failed)} trial(s) failed: {failed}. {RESUME_AFTER_FAILURE}")
+        return 1
+    return 0

@@ -158,6 +158,9 @@ def _check_sweep_settings(settings: SweepSettings) -> SweepSettings:
         raise ConfigError(f"fuse_max_rows={settings.fuse_max_rows}: must be >= 1 (fuse=off trains every row alone)")
     if settings.search.num_samples < 1 or settings.search.max_concurrent < 1:
         raise ConfigError("search.num_samples and search.max_concurrent must be >= 1")
+    if not 0 <= settings.tracking.server_port <= 65535:
+        raise ConfigError(f"tracking.server_port={settings.tracking.server_port}: a TCP port (1..65535), or 0 for "
+                          f"a free one")
     return settings
 
 
