@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast test-slow bench bench-quick gpu-check clean
+.PHONY: install demo test test-fast test-slow bench bench-quick bench-scale gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks.run --quick --out outputs/bench
+
+# about an hour on 2 cores: 1000 Optuna trials on a simulated 3-node Ray cluster (then killed after 400 and resumed),
+# 64 processes logging into one store for 10 min -> benchmarks/scale.json and the section "Scale" of RESULTS.md
+bench-scale: $(STAMP)
+	$(PY) -m benchmarks.scale
 
 # on a machine with a GPU (not in CI): measure 6 and a small GPU sweep -> benchmarks/RESULTS.md, section "GPU check"
 gpu-check: $(STAMP)

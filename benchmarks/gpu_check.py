@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.gpu_section import markdown, with_section
+from benchmarks.gpu_section import END, START, markdown
+from benchmarks.section import with_section
 from benchmarks.run import main as run_benchmarks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(check, indent=1) + "\n")
     results_md = args.out / "RESULTS.md"
-    results_md.write_text(with_section(results_md.read_text() if results_md.is_file() else "", markdown(check)))
+    results_md.write_text(with_section(results_md.read_text() if results_md.is_file() else "", markdown(check),
+                                       START, END))
     print(markdown(check))
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.measures import fused_rows, gpu
+from benchmarks.section import with_section
 
 START, END = "<!-- gpu-check: start -->", "<!-- gpu-check: end -->"
 
@@ -29,17 +30,10 @@ def markdown(check: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def with_section(results_md: str, section: str) -> str:
-    """RESULTS.md with the GPU check section replaced (or added at the end)."""
-    if START in results_md and END in results_md:
-        before, rest = results_md.split(START, 1)
-        return before + section + rest.split(END, 1)[1]
-    return (results_md.rstrip("\n") + "\n\n" if results_md.strip() else "") + section + "\n"
-
-
 def keep_section(out: Path) -> None:
     """After benchmarks/run.py rewrote <out>/RESULTS.md: put the last GPU check back in."""
     check = out / "gpu_check.json"
     results_md = out / "RESULTS.md"
     if check.is_file() and results_md.is_file():
-        results_md.write_text(with_section(results_md.read_text(), markdown(json.loads(check.read_text()))))
+        results_md.write_text(with_section(results_md.read_text(), markdown(json.loads(check.read_text())),
+                                           START, END))

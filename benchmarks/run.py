@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.context import PLANS, Context
-from benchmarks.gpu_section import keep_section
+from benchmarks import gpu_section, scale
 from benchmarks.machine import describe, load_average
 from benchmarks.measures import MEASURES
 from benchmarks.results_table import render
@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     results["machine"]["load_average_end"] = load_average()
     write(args.out, results)
     (args.out / "RESULTS.md").write_text(render(results))
-    keep_section(args.out)  # the last `make gpu-check` stays in RESULTS.md
+    gpu_section.keep_section(args.out)  # the last `make gpu-check` stays in RESULTS.md
+    scale.keep_section(args.out)  # and the last `python -m benchmarks.scale`
     ctx.log(f"wrote {args.out / 'results.json'} and {args.out / 'RESULTS.md'} "
             f"({results['run']['wall_s']:.0f} s)")
     return 0

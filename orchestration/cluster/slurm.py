@@ -219,6 +219,10 @@ def submit(launch: Launch, dry_run: bool = False, log=print) -> tuple[Path, str 
         raise LaunchError(f"sbatch refused {script}: {out.stderr.strip() or out.stdout.strip()}")
     job_id = out.stdout.strip().split(";")[0]
     log(f"submitted job {job_id} for sweep {name!r} ({status}); log: {folder}/slurm/job-{job_id}.out")
+    if launch.nodes > 1:
+        log(f"tracking: the job's first node runs the sweep's own mlflow server, the only writer of its store "
+            f"(tracking.server=auto); `grep tracking: {folder}/slurm/job-{job_id}.out` shows its address and the "
+            f"SSH tunnel to its UI")
     return script, job_id
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -161,14 +162,29 @@ class TunerResult:
     stopped: list[TrialOutcome]  # the trials ASHA stopped early: finished, not in the report's table
 
 
-def _quiet_tune_output() -> None:
-    """Tune's concise progress table instead of its verbose new output engine; and no warning when two experiment
+def _tune_environment() -> None:
+    """Tune's concise progress table instead of its verbose new output engine; no warning when two experiment
     snapshots fall within 5 s (Tune snapshots every num_to_keep checkpoints of a trial: on the demo's seconds-long
     epochs that is every other epoch, a cheap local copy, and three lines of noise under the progress table each
-    time). Its warning about a slow (> 30 s) snapshot stays on. Both are read when a Tune run starts; a user's own
-    setting wins."""
+    time; its warning about a slow (> 30 s) snapshot stays on); and none of Tune's own per-trial result files
+    (CSV, JSON, TensorBoard: MLflow holds every metric, and at hundreds of trials those loggers' per-trial state is
+    driver memory that grows with each trial). Read when a Tune run starts; a user's own setting wins."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    analysis = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    if os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] == "1" and not any(
+            isinstance(f, _NoResultFiles) for f in analysis.filters):
+        analysis.addFilter(_NoResultFiles())
+
+
+class _NoResultFiles(logging.Filter):
+    """Tune's ResultGrid looks for each trial's result.json / progress.csv to build a per-trial DataFrame the sweep
+    never reads (its outcomes come from each trial's last result); with Tune's file loggers off it would print a
+    line per trial saying they are missing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to fetch metrics for")
 
 
 def run_tuner(plan: SweepPlan, context: SweepContext, storage: str, name: str,
@@ -181,7 +197,7 @@ def run_tuner(plan: SweepPlan, context: SweepContext, storage: str, name: str,
     it continues from its newest checkpoint in the stage store and its MLflow run, like any resumed trial.
     callbacks: Tune callbacks of a new run (a restored run brings back its own).
     """
-    _quiet_tune_output()
+    _tune_environment()
     optuna_search = plan.optuna and name == "trials"
     early_stopping = plan.settings.scheduler == "asha" and name == "trials"
     if name == "upstream":

@@ -261,7 +261,8 @@ def single_writer(store_uri: str, mode: str, port: int, nodes: int, artifacts: P
         where = f"{nodes} nodes" if nodes > 1 else "tracking.server=on"
         log(f"tracking: {where}: every trial reaches {redact(store_uri)} through one mlflow server on this node, "
             f"its only writer: {server.uri} (pid {server.pid}, log {server.log_path}). Its UI, from your machine: "
-            f"ssh -N -L 5000:{server.host}:{server.port} {socket.gethostname()}, then open http://127.0.0.1:5000")
+            f"ssh -N -L 5000:{server.host}:{server.port} <a login node that reaches {socket.gethostname()}>, then open "
+            f"http://127.0.0.1:5000 (it stops with the sweep; afterwards serve the store with mlflow ui)")
         try:
             yield server.uri
         finally:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks import gpu_check, gpu_section
+from benchmarks.section import with_section
 from experiments.compose import check_command_line, compose_config
 from orchestration.plan.sweep_plan import build_plan
 from tests.orchestration.conftest import TINY_DEMO
@@ -46,9 +47,10 @@ def test_most_at_once() -> None:
 
 def test_the_section_replaces_the_previous_one() -> None:
     old = f"# Benchmarks\n\ntext\n\n{gpu_section.START}\nold numbers\n{gpu_section.END}\n\n## Notes\n"
-    new = gpu_section.with_section(old, f"{gpu_section.START}\nnew numbers\n{gpu_section.END}")
+    new = with_section(old, f"{gpu_section.START}\nnew numbers\n{gpu_section.END}", gpu_section.START,
+                       gpu_section.END)
     assert new == f"# Benchmarks\n\ntext\n\n{gpu_section.START}\nnew numbers\n{gpu_section.END}\n\n## Notes\n"
-    assert gpu_section.with_section("# Benchmarks\n", "S") == "# Benchmarks\n\nS\n"
+    assert with_section("# Benchmarks\n", "S", gpu_section.START, gpu_section.END) == "# Benchmarks\n\nS\n"
 
 
 @pytest.mark.slow
