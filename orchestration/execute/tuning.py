@@ -20,13 +20,12 @@ from ray.tune import CLIReporter, ExperimentAnalysis
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
-from ray.tune.search.optuna import OptunaSearch
 
 from lpt_core.config import STAGES
 from orchestration.plan.sweep_plan import SweepPlan
 from orchestration.plan.trial_specs import SweepContext, tune_values
 from orchestration.execute.trainable import FUSED_ROWS, lpt_trainable
-from orchestration.tracking.study import study_storage
+from orchestration.tracking.study import StudySearch, study_storage
 
 TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
              "iterations_since_restore", "done", "epoch", "loss", "lr", "epoch_time_s", "train_images_per_s",
@@ -58,8 +57,8 @@ def _tune_config(plan: SweepPlan, optuna_search: bool, early_stopping: bool) -> 
     search = plan.settings.search
     search_alg, num_samples = None, 1
     if optuna_search:
-        searcher = OptunaSearch(sampler=SAMPLERS[search.sampler](seed=search.seed), study_name=plan.name,
-                                storage=study_storage(plan.folder))
+        searcher = StudySearch(sampler=SAMPLERS[search.sampler](seed=search.seed), study_name=plan.name,
+                               storage=study_storage(plan.folder))
         search_alg, num_samples = ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent), search.num_samples
     epochs = max(plan.base.stage_config(p).epochs for p in STAGES)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1, grace_period=1)
