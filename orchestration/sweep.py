@@ -13,6 +13,7 @@ Everything is validated before Ray starts; the sweep folder is locked against a 
 from __future__ import annotations
 
 import sys
+import traceback
 
 import hydra
 from omegaconf import DictConfig
@@ -27,6 +28,7 @@ def main(cfg: DictConfig) -> None:
     # start_cli's check, so that a mistyped key or option is refused at once
     from orchestration.cluster.ray_connection import ClusterError
     from orchestration.execute.driver import SweepError, run_sweep
+    from orchestration.tracking.registry import redact
     from orchestration.tracking.single_writer import TrackingError
 
     try:
@@ -34,6 +36,9 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, SweepError, ClusterError, TrackingError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Exception:  # noqa: BLE001 - Hydra would print it after the command line's overrides, credentials and all
+        print(redact(traceback.format_exc()).rstrip(), file=sys.stderr, flush=True)
+        sys.exit(1)
     sys.exit(code)
 
 

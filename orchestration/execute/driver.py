@@ -36,6 +36,7 @@ from orchestration.execute.stage_store import StageStore
 from orchestration.cluster.storage_check import check_shared_storage
 from orchestration.tracking.registry import RunRegistry, redact
 from orchestration.tracking.single_writer import TrackingError, single_writer
+from orchestration.tracking.store_check import check_store
 from orchestration.execute.suite_progress import SuiteProgress
 from orchestration.execute.tuning import TrialOutcome, run_tuner, tune_run_exists
 from orchestration.reporting.suite_report import build_suite_report, write_suite_file
@@ -254,6 +255,7 @@ def run_sweep(cfg: DictConfig | dict, log=print) -> int:
     folder = _prepare_folder(plan)
     with sweep_lock(folder), _removed_if_refused(folder, created):
         status = _check_existing(plan, folder, record)
+        check_store(plan.tracking_uri())  # a database store that refuses the driver (a wrong password) stops it here
         if status == "complete":
             log(f"sweep {plan.name!r} is complete; nothing to train. Report:")
             log(_report(plan, folder, plan.tracking_uri(), None, log).markdown)
