@@ -233,9 +233,11 @@ def _announce(plan: SweepPlan, log) -> Estimate | None:
 
 def _report(plan: SweepPlan, folder: Path, tracking_uri: str, parent: str | None, log) -> Report:
     """The sweep's report (a suite's: its tables and claims), logged to the parent run where there is one."""
+    store = plan.tracking_uri()  # tracking_uri may be the sweep's own server, gone once the sweep ends
     if plan.suite is not None:
-        return build_suite_report(folder, tracking_uri, parent, log_to_mlflow=parent is not None, log=log)
-    return build_report(folder, tracking_uri=tracking_uri, parent_run_id=parent, log_to_mlflow=parent is not None)
+        return build_suite_report(folder, tracking_uri, parent, log_to_mlflow=parent is not None, log=log, store=store)
+    return build_report(folder, tracking_uri=tracking_uri, parent_run_id=parent, log_to_mlflow=parent is not None,
+                        store=store)
 
 
 def _failed_upstream(separate: dict[str, tuple[str, int]], failed: list[str]) -> dict[str, str]:

@@ -234,10 +234,11 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def build_report(folder: str | Path, tracking_uri: str | None = None, parent_run_id: str | None = None,
-                 log_to_mlflow: bool = True, outage_wait_s: float = 5.0) -> Report:
+                 log_to_mlflow: bool = True, outage_wait_s: float = 5.0, store: str | None = None) -> Report:
+    """store: what the report calls the tracking store (sources.open_store), when tracking_uri is only the way in."""
     folder = Path(folder)
     plan = PlanRecord.read(folder)
-    client, note = open_store(tracking_uri, plan.tracking_experiment, outage_wait_s)
+    client, note = open_store(tracking_uri, plan.tracking_experiment, outage_wait_s, store)
     tables = collect(folder, Sources(Path(plan.stage_root), client, note))
     out = folder / "report"
     out.mkdir(exist_ok=True)

@@ -49,13 +49,15 @@ class Sources:
     note: str = "point estimates from trials.json (no tracking store given)"
 
 
-def open_store(tracking_uri: str | None, experiment: str, outage_wait_s: float) -> tuple[Any, str]:
-    """(MlflowClient or None, a sentence saying where the point estimates come from)."""
+def open_store(tracking_uri: str | None, experiment: str, outage_wait_s: float,
+               store: str | None = None) -> tuple[Any, str]:
+    """(MlflowClient or None, a sentence saying where the point estimates come from). store: what to call it
+    there, when tracking_uri is only the way in (the sweep's own server, which stops with the sweep)."""
     if tracking_uri is None:
         return None, "point estimates from trials.json (no tracking store given)"
     try:
         return RunRegistry(tracking_uri, experiment, outage_wait_s=outage_wait_s).client, \
-            f"point estimates from MLflow ({redact(tracking_uri)})"
+            f"point estimates from MLflow ({redact(store or tracking_uri)})"
     except Exception as err:  # an unreachable server must not lose the report: trials.json has the same numbers
         reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
         return None, f"MLflow at {redact(tracking_uri)} unreachable ({reason}): point estimates from trials.json"

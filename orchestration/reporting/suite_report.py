@@ -292,7 +292,8 @@ def _missing_notes(folder: Path, suite: Suite, aliases: dict[str, str]) -> list[
 
 
 def build_suite_report(folder: str | Path, tracking_uri: str | None = None, parent_run_id: str | None = None,
-                       log_to_mlflow: bool = True, log: Callable[[str], None] = print) -> Report:
+                       log_to_mlflow: bool = True, log: Callable[[str], None] = print,
+                       store: str | None = None) -> Report:
     """Every table's report in its folder, then the suite's (report/report.md, claims.csv, claims.png). With
     log_to_mlflow, each table's report goes to a run of its own under the suite's parent run."""
     folder = Path(folder)
@@ -309,13 +310,13 @@ def build_suite_report(folder: str | Path, tracking_uri: str | None = None, pare
                                                              "lpt.ablation": ablation, "lpt.suite": record.name})
             registry.log_params(run_id, table_record.parent_params())
         reports[ablation] = build_report(sub, tracking_uri=tracking_uri, parent_run_id=run_id,
-                                         log_to_mlflow=registry is not None)
+                                         log_to_mlflow=registry is not None, store=store)
         if registry is not None:
             summarise_sweep(registry, run_id, table_record, reports[ablation])
             registry.finish(run_id, failed=None if read_state(sub).get("status") == "complete"
                             else "rows of this table failed or are missing")
         log(f"{suite.name}: table {ablation} reported in {sub / 'report'}")
-    client, note = open_store(tracking_uri, record.tracking_experiment, 5.0)
+    client, note = open_store(tracking_uri, record.tracking_experiment, 5.0, store)
     tables = {name: report.tables for name, report in reports.items() if report.tables is not None}
     results = evaluate_claims(suite, record.experiment, tables, Sources(Path(record.stage_root), client, note),
                               set(aliases))

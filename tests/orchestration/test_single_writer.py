@@ -197,4 +197,22 @@ def test_a_three_node_sweep_writes_its_sqlite_store_through_one_server(sweep_ove
     assert list((tmp_path / "sweeps" / "mlflow.db.writers").glob("*.json")) == []
     server_url = re.search(r"its only writer: (http://\S+) ", output)[1]
     assert not _serving(server_url)  # stopped with the sweep
-    assert "mlflow server on http://" in (tmp_path / "sweeps" / "group_size-demo" / "mlflow-server.log").read_text()
+    folder = tmp_path / "sweeps" / "group_size-demo"
+    assert "mlflow server on http://" in (folder / "mlflow-server.log").read_text()
+    # the report names the store, not the server that stopped with the sweep
+    assert f"point estimates from MLflow (sqlite:///{store})" in (folder / "report" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_sweep_on_another_host_than_the_stores_writer_is_refused_and_writes_nothing(sweep_overrides, tmp_path):
+    from .conftest import run_sweep_cli
+
+    store = tmp_path / "sweeps" / "mlflow.db"
+    lease = _lease_of(store, "gpu-node-7")  # a sweep on another node writes this store right now
+    done = run_sweep_cli(sweep_overrides("ablation=group_size", "ablation.values=[5]"))
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    (error,) = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert error.startswith(f"error: the SQLite store sqlite:///{store} is being written from another node: host "
+                            f"gpu-node-7 (sweep 'group_size-demo', pid 4242")
+    assert not (tmp_path / "sweeps" / "group_size-demo").exists()  # no sweep folder left behind
+    assert not store.exists() and lease.exists()  # the store untouched, the other sweep's lease kept

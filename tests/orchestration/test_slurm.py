@@ -140,6 +140,22 @@ def test_submit_checks_the_overrides_before_anything_is_queued(tmp_path, capsys)
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
 
 
+def test_a_job_of_several_nodes_says_where_its_tracking_server_will_be(tmp_path, monkeypatch) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 4242\n")  # a login node's sbatch, as far as submit sees it
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    lines: list[str] = []
+    for nodes in (1, 2):
+        submit(Launch(nodes=nodes, overrides=["ablation=group_size", f"sweep.root={tmp_path}"]), log=lines.append)
+    log = tmp_path / SWEEP / "slurm" / "job-4242.out"
+    assert lines[0] == lines[1] == f"submitted job 4242 for sweep {SWEEP!r} (new); log: {log}"
+    assert lines[2:] == [f"tracking: the job's first node runs the sweep's own mlflow server, the only writer of its "
+                         f"store (tracking.server=auto); `grep tracking: {log}` shows its address and the SSH tunnel "
+                         f"to its UI"]
+
+
 # ------------------------------------------------------------------ against a real SLURM
 
 
