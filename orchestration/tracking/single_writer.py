@@ -100,7 +100,7 @@ class TrackingServer:
 
     def _command(self) -> list[str]:
         hosts = {self.host, socket.gethostname(), "localhost", "127.0.0.1"}
-        command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.store_uri,
+        command = [sys.executable, "-m", "mlflow", "server",  # the store's URI in its environment: `ps` shows this
                    "--host", self.host, "--port", str(self.port), "--workers", "1",
                    "--allowed-hosts", ",".join(sorted(f"{h}{suffix}" for h in hosts for suffix in ("", ":*")))]
         if self.artifacts is not None:
@@ -114,7 +114,8 @@ class TrackingServer:
                       f"over {redact(self.store_uri)}\n")
             out.flush()
             self._proc = subprocess.Popen(self._command(), stdout=out, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True)
+                                          stdin=subprocess.DEVNULL, start_new_session=True,
+                                          env={**os.environ, "MLFLOW_BACKEND_STORE_URI": self.store_uri})
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

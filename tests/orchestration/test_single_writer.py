@@ -104,6 +104,8 @@ def test_the_server_is_the_only_writer_and_comes_back_where_it_died(tmp_path: Pa
         spool = MetricSpool(runs.client, tmp_path / "spool")
         assert spool.log_epoch(run, 0, {"acc": 1.0})
         server: TrackingServer = _server_of(lines)
+        # the store's URI (a password in it) reaches the server through its environment: `ps` shows the command
+        assert str(db).encode() not in Path(f"/proc/{server.pid}/cmdline").read_bytes()
         os.killpg(server._proc.pid, signal.SIGKILL)  # the server dies mid-sweep, web workers and all
         server._proc.wait()
         spool.log_epoch(run, 1, {"acc": 2.0})  # sent now or spooled until the server is back
