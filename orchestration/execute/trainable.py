@@ -13,6 +13,7 @@ import logging
 import re
 import time
 import traceback
+from numbers import Number
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,25 @@ from orchestration.tracking.registry import MetricSpool, RunRegistry, is_outage,
 
 
 FUSED_ROWS = "fused_rows"  # the key of a fused trial's final result that holds each row's own (JSON)
+LPT_METRICS = "lpt_metrics"  # the key of a result that holds its numbers Tune does not read (JSON; tune_result)
+TUNE_COLUMNS = ("acc", "few", "epoch")  # the numbers of Tune's progress table
+
+
+def tune_result(values: dict[str, Any], metric: str) -> dict[str, Any]:
+    """A result as it goes to Tune: the ablation's metric (its searcher and scheduler read it), the progress table's
+    numbers and the strings stay keys; every other number travels in one JSON string. Tune keeps a running analysis
+    of each numeric key of each trial (max, min, three averages, two deques) in the driver's memory and in every
+    experiment snapshot: a dozen metrics more made about 100 KB per trial at a thousand trials."""
+    kept = {k: v for k, v in values.items() if k in TUNE_COLUMNS or k == metric or not isinstance(v, Number)}
+    packed = {k: v for k, v in values.items() if k not in kept}
+    return {**kept, LPT_METRICS: json.dumps(packed, default=float)}
+
+
+def unpacked(result: dict[str, Any]) -> dict[str, Any]:
+    """tune_result's inverse: every value of the result as its own key."""
+    if LPT_METRICS not in result:
+        return result
+    return {**json.loads(result[LPT_METRICS]), **{k: v for k, v in result.items() if k != LPT_METRICS}}
 
 
 class InjectedFault(RuntimeError):
@@ -48,8 +68,9 @@ class TrialHooks(StageHooks):
 
     def __init__(self, spool: MetricSpool, run_id: str, spec: StageSpec, report_to_tune: bool,
                  debug: DebugSettings, store: StageStore, device: torch.device, trial: TrialSpec,
-                 tune_checkpoint: bool = True) -> None:
+                 tune_checkpoint: bool = True, metric: str = "acc") -> None:
         self.spool, self.run_id, self.spec, self.debug, self.store = spool, run_id, spec, debug, store
+        self.metric = metric
         self.report_to_tune, self.tune_checkpoint = report_to_tune, tune_checkpoint
         self.last_eval: dict[str, float] = {"acc": float("nan"), "few": float("nan")}
         self.device, self.trial = device, trial
@@ -64,7 +85,7 @@ class TrialHooks(StageHooks):
         if self.report_to_tune:
             report = {**self.last_eval, **metrics, "stage": self.spec.stage, "stage_key": self.spec.key,
                       "run_id": self.run_id}  # a trial ASHA stops ends here: the driver closes this run
-            tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir))
+            tune.report(tune_result(report, self.metric), checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir))
                         if self.tune_checkpoint else None)
         self._signal(epoch)
         self._maybe_fail(epoch)
@@ -164,12 +185,13 @@ def _open_run(context: SweepContext, trial: TrialSpec, spec: StageSpec, upstream
                                      _run_name(context, trial, spec), stage_params(cfg, spec.stage), tags)
     tracking.spool.load(run_id)  # what an earlier attempt of this run could not send goes first
     hooks = TrialHooks(tracking.spool, run_id, spec, report_to_tune, _faults_for(context.debug, trial.row), store,
-                       device, trial, tune_checkpoint)
+                       device, trial, tune_checkpoint, context.metric)
     return run_id, hooks
 
 
 def _fail_run(tracking: Tracking, run_id: str, err: BaseException) -> None:
-    tracking.runs.finish(run_id, failed=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}")
+    # redacted: an MLflow error quotes the URI it called, credentials and all
+    tracking.runs.finish(run_id, failed=redact(f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"))
 
 
 def train_tracked_stage(context: SweepContext, trial: TrialSpec, spec: StageSpec, upstream: StageOutput | None,
@@ -308,7 +330,7 @@ def lpt_trainable(config: dict[str, Any], context: SweepContext) -> None:
         # a resume, after the cause is fixed, runs it again (tuning.run_tuner) from its last checkpoint
         tune.report(_failure(trial, err))
         return
-    tune.report(_summary(trial, output, chain[-1].stage))
+    tune.report(tune_result(_summary(trial, output, chain[-1].stage), context.metric))
 
 
 def _fused_trial(context: SweepContext, trials: list[TrialSpec]) -> None:

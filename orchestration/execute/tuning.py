@@ -24,7 +24,7 @@ from ray.tune.search import ConcurrencyLimiter
 from lpt_core.config import STAGES
 from orchestration.plan.sweep_plan import SweepPlan
 from orchestration.plan.trial_specs import SweepContext, tune_values
-from orchestration.execute.trainable import FUSED_ROWS, lpt_trainable
+from orchestration.execute.trainable import FUSED_ROWS, lpt_trainable, unpacked
 from orchestration.tracking.study import StudySearch, study_storage
 
 TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
@@ -67,8 +67,13 @@ def _tune_config(plan: SweepPlan, optuna_search: bool, early_stopping: bool) -> 
         metric=plan.ablation.metric, mode=search.mode, search_alg=search_alg, scheduler=scheduler,
         num_samples=num_samples, max_concurrent_trials=plan.settings.max_concurrent_trials or None,
         reuse_actors=True,  # a new worker process per trial would re-import torch, timm and MLflow every time
-        trial_name_creator=lambda t: f"trial_{t.trial_id}", trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
+        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
     )
+
+
+def _trial_name(trial: Trial) -> str:
+    """A module function, not a lambda: Tune pickles it into every trial of every experiment snapshot."""
+    return f"trial_{trial.trial_id}"
 
 
 def _run_config(plan: SweepPlan, storage: str, name: str, params: dict[str, str],
@@ -100,7 +105,7 @@ class TrialOutcome:
 
 def _outcome(context: SweepContext, flat: dict[str, Any], metrics: dict[str, Any] | None,
              error: BaseException | str | None, terminal: bool) -> TrialOutcome:
-    ident, metrics = context.trial_id(flat), metrics or {}
+    ident, metrics = context.trial_id(flat), unpacked(metrics or {})
     if error is not None:
         status, reason = "error", (str(error).strip().splitlines() or ["error"])[-1]
     elif metrics.get("trial_complete"):

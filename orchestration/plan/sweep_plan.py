@@ -93,7 +93,7 @@ class SweepPlan:
         return SweepContext(self.name, self.ablation.name, self.experiment, self.ablation.axis, self.trials,
                             with_demo_weights(self.base, self.pretrain), space, s.stages.cache,
                             Path(s.stages.root).resolve(), dataclasses.replace(s.tracking, uri=tracking_uri),
-                            parent_run_id, s.debug)
+                            parent_run_id, s.debug, metric=self.ablation.metric)
 
     def ensure_backbones(self, log: Callable[[str], None] = print) -> None:
         """Demo only: pretrains (or finds in the cache) each micro ViT the trials load, on the driver, before any

@@ -71,6 +71,7 @@ class SweepContext:
     upstream_only: bool = False  # the upstream Tune run: each trial stops before its last stage
     # upstream stages whose Tune run failed -> why: a trial on top of one ends failed at once (a resume reruns it)
     failed_upstream: dict[str, str] = dataclasses.field(default_factory=dict)
+    metric: str = "acc"  # the ablation's metric: Tune's searcher and scheduler read it from every result
 
     def blocked_by(self, trial: TrialSpec) -> str | None:
         """Why `trial` cannot run: the failure of an upstream stage it starts from; None when it can."""
