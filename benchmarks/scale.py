@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.concurrent_writers import run_writers
-from benchmarks.machine import describe
+from benchmarks.machine import describe, rss_mb
 from benchmarks.section import with_section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,17 +60,6 @@ class JournalCounter:
         return self.finished
 
 
-def _rss_mb(pid: int) -> float | None:
-    """Resident memory of a process (Linux /proc), None once it has gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
 def _driver(overrides: list[str], timings: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "a") as out:
@@ -83,7 +72,7 @@ def _watch(proc: subprocess.Popen, counter: JournalCounter, samples: list[tuple[
     """Samples the driver's resident memory with the finished-trial count every half second until it exits (or
     until kill_after trials finished: then SIGKILLs it and everything it started). True if it was killed."""
     while proc.poll() is None:
-        done, rss = counter.count(), _rss_mb(proc.pid)
+        done, rss = counter.count(), rss_mb(proc.pid)
         if rss is None:
             break
         samples.append((time.monotonic(), done, rss))

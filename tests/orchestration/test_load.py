@@ -8,26 +8,16 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
+from benchmarks.machine import rss_mb
 from orchestration.reporting.build import MAX_OPTUNA_ROWS
 
 from .conftest import REPO, mlflow_runs, stage_runs
 
 pytestmark = pytest.mark.slow
 TRIALS = 100
-
-
-def _rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def test_hundred_trials_each_tracked_once_with_flat_driver_memory(sweep_overrides, tmp_path):
@@ -42,7 +32,7 @@ def test_hundred_trials_each_tracked_once_with_flat_driver_memory(sweep_override
     reader = threading.Thread(target=lambda: output.extend(proc.stdout))
     reader.start()
     while proc.poll() is None:
-        rss = _rss_mb(proc.pid)
+        rss = rss_mb(proc.pid)
         if rss is not None:
             samples.append((len(list(stages.glob("phase2-*/DONE"))), rss))
         time.sleep(1)
