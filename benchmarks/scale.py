@@ -242,6 +242,7 @@ def markdown(found: dict[str, Any]) -> str:
                   f"| errors reaching a writer | {len(w['errors'])} ({w['locked_errors']} 'locked') | 0 |",
                   f"| log_epoch latency | median {w['latency_s']['median']} s, p95 {w['latency_s']['p95']} s, "
                   f"max {w['latency_s']['max']} s | |", ""]
+    lines += [f"- {note}" for note in found.get("notes", [])]
     return "\n".join([*lines, END])
 
 
