@@ -4,7 +4,7 @@ with the real driver (`orchestration/sweep.py` in its own process), its tracking
 server, as on any cluster of several nodes) and its report; then the same search killed after some hundreds of
 trials and resumed; then 64 processes logging into one store through the single-writer design.
 
-    python -m benchmarks.scale                      # 1000 trials, kill after 400, 64 writers x 600 s (about 1 h)
+    python -m benchmarks.scale                      # 1000 trials, kill after 400, 64 writers x 600 s (about 40 min)
     python -m benchmarks.scale --trials 100 --kill-after 40 --writers 8 --writer-seconds 30 --out /tmp/scale
 
 Writes <out>/scale.json and the "Scale" section of <out>/RESULTS.md (kept there by benchmarks/run.py).
@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-after", type=int, default=400, help="0: no killed-and-resumed search")
     parser.add_argument("--writers", type=int, default=64, help="0: no concurrent-writers measure")
     parser.add_argument("--writer-seconds", type=float, default=600)
+    parser.add_argument("--writer-interval", type=float, default=5.0,
+                        help="seconds between a writer's steps (a real trial's epochs are minutes apart)")
     parser.add_argument("--only", default="search,resumed,writers")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
     args = parser.parse_args(argv)
@@ -283,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                 cluster.shutdown()
         if "writers" in parts and args.writers:
             (root / "writers").mkdir()
-            found["writers"] = run_writers(args.writers, args.writer_seconds, root / "writers")
+            found["writers"] = run_writers(args.writers, args.writer_seconds, root / "writers",
+                                           args.writer_interval)
             print(json.dumps(found["writers"], indent=1), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scale.json").write_text(json.dumps(found, indent=1))

@@ -39,6 +39,7 @@ SERVER_LOG = "mlflow-server.log"
 LEASE_RENEW_S, LEASE_STALE_S = 20.0, 90.0
 START_TIMEOUT_S = 180.0
 SERVER_RESTARTS = 5
+SERVER_WORKERS = 4  # over a database server (postgresql://...)
 
 
 class TrackingError(RuntimeError):
@@ -92,6 +93,9 @@ class TrackingServer:
                  log: Callable[[str], None] = print) -> None:
         self.store_uri, self.artifacts, self.host, self.log_path, self.log = store_uri, artifacts, host, log_path, log
         self.port = port or _free_port(host)
+        # one process for a SQLite file (its locking is all that orders writers; one process needs none of it),
+        # several for a database server, which orders concurrent writers itself
+        self.workers = 1 if sqlite_file(store_uri) is not None else SERVER_WORKERS
         self.uri = f"http://{host}:{self.port}"
         self.restarts = 0
         self._proc: subprocess.Popen | None = None
@@ -101,7 +105,7 @@ class TrackingServer:
     def _command(self) -> list[str]:
         hosts = {self.host, socket.gethostname(), "localhost", "127.0.0.1"}
         command = [sys.executable, "-m", "mlflow", "server",  # the store's URI in its environment: `ps` shows this
-                   "--host", self.host, "--port", str(self.port), "--workers", "1",
+                   "--host", self.host, "--port", str(self.port), "--workers", str(self.workers),
                    "--allowed-hosts", ",".join(sorted(f"{h}{suffix}" for h in hosts for suffix in ("", ":*")))]
         if self.artifacts is not None:
             command += ["--artifacts-destination", str(self.artifacts)]
