@@ -135,12 +135,24 @@ class RunRegistry:
                                                       order_by=["attributes.start_time ASC"]))
         return runs[0].info.run_id if runs else None
 
+    def _create_run(self, filter_string: str, name: str, tags: dict[str, str]) -> str:
+        """create_run at most once: when its answer is lost (an overloaded server's timeout) the run may exist all
+        the same, so a retry looks for it first (a second run would split the stage's metrics between two)."""
+        sent = []
+
+        def create() -> str:
+            if sent and (found := self._find(filter_string)) is not None:
+                return found
+            sent.append(name)
+            return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+
+        return self._call(create)
+
     def parent_run(self, sweep: str, tags: dict[str, str]) -> str:
-        run_id = self._find(f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_ROLE}` = 'sweep'")
+        found_by = f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_ROLE}` = 'sweep'"
+        run_id = self._find(found_by)
         if run_id is None:
-            run = self._call(lambda: self.client.create_run(self.experiment_id, run_name=sweep,
-                                                        tags={TAG_SWEEP: sweep, TAG_ROLE: "sweep", **tags}))
-            run_id = run.info.run_id
+            run_id = self._create_run(found_by, sweep, {TAG_SWEEP: sweep, TAG_ROLE: "sweep", **tags})
         else:
             self._reopen(run_id)
         return run_id
@@ -150,7 +162,8 @@ class RunRegistry:
         """The stage's run in this sweep: found by sweep and key (a retry continues it, completing params a killed
         attempt did not log, never changing one it did) or created with its params, linked to the first run of the
         key where another sweep trained it before."""
-        run_id = self._find(f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_STAGE_KEY}` = '{key}'")
+        found_by = f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_STAGE_KEY}` = '{key}'"
+        run_id = self._find(found_by)
         if run_id is not None:
             self._reopen(run_id)
             # a trial killed between create_run and log_params left the run without (some of) its params
@@ -160,9 +173,9 @@ class RunRegistry:
         first = self._find(f"tags.`{TAG_STAGE_KEY}` = '{key}'")
         all_tags = {TAG_SWEEP: sweep, TAG_ROLE: "stage", TAG_STAGE_KEY: key, MLFLOW_PARENT_RUN_ID: parent_id,
                     MLFLOW_RUN_NAME: name, **({TAG_FIRST_RUN: first} if first else {}), **tags}
-        run = self._call(lambda: self.client.create_run(self.experiment_id, run_name=name, tags=all_tags))
-        self.log_params(run.info.run_id, params)
-        return run.info.run_id
+        run_id = self._create_run(found_by, name, all_tags)
+        self.log_params(run_id, params)
+        return run_id
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         """Params, credentials in URIs redacted; a key already logged must keep its value (MLflow's rule)."""

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -202,3 +203,27 @@ def test_a_stage_trained_again_for_another_sweep_gets_its_own_run(runs: RunRegis
     assert runs.stage_run(parent_b, f"{sweep}-b", f"phase1-{sweep}", "phase1", {}, {}) == run_b
     assert not MetricSpool(runs.client).log_epoch(run_b, 1, {"loss": 9.0})
     assert "lpt.first_run_id" not in runs.client.get_run(run_a).data.tags
+
+
+def test_a_create_whose_answer_was_lost_is_not_sent_twice(uri: str, sweep: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """An overloaded server creates the run but the client times out: the retry finds the run instead of making a
+    second one for the same stage."""
+    runs = RunRegistry(uri, "lpt-test")
+    create = runs.client.create_run
+    lost: list[str] = []
+
+    def answer_lost_once(*args, **kwargs):
+        run = create(*args, **kwargs)
+        if not lost:
+            lost.append(run.info.run_id)
+            raise requests.exceptions.ReadTimeout("Read timed out. (read timeout=10)")
+        return run
+
+    monkeypatch.setattr(runs.client, "create_run", answer_lost_once)
+    parent = runs.parent_run(sweep, {})
+    assert [parent] == lost
+    run_id = runs.stage_run(parent, sweep, "phase2-abc", "phase2 m=5 seed=0", {"prompt.pool_size": 5}, {})
+    held = runs.client.search_runs([runs.experiment_id], f"tags.`lpt.sweep` = '{sweep}'")
+    assert sorted(r.info.run_id for r in held) == sorted([parent, run_id])  # one parent, one stage run
+    assert runs.client.get_run(run_id).data.params == {"prompt.pool_size": "5"}
