@@ -16,15 +16,16 @@ import hydra
 from omegaconf import DictConfig
 
 from experiments.compose import CONF_DIR, split, start_cli
-from experiments.pretrain_demo import resolve_backbone
-from lpt_core.checkpoint import CheckpointError
 from lpt_core.config import ConfigError, LPTConfig
-from lpt_core.data.manifest import DatasetError
-from lpt_core.official import evaluate_official, format_evaluation
-from lpt_core.train import run_stage
+
+# torch, timm and the training code (seconds of imports) are loaded inside run() and evaluate_release(), as
+# sweep.py loads its driver: a mistyped key or option is refused by start_cli at once
 
 
 def run(cfg: DictConfig) -> dict:
+    from experiments.pretrain_demo import resolve_backbone
+    from lpt_core.train import run_stage
+
     spec = split(cfg)  # the same checks as sweep.py's, all before any work
     settings, lpt = spec.settings, spec.lpt
     if settings.evaluate:
@@ -46,6 +47,10 @@ def run(cfg: DictConfig) -> dict:
 def evaluate_release(lpt: LPTConfig, checkpoint: str, workdir: str | None) -> dict:
     """`evaluate=<file>`: the authors' released checkpoint on the experiment's eval split, nothing trained; prints
     overall / many / medium / few under both split rules (and writes result.json, per_class.csv to workdir=)."""
+    from lpt_core.checkpoint import CheckpointError
+    from lpt_core.data.manifest import DatasetError
+    from lpt_core.official import evaluate_official, format_evaluation
+
     try:
         result = evaluate_official(lpt, checkpoint)
     except CheckpointError as err:  # its message starts with the file

@@ -1,12 +1,41 @@
-"""Shared fixtures: paths to the optional public split files and small deterministic helpers."""
+"""Shared fixtures: paths to the optional public split files, the test session's demo cache and small deterministic
+helpers."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Roughly what each end-to-end test file takes (seconds, under `make test` on the two-core development machine).
+# Only their order matters: the test files are handed to the pytest-xdist workers slowest first (LPT scheduling), so
+# the many short files fill the gaps at the end instead of one worker running a long end-to-end file alone while
+# the other has nothing left. A file with a `slow` test that is not listed counts as SLOW_FILE_DEFAULT; the others
+# (the unit tier) come last, in their own order. A stale figure changes the order, never which tests run.
+SLOW_FILE_SECONDS = {
+    "tests/experiments/test_demo_domain.py": 400,  # the default demo pretraining, on one core
+    "tests/orchestration/test_all_ablations.py": 350,
+    "tests/orchestration/test_storage_check.py": 250,
+    "tests/orchestration/test_mlflow_ui.py": 160,
+    "tests/orchestration/test_tracking_outage.py": 150,
+    "tests/orchestration/test_sweep.py": 150,
+    "tests/orchestration/test_paper_suite.py": 140,
+    "tests/orchestration/test_resume.py": 130,
+    "tests/orchestration/test_cli_errors.py": 120,
+    "tests/orchestration/test_slurm.py": 120,
+    "tests/orchestration/test_gpu_scheduling.py": 110,
+    "tests/orchestration/test_optuna_restore.py": 65,
+    "tests/orchestration/test_load.py": 60,
+    "tests/orchestration/test_failed_trials.py": 55,
+    "tests/benchmarks/test_gpu_check.py": 50,
+    "tests/orchestration/test_shared_phase1.py": 50,
+    "tests/orchestration/test_input_check.py": 35,
+    "tests/orchestration/test_early_stopping.py": 25,
+}
+SLOW_FILE_DEFAULT = 60
 
 
 @pytest.fixture
@@ -20,3 +49,40 @@ def shared_data() -> Path:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> Path:
+    """The demo's data cache (its synthetic splits and pretrained micro ViTs) of the whole test session: one folder
+    for every pytest-xdist worker, so a backbone is pretrained once per session, not once per worker (parallel
+    callers wait for the one that pretrains: experiments.pretrain_demo's file lock; the splits are written
+    atomically). A test that counts what a cache holds, or tests the caching itself, takes a cache of its own."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # <session>/popen-gw<i>: the session's folder is its parent
+        base = base.parent
+    folder = base / "demo_cache"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist (--dist loadfile) would queue the files by their number of tests, most first: the unit tier's
+    # parametrized files, then the end-to-end files of one to three tests each, last. The order of the collection
+    # (pytest_collection_modifyitems below) is the queue instead.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Test files slowest first (SLOW_FILE_SECONDS), each file's tests in their own order."""
+    files: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::")[0], []).append(item)
+
+    def seconds(path: str) -> float:
+        if path in SLOW_FILE_SECONDS:
+            return SLOW_FILE_SECONDS[path]
+        return SLOW_FILE_DEFAULT if any(item.get_closest_marker("slow") for item in files[path]) else 0
+
+    order = sorted(files, key=lambda path: -seconds(path))  # stable: equal figures keep the collection's order
+    items[:] = [item for path in order for item in files[path]]

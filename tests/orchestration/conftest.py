@@ -1,5 +1,6 @@
-"""Tiny demo sweeps on a real Ray instance and a real MLflow store: one shared Ray per test session, one shared
-cache (demo data + pretrained micro ViT) so the pretraining happens once."""
+"""Tiny demo sweeps on a real Ray instance and a real MLflow store: one shared Ray per test session (per pytest-xdist
+worker), and tests/conftest.py's demo_cache (demo data + pretrained micro ViTs, one for all workers) so that each
+backbone is pretrained once."""
 from __future__ import annotations
 
 import os
@@ -25,11 +26,6 @@ TINY_DEMO = [
     "joint.epochs=2", "joint.batch_size=8", "joint.steps_per_epoch=2",
     "eval.every_epochs=1", "threads=1", "cluster.num_cpus=2",
 ]
-
-
-@pytest.fixture(scope="session")
-def demo_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("demo_cache")
 
 
 def tiny_sweep(root: Path, demo_cache: Path, *extra: str) -> list[str]:

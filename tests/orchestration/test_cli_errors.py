@@ -79,6 +79,30 @@ def test_both_command_lines_refuse_an_unknown_key_alike_before_any_work(tmp_path
     assert list(tmp_path.iterdir()) == []  # no run folder, demo cache, sweep folder or stage
 
 
+# runs a command line's script as `python <script> <args>` does, and says with its exit code which of the heavy
+# libraries it had imported when it exited
+_IMPORTED_AT_EXIT = """
+import runpy, sys
+script, sys.argv = sys.argv[1], sys.argv[1:]
+try:
+    runpy.run_path(script, run_name="__main__")
+finally:
+    print("imported:", sorted(m for m in ("torch", "timm", "ray", "mlflow") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("script", ["experiments/single_run.py", "orchestration/sweep.py"])
+def test_an_unknown_key_is_refused_before_the_heavy_imports(tmp_path, script):
+    """The refusal comes at once: neither command line has imported torch, timm, Ray or MLflow (seconds) when it
+    stops at an unknown key."""
+    result = subprocess.run([sys.executable, "-c", _IMPORTED_AT_EXIT, str(REPO / script), "ablation=group_size",
+                             f"workdir={tmp_path / 'run'}", "prompt.pool_sise=3"], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "did you mean 'prompt.pool_size'?" in result.stderr
+    assert "imported: []" in result.stdout
+
+
 def test_a_sweep_with_another_configuration_under_the_same_name_is_refused(sweep_overrides, tmp_path):
     folder, files = _earlier_sweep(tmp_path)
     result = run_sweep_cli(sweep_overrides("ablation=group_size", "resume=true"))

@@ -96,6 +96,8 @@ def _rerun_trials(folder: Path, name: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_out_of_memory_trial_runs_again_on_resume_and_only_it(ray_session, sweep_overrides, tmp_path, capsys):
+    """Row 5 runs out of memory (a real allocator failure) in its phase-2 epoch 1: it fails alone with the reason,
+    is not retried, and the sweep goes on with row 10; then resume=true runs that row again, and only it."""
     overrides = sweep_overrides("ablation=group_size", "ablation.values=[5,10]")
     assert run_sweep(compose_config([*overrides, "debug.oom_at_epoch=1", "debug.fail_row=5"])) == 1
     assert "resume=true: the failed trials (and only they) run again" in capsys.readouterr().out
@@ -103,9 +105,13 @@ def test_out_of_memory_trial_runs_again_on_resume_and_only_it(ray_session, sweep
     assert json.loads((folder / "state.json").read_text()) == {"status": "incomplete", "failed": ["5/seed=0"],
                                                                   "stopped": []}
     client, runs = mlflow_runs(tmp_path / "sweeps", "group_size-demo")
-    before = _by_row(runs, "phase2")
+    before = _by_row(runs, "phase2")  # one run each: the failed trial was not retried into a second run
+    assert sorted(before) == ["10", "5"]
     assert before["5"].info.status == "FAILED" and steps(client, before["5"]) == [0, 1]
-    assert before["5"].data.tags["lpt.error"].startswith("StageOutOfMemoryError: phase2 epoch 1: out of memory")
+    assert before["10"].info.status == "FINISHED" and steps(client, before["10"]) == [0, 1, 2]  # the sweep went on
+    reason = before["5"].data.tags["lpt.error"]
+    assert reason.startswith("StageOutOfMemoryError: phase2 epoch 1: out of memory on cpu")
+    assert "can't allocate memory" in reason and "phase2.batch_size (now 8 per branch" in reason
     finished_key = before["10"].data.tags["lpt.stage_key"]
     finished_done = (stages / finished_key / "DONE").stat().st_mtime_ns
 

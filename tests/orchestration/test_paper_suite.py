@@ -18,7 +18,7 @@ from orchestration.execute.driver import run_sweep
 from orchestration.plan.sweep_plan import build_plan
 from orchestration.report import main as report_main
 
-from .conftest import kill_driver_when, mlflow_runs, run_sweep_cli, stage_runs, steps, wait_for_event
+from .conftest import kill_driver_when, mlflow_runs, stage_runs, steps, wait_for_event
 from .report_checks import check_ablation_report
 
 pytestmark = pytest.mark.slow
@@ -151,9 +151,10 @@ def test_a_failed_row_does_not_stop_the_suite_and_resume_finishes_it(ray_session
             assert run.data.tags.get("lpt.previous_error") is None
 
 
-def test_a_suite_killed_in_the_middle_resumes(sweep_overrides, tmp_path):
-    """The driver SIGKILLed while group_size:5's phase 2 holds after its epoch 1; resume=true finishes the suite
-    and no stage is trained twice nor any epoch logged twice."""
+def test_a_suite_killed_in_the_middle_resumes(ray_session, sweep_overrides, tmp_path):
+    """The driver (a process of its own, with its own Ray) SIGKILLed while group_size:5's phase 2 holds after its
+    epoch 1; resume=true (in this process, on the session's Ray: what a resume does does not depend on which Ray
+    runs it) finishes the suite and no stage is trained twice nor any epoch logged twice."""
     overrides = sweep_overrides("ablation=paper", SUBSET, "phase2.epochs=3")
     events = tmp_path / "events"
     hold = [f"debug.event_dir={events}", "debug.hold_at_epoch=1", "debug.fail_stage=phase2",
@@ -165,8 +166,7 @@ def test_a_suite_killed_in_the_middle_resumes(sweep_overrides, tmp_path):
     first = (tmp_path / "driver.log").read_text()
     assert "plan: suite 'paper' on demo" in first and "distinct stages done; tables complete" in first
 
-    resumed = run_sweep_cli([*overrides, "resume=true"])
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert run_sweep(compose_config([*overrides, "resume=true"])) == 0
     assert json.loads((folder / "state.json").read_text())["status"] == "complete"
     _stage_keys_trained_once(tmp_path, overrides)
     rows = {r["row"] for r in _csv(folder / "group_size" / "report" / "report.csv")}

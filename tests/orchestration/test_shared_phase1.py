@@ -9,16 +9,19 @@ import json
 
 import pytest
 
+from experiments.compose import compose_config
 from lpt_core.checkpoint import STATE_FILE, safe_torch_load, verify_checkpoint
+from orchestration.execute.driver import run_sweep
 
-from .conftest import kill_driver_when, mlflow_runs, run_sweep_cli, stage_runs, steps, wait_for_event
+from .conftest import kill_driver_when, mlflow_runs, stage_runs, steps, wait_for_event
 
 pytestmark = pytest.mark.slow
 
 SHARED = ["phase1.epochs=3", "seeds=[0]"]  # three phase-1 epochs: A is caught after the first
 
 
-def test_sweep_resumes_a_phase1_killed_in_a_sweep_with_another_pool_size(sweep_overrides, tmp_path):
+def test_sweep_resumes_a_phase1_killed_in_a_sweep_with_another_pool_size(ray_session, sweep_overrides, tmp_path):
+    """A runs in a process of its own (its own Ray), SIGKILLed; B runs in this process, on the session's Ray."""
     stages, events = tmp_path / "stages", tmp_path / "events"
     sweep_a = sweep_overrides("ablation=group_size", "ablation.values=[5]", *SHARED, f"debug.event_dir={events}",
                               "debug.hold_at_epoch=0", "debug.fail_stage=phase1")
@@ -29,8 +32,7 @@ def test_sweep_resumes_a_phase1_killed_in_a_sweep_with_another_pool_size(sweep_o
     assert not (phase1_dir / "DONE").exists()
     assert [p.name for p in (phase1_dir / "work" / "checkpoints").glob("epoch_*")] == ["epoch_0000"]
 
-    sweep_b = run_sweep_cli(sweep_overrides("ablation=topk", "ablation.values=[2]", *SHARED))
-    assert sweep_b.returncode == 0, sweep_b.stdout[-4000:] + sweep_b.stderr[-4000:]
+    assert run_sweep(compose_config(sweep_overrides("ablation=topk", "ablation.values=[2]", *SHARED))) == 0
 
     assert list(stages.glob("phase1-*")) == [phase1_dir]  # one phase-1 key for both sweeps
     phase1 = json.loads((phase1_dir / "result.json").read_text())

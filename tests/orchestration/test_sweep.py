@@ -1,5 +1,6 @@
 """End-to-end sweeps on the tiny demo: real Ray Tune, real MLflow SQLite store, real files. (The Optuna search and
-the joint stage are checked on test_all_ablations.py's sweeps of the loss and decoupled_vs_joint ablations.)"""
+the joint stage are checked on test_all_ablations.py's sweeps of the loss and decoupled_vs_joint ablations; a trial
+out of memory that fails alone while the sweep goes on, on test_failed_trials.py's sweep, which then resumes it.)"""
 from __future__ import annotations
 
 import csv
@@ -113,23 +114,6 @@ def test_diverging_trials_fail_with_their_reason_and_are_not_retried(ray_session
         assert "NonFiniteLossError" in run.data.tags["lpt.error"] and "phase2 epoch 0" in run.data.tags["lpt.error"]
     state = json.loads((tmp_path / "sweeps" / "group_size-demo" / "state.json").read_text())
     assert state["status"] == "incomplete" and sorted(state["failed"]) == ["10/seed=0", "5/seed=0"]
-
-
-def test_out_of_memory_fails_its_trial_with_the_reason_and_the_sweep_goes_on(ray_session, sweep_overrides, tmp_path):
-    overrides = sweep_overrides("ablation=group_size", "ablation.values=[5,10]", "debug.oom_at_epoch=1",
-                                "debug.fail_row=5")
-    assert run_sweep(compose_config(overrides)) == 1
-    client, runs = mlflow_runs(tmp_path / "sweeps", "group_size-demo")
-    by_row = {run.data.tags["lpt.row"]: run for run in stage_runs(runs, "phase2")}
-    assert sorted(by_row) == ["10", "5"]  # one run each: the failed trial was not retried into a second run
-    failed, other = by_row["5"], by_row["10"]
-    assert failed.info.status == "FAILED" and other.info.status == "FINISHED"
-    reason = failed.data.tags["lpt.error"]
-    assert reason.startswith("StageOutOfMemoryError: phase2 epoch 1: out of memory on cpu")
-    assert "can't allocate memory" in reason and "phase2.batch_size (now 8 per branch" in reason
-    assert steps(client, failed) == [0, 1] and steps(client, other) == [0, 1, 2]
-    state = json.loads((tmp_path / "sweeps" / "group_size-demo" / "state.json").read_text())
-    assert state["status"] == "incomplete" and state["failed"] == ["5/seed=0"]
 
 
 def test_more_gpus_than_the_cluster_has_is_refused(ray_session, sweep_overrides, tmp_path):
