@@ -74,10 +74,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Test files slowest first (SLOW_FILE_SECONDS), each file's tests in their own order."""
+    """Test files slowest first (SLOW_FILE_SECONDS); in each file its `slow` tests first, each group in its own
+    order. xdist hands a worker its next file once two of its tests are left to run: a file whose long test comes
+    last would take the next file along while that test runs (the default pretraining: 5 to 7 minutes), and the
+    other worker could run out of files with that one still waiting."""
     files: dict[str, list[pytest.Item]] = {}
     for item in items:
         files.setdefault(item.nodeid.split("::")[0], []).append(item)
+    for path, found in files.items():
+        files[path] = sorted(found, key=lambda item: item.get_closest_marker("slow") is None)  # stable
 
     def seconds(path: str) -> float:
         if path in SLOW_FILE_SECONDS:
