@@ -91,7 +91,8 @@ class Postgres:
         it: it works in its data folder, and the tests reach it over TCP."""
         if self.os_user is None:
             return
-        top = self.base.parent if self.base.parent.name.startswith("pytest-of-") else self.base
+        # pytest's per-user root (0700), also above an xdist worker's own basetemp (pytest-N/popen-gwK)
+        top = next((f for f in [self.base, *self.base.parents] if f.name.startswith("pytest-of-")), self.base)
         for folder in [self.root.parent, *self.root.parent.parents]:
             mode = folder.stat().st_mode
             if folder == top or top in folder.parents:
