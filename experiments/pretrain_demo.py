@@ -10,12 +10,13 @@ loads through the normal path: `create_backbone(BackboneConfig(name, model_kwarg
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import timm
 import torch
@@ -188,10 +189,25 @@ def pretrained_here(cfg: LPTConfig, pretrain: DemoPretrainConfig | None) -> bool
 def ensure_demo_weights(configs: Iterable[LPTConfig], pretrain: DemoPretrainConfig | None,
                         log: Callable[[str], None] = print) -> None:
     """Pretrains, once each, the demo backbones that these configs (set by `with_demo_weights`) load and that no
-    earlier call cached."""
+    earlier call cached; each with the torch threads its config asks for (`threads`), as its trials train."""
     for cfg in configs:
         if pretrained_here(cfg, pretrain):
-            ensure_demo_backbone(cfg.backbone, cfg.data, pretrain, cfg.data.cache_dir, log=log)
+            with torch_threads(cfg.threads):
+                ensure_demo_backbone(cfg.backbone, cfg.data, pretrain, cfg.data.cache_dir, log=log)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` (None: left as they are) inside the block, restored after it. The
+    sweep driver pretrains in its own process: with torch's default (every core) beside other busy processes, the
+    OpenMP threads spin at each barrier and the pretraining runs many times slower than on the one thread asked."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_backbone(cfg: LPTConfig, pretrain: DemoPretrainConfig | None, log: Callable[[str], None] = print

@@ -51,6 +51,14 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread() -> None:
+    """One torch intra-op thread in the test process (and so in the sweeps a test runs in it, whose driver pretrains
+    in this process): the two cores are shared with the other pytest-xdist worker, its Ray trials and subprocesses,
+    and OpenMP threads that spin at every barrier beside a busy process run many times slower than one thread."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def demo_cache(tmp_path_factory) -> Path:
     """The demo's data cache (its synthetic splits and pretrained micro ViTs) of the whole test session: one folder

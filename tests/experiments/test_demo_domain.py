@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from experiments import pretrain_demo
-from experiments.pretrain_demo import (DEMO_BACKBONE, backbone_hash,
-                                       ensure_demo_backbone, pretrain_micro_vit)
+from experiments.pretrain_demo import (DEMO_BACKBONE, backbone_hash, ensure_demo_backbone, pretrain_micro_vit,
+                                       with_demo_weights)
 from experiments.compose import compose_config, split
 from experiments.schema import PRETRAIN_FIELDS, DemoPretrainConfig
 from lpt_core.backbone import create_backbone
-from lpt_core.config import BackboneConfig, DataConfig
+from lpt_core.config import BackboneConfig, DataConfig, LPTConfig
 from lpt_core.data.synthetic import demo_source_split
 
 TINY_BACKBONE = BackboneConfig(name="vit_tiny_patch16_224", pretrained=False,
@@ -118,6 +118,28 @@ def test_pretraining_uses_the_norm_eps_lpt_runs_the_backbone_with(tmp_path: Path
     assert {m.eps for m in models[0.5].modules() if isinstance(m, torch.nn.LayerNorm)} == {0.5}
     assert {m.eps for m in models[None].modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-6}
     assert not torch.equal(models[0.5].state_dict()["head.weight"], models[None].state_dict()["head.weight"])
+
+
+@pytest.mark.parametrize("threads", [1, 3, None])
+def test_pretraining_for_a_sweep_uses_the_threads_of_its_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               threads: int | None) -> None:
+    """ensure_demo_weights (what the sweep driver and single_run.py call) pretrains with the config's `threads`
+    (None: torch's own setting) and gives the process its thread count back after."""
+    seen: list[int] = []
+
+    def fake_training(backbone, data, pretrain, folder: Path, log) -> None:
+        seen.append(torch.get_num_threads())
+        (folder / pretrain_demo.WEIGHTS_NAME).write_bytes(b"weights")
+
+    monkeypatch.setattr(pretrain_demo, "_pretrain_and_save", fake_training)
+    cfg = dataclasses.replace(LPTConfig(), backbone=TINY_BACKBONE, data=tiny_data(tmp_path), threads=threads)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        pretrain_demo.ensure_demo_weights([with_demo_weights(cfg, TINY_PRETRAIN)], TINY_PRETRAIN)
+        assert seen == [threads or 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_demo_backbone_is_the_micro_model_of_the_config_tree() -> None:

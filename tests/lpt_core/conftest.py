@@ -99,12 +99,6 @@ class QuietHooks(StageHooks):
         self.epochs.append((epoch, dict(metrics), Path(checkpoint_dir)))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _one_thread() -> None:
-    # two cores shared with other test processes: one intra-op thread is ~10x faster than oversubscribing
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="session")
 def micro_vit_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random micro ViT (timm, no classifier) saved as .safetensors; the 'pretrained' backbone of every run."""
