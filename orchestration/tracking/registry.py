@@ -78,9 +78,10 @@ def is_outage(err: BaseException) -> bool:
 
 def tracking_client(uri: str) -> MlflowClient:
     """A client that fails fast on an unreachable server: the spool, not MLflow's minutes of HTTP retries,
-    bridges an outage."""
+    bridges an outage. A server that is up but busy gets 30 s to answer: when 64 trials start logging together one
+    answer can take 12 s, and a request given up on is sent again on top of the one the server still works on."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     return MlflowClient(tracking_uri=uri)
 
 

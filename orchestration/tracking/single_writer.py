@@ -40,6 +40,13 @@ LEASE_RENEW_S, LEASE_STALE_S = 20.0, 90.0
 START_TIMEOUT_S = 180.0
 SERVER_RESTARTS = 5
 SERVER_WORKERS = 4  # over a database server (postgresql://...)
+# MLflow's log_batch holds one pooled database connection while the params, metrics and tags it logs each take
+# another, and each server process serves up to anyio's 40 worker threads at once: SQLAlchemy's default pool (5 + 10
+# overflow) is held whole by 15 concurrent requests that all wait for a second connection, until the pool times out
+# ("QueuePool limit of size 5 overflow 10 reached": 22 of 40 trials that started logging together failed). So a
+# SQLite store gets no pool (a connection is a file open) and a database server a pool that may grow to two
+# connections per thread.
+SERVER_THREADS = 40
 
 
 class TrackingError(RuntimeError):
@@ -69,6 +76,14 @@ def needs_server(mode: str, store_uri: str, nodes: int) -> bool:
                 f"store's only writer), or set tracking.uri to an mlflow server or a PostgreSQL database")
         return False
     return mode == "on" or nodes > 1
+
+
+def server_environment(store_uri: str) -> dict[str, str]:
+    """The environment of the store's `mlflow server`: its URI (`ps` shows a command line, not this) and a
+    database connection pool that concurrent trials cannot exhaust (SERVER_THREADS). A setting of the user's wins."""
+    pool = ({"MLFLOW_SQLALCHEMYSTORE_POOLCLASS": "NullPool"} if sqlite_file(store_uri) is not None
+            else {"MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": str(2 * SERVER_THREADS)})
+    return {**pool, **os.environ, "MLFLOW_BACKEND_STORE_URI": store_uri}
 
 
 def _free_port(host: str) -> int:
@@ -104,7 +119,7 @@ class TrackingServer:
 
     def _command(self) -> list[str]:
         hosts = {self.host, socket.gethostname(), "localhost", "127.0.0.1"}
-        command = [sys.executable, "-m", "mlflow", "server",  # the store's URI in its environment: `ps` shows this
+        command = [sys.executable, "-m", "mlflow", "server",  # the store's URI: server_environment
                    "--host", self.host, "--port", str(self.port), "--workers", str(self.workers),
                    "--allowed-hosts", ",".join(sorted(f"{h}{suffix}" for h in hosts for suffix in ("", ":*")))]
         if self.artifacts is not None:
@@ -119,7 +134,7 @@ class TrackingServer:
             out.flush()
             self._proc = subprocess.Popen(self._command(), stdout=out, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, start_new_session=True,
-                                          env={**os.environ, "MLFLOW_BACKEND_STORE_URI": self.store_uri})
+                                          env=server_environment(self.store_uri))
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
