@@ -79,11 +79,14 @@ def needs_server(mode: str, store_uri: str, nodes: int) -> bool:
 
 
 def server_environment(store_uri: str) -> dict[str, str]:
-    """The environment of the store's `mlflow server`: its URI (`ps` shows a command line, not this) and a
-    database connection pool that concurrent trials cannot exhaust (SERVER_THREADS). A setting of the user's wins."""
+    """The environment of the store's `mlflow server`: its URI (`ps` shows a command line, not this), a database
+    connection pool that concurrent trials cannot exhaust (SERVER_THREADS), and no job execution (MLflow's GenAI
+    jobs: a runner and six huey consumers, seven more interpreters beside every sweep, none of them used by one).
+    A setting of the user's wins."""
     pool = ({"MLFLOW_SQLALCHEMYSTORE_POOLCLASS": "NullPool"} if sqlite_file(store_uri) is not None
             else {"MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": str(2 * SERVER_THREADS)})
-    return {**pool, **os.environ, "MLFLOW_BACKEND_STORE_URI": store_uri}
+    return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **pool, **os.environ,
+            "MLFLOW_BACKEND_STORE_URI": store_uri}
 
 
 def _free_port(host: str) -> int:

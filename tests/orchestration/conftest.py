@@ -28,6 +28,12 @@ TINY_DEMO = [
 ]
 
 
+# for the mlflow servers a test starts itself: MLflow's GenAI job execution (a runner and six huey consumers beside
+# each server) is never used by a sweep and costs seven interpreter start-ups (the sweep's own server turns it off
+# too: single_writer.server_environment)
+SERVER_ENV = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def tiny_sweep(root: Path, demo_cache: Path, *extra: str) -> list[str]:
     """Overrides for a tiny demo sweep whose outputs live in root (sweeps with their tracking store, stages) and
     demo_cache."""

@@ -26,7 +26,7 @@ import pytest
 from experiments.compose import compose_config
 from orchestration.execute.driver import run_sweep
 
-from .conftest import mlflow_runs, stage_runs, tiny_sweep
+from .conftest import SERVER_ENV, mlflow_runs, stage_runs, tiny_sweep
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = [pytest.mark.slow,
@@ -83,7 +83,7 @@ def workbench(tmp_path_factory: pytest.TempPathFactory, demo_cache: Path, ray_se
     log = root / "mlflow-ui.log"
     with open(log, "w") as out:
         server = subprocess.Popen([sys.executable, "-m", "mlflow", *command[1:-1], str(port)], cwd=root,
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=SERVER_ENV)
     try:
         base = f"http://127.0.0.1:{port}"
         _wait_until_served(base, server, log)

@@ -18,7 +18,7 @@ from mlflow.entities import Metric, Param
 from lpt_core.config import ConfigError
 from orchestration.tracking.registry import MetricSpool, RunRegistry
 from orchestration.tracking.single_writer import (LEASE_STALE_S, StoreLease, TrackingError, TrackingServer,
-                                                  needs_server, single_writer)
+                                                  needs_server, server_environment, single_writer)
 
 SQLITE = "sqlite:////shared/sweeps/mlflow.db"
 
@@ -77,6 +77,19 @@ def test_stale_leases_and_this_hosts_own_do_not_refuse(tmp_path: Path) -> None:
     assert json.loads(lease.path.read_text())["sweep"] == "mine"
     lease.release()
     assert not lease.path.exists()
+
+
+def test_the_servers_environment_holds_its_store_a_pool_that_cannot_run_out_and_no_jobs(monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", raising=False)
+    monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
+    sqlite = server_environment(SQLITE)
+    assert sqlite["MLFLOW_BACKEND_STORE_URI"] == SQLITE and sqlite["MLFLOW_SQLALCHEMYSTORE_POOLCLASS"] == "NullPool"
+    assert sqlite["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    database = server_environment("postgresql://lpt:secret@db:5432/mlflow")
+    assert "MLFLOW_SQLALCHEMYSTORE_POOLCLASS" not in database
+    assert database["MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"] == "80"  # two connections for each of 40 threads
+    monkeypatch.setenv("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "QueuePool")  # a user's own setting wins
+    assert server_environment(SQLITE)["MLFLOW_SQLALCHEMYSTORE_POOLCLASS"] == "QueuePool"
 
 
 def test_single_writer_on_one_node_hands_out_the_store_and_leaves_no_lease(tmp_path: Path) -> None:
