@@ -137,33 +137,36 @@ def test_the_server_is_the_only_writer_and_comes_back_where_it_died(tmp_path: Pa
     assert "mlflow server on http://127.0.0.1:" in (tmp_path / "mlflow-server.log").read_text()
 
 
+TRIALS, EPOCHS = 40, 3  # enough at once to hang the default pool every time (24 did not always)
+
+
 def _trial_logging(uri: str, run_id: str, start_at: float, errors) -> None:
-    """What a trial process sends per run: its params, then ten epochs of metrics; an error that reaches it is
+    """What a trial process sends per run: its params, then EPOCHS epochs of metrics; an error that reaches it is
     put on `errors`."""
     try:
         client = RunRegistry(uri, "demo").client
         time.sleep(max(0.0, start_at - time.time()))
         client.log_batch(run_id, params=[Param(f"p{k}", str(k)) for k in range(40)])
-        for step in range(10):
+        for step in range(EPOCHS):
             client.log_batch(run_id, metrics=[Metric(f"m{k}", float(k), 0, step) for k in range(8)])
     except Exception as err:
         errors.put(f"{type(err).__name__}: {err}"[:300])
 
 
 @pytest.mark.slow
-def test_forty_trials_logging_at_once_through_the_server_all_succeed(tmp_path: Path) -> None:
+def test_trials_logging_at_once_through_the_server_all_succeed(tmp_path: Path) -> None:
     """MLflow's log_batch holds one pooled database connection while its params and metrics each take another: with
     SQLAlchemy's default pool (5 + 10), fifteen requests at once hold every connection and wait for a second until
-    the pool times out (`QueuePool limit of size 5 overflow 10 reached`: about half of these 40 trial processes
-    failed). The server is started with a pool that cannot run out."""
+    the pool times out (`QueuePool limit of size 5 overflow 10 reached`: with that pool every one of these trial
+    processes failed). The server is started with a pool that cannot run out."""
     db = tmp_path / "mlflow.db"
-    context = multiprocessing.get_context("fork")  # forty trial processes without forty interpreter start-ups
+    context = multiprocessing.get_context("fork")  # trial processes without an interpreter start-up each
     errors = context.Queue()
     with single_writer(f"sqlite:///{db}", "on", 0, 1, tmp_path / "mlartifacts", tmp_path, "s",
                        log=lambda line: None) as endpoint:
         runs = RunRegistry(endpoint, "demo")
         parent = runs.parent_run("s", {})
-        run_ids = [runs.stage_run(parent, "s", f"key-{i}", f"trial-{i}", {}, {}) for i in range(40)]
+        run_ids = [runs.stage_run(parent, "s", f"key-{i}", f"trial-{i}", {}, {}) for i in range(TRIALS)]
         start_at = time.time() + 5  # every process forked and ready: they send at once
         trials = [context.Process(target=_trial_logging, args=(endpoint, run_id, start_at, errors))
                   for run_id in run_ids]
@@ -171,14 +174,14 @@ def test_forty_trials_logging_at_once_through_the_server_all_succeed(tmp_path: P
             trial.start()
         for trial in trials:
             trial.join()
-    assert [trial.exitcode for trial in trials] == [0] * 40
+    assert [trial.exitcode for trial in trials] == [0] * TRIALS
     reported = []
     while not errors.empty():
         reported.append(errors.get())
     assert reported == []
     with sqlite3.connect(db) as connection:
-        assert connection.execute("select count(*) from metrics").fetchone() == (40 * 10 * 8,)
-        assert connection.execute("select count(*) from params").fetchone() == (40 * 40,)
+        assert connection.execute("select count(*) from metrics").fetchone() == (TRIALS * EPOCHS * 8,)
+        assert connection.execute("select count(*) from params").fetchone() == (TRIALS * 40,)
 
 
 def _server_of(lines: list[str]) -> TrackingServer:
