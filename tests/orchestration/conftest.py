@@ -33,6 +33,12 @@ TINY_DEMO = [
 # too: single_writer.server_environment)
 SERVER_ENV = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
+# One trial slot (a trial asks for both of the test Ray's CPUs), for sweeps whose test is not about trials side by
+# side: a tiny trial trains in about a second, and a second slot only adds a trial process whose imports (torch,
+# timm, MLflow) take 7 s of CPU. test_all_ablations.py alone: 212 s of CPU with two slots, 139 s with one, the same
+# wall time.
+ONE_SLOT = "resources.cpu=2"
+
 
 def tiny_sweep(root: Path, demo_cache: Path, *extra: str) -> list[str]:
     """Overrides for a tiny demo sweep whose outputs live in root (sweeps with their tracking store, stages) and

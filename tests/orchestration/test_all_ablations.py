@@ -18,7 +18,7 @@ from orchestration.execute.driver import run_sweep
 from orchestration.reporting.optuna_study import importances as importance_scores
 from orchestration.tracking.study import load_sweep_study
 
-from .conftest import mlflow_runs, stage_runs, steps
+from .conftest import ONE_SLOT, mlflow_runs, stage_runs, steps
 from .report_checks import check_ablation_report, check_numbers_and_intervals, read_report
 
 pytestmark = pytest.mark.slow
@@ -41,12 +41,6 @@ def _joint_is_one_stage(root: Path) -> None:
 
 
 EXTRA_CHECKS = {"decoupled_vs_joint": _joint_is_one_stage}
-
-
-# one trial slot (a trial asks for both CPUs): the tiny trials train in about a second, so a second slot only adds a
-# trial process, whose imports (torch, timm, MLflow: 7 s of CPU) cost more than the training; measured on this file
-# alone, 212 s of CPU with two slots, 139 s with one, the same wall time. Trials side by side are other files' tests.
-ONE_SLOT = "resources.cpu=2"
 
 
 @pytest.mark.parametrize("name", sorted(set(ABLATIONS) - {"group_size"}))

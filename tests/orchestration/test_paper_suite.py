@@ -18,7 +18,7 @@ from orchestration.execute.driver import run_sweep
 from orchestration.plan.sweep_plan import build_plan
 from orchestration.report import main as report_main
 
-from .conftest import kill_driver_when, mlflow_runs, stage_runs, steps, wait_for_event
+from .conftest import ONE_SLOT, kill_driver_when, mlflow_runs, stage_runs, steps, wait_for_event
 from .report_checks import check_ablation_report
 
 pytestmark = pytest.mark.slow
@@ -62,7 +62,7 @@ def _stage_keys_trained_once(root: Path, overrides: list[str]) -> int:
 
 
 def test_the_paper_suite_end_to_end(ray_session, sweep_overrides, tmp_path):
-    overrides = sweep_overrides("ablation=paper")
+    overrides = sweep_overrides("ablation=paper", ONE_SLOT)
     lines: list[str] = []
     assert run_sweep(compose_config(overrides), log=lines.append) == 0
     text = "\n".join(lines)
@@ -124,7 +124,7 @@ SUBSET = ("ablation.values=[model_size:micro_s,group_size:5,group_size:20,topk:2
 def test_a_failed_row_does_not_stop_the_suite_and_resume_finishes_it(ray_session, sweep_overrides, tmp_path):
     """The joint row runs out of memory (a real allocator failure): it fails alone, the other tables finish, the
     report names what is missing and its claim is `missing`; a resume trains that row only."""
-    overrides = sweep_overrides("ablation=paper", SUBSET, "max_failures=0")
+    overrides = sweep_overrides("ablation=paper", ONE_SLOT, SUBSET, "max_failures=0")
     fault = ["debug.oom_at_epoch=0", "debug.fail_stage=joint", "debug.fail_row=decoupled_vs_joint:joint"]
     assert run_sweep(compose_config([*overrides, *fault])) == 1
     folder = tmp_path / "sweeps" / SUITE
@@ -155,7 +155,7 @@ def test_a_suite_killed_in_the_middle_resumes(ray_session, sweep_overrides, tmp_
     """The driver (a process of its own, with its own Ray) SIGKILLed while group_size:5's phase 2 holds after its
     epoch 1; resume=true (in this process, on the session's Ray: what a resume does does not depend on which Ray
     runs it) finishes the suite and no stage is trained twice nor any epoch logged twice."""
-    overrides = sweep_overrides("ablation=paper", SUBSET, "phase2.epochs=3")
+    overrides = sweep_overrides("ablation=paper", ONE_SLOT, SUBSET, "phase2.epochs=3")
     events = tmp_path / "events"
     hold = [f"debug.event_dir={events}", "debug.hold_at_epoch=1", "debug.fail_stage=phase2",
             "debug.fail_row=group_size:5"]
