@@ -26,7 +26,7 @@ import pytest
 from experiments.compose import compose_config
 from orchestration.execute.driver import run_sweep
 
-from .conftest import SERVER_ENV, mlflow_runs, stage_runs, tiny_sweep
+from .conftest import ONE_SLOT, SERVER_ENV, mlflow_runs, stage_runs, tiny_sweep
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = [pytest.mark.slow,
@@ -77,7 +77,7 @@ def workbench(tmp_path_factory: pytest.TempPathFactory, demo_cache: Path, ray_se
     root = tmp_path_factory.mktemp("workbench")
     printed: list[str] = []
     for extra in (["ablation=group_size", "ablation.values=[5,20]"], ["ablation=topk", "ablation.values=[1]"]):
-        assert run_sweep(compose_config(tiny_sweep(root, demo_cache, *extra)), log=printed.append) == 0
+        assert run_sweep(compose_config(tiny_sweep(root, demo_cache, ONE_SLOT, *extra)), log=printed.append) == 0
     command, link = _printed(printed)
     port = _free_port()
     log = root / "mlflow-ui.log"
