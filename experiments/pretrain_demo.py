@@ -10,13 +10,12 @@ loads through the normal path: `create_backbone(BackboneConfig(name, model_kwarg
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import timm
 import torch
@@ -31,6 +30,7 @@ from lpt_core.config import BackboneConfig, DataConfig, LPTConfig, build_datacla
 from lpt_core.cost import timed
 from lpt_core.data.synthetic import NUM_SOURCE_CLASSES, DemoOptions, demo_source_split, source_digest
 from lpt_core.files import atomic_write_bytes, content_key, file_lock
+from lpt_core.runtime import torch_threads
 from lpt_core.schedule import lr_at
 from lpt_core.step import update
 
@@ -194,20 +194,6 @@ def ensure_demo_weights(configs: Iterable[LPTConfig], pretrain: DemoPretrainConf
         if pretrained_here(cfg, pretrain):
             with torch_threads(cfg.threads):
                 ensure_demo_backbone(cfg.backbone, cfg.data, pretrain, cfg.data.cache_dir, log=log)
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to `threads` (None: left as they are) inside the block, restored after it. The
-    sweep driver pretrains in its own process: with torch's default (every core) beside other busy processes, the
-    OpenMP threads spin at each barrier and the pretraining runs many times slower than on the one thread asked."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def resolve_backbone(cfg: LPTConfig, pretrain: DemoPretrainConfig | None, log: Callable[[str], None] = print

@@ -20,7 +20,7 @@ import torch
 from lpt_core.backbone import create_backbone
 from lpt_core.config import LPTConfig
 from lpt_core.model import LPTModel
-from lpt_core.runtime import resolve_device
+from lpt_core.runtime import resolve_device, torch_threads
 from lpt_core.sampling import branches_for, steps_per_epoch
 from lpt_core.schedule import build_optimizer
 from lpt_core.step import StepLoss, train_step
@@ -69,9 +69,7 @@ def seconds_per_image(cfg: LPTConfig, stage: str, num_classes: int, batch: int |
         batch = min(largest, CPU_LARGE_BATCH)
     elif batch is None:
         batch = min(largest, GPU_BATCH)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads or threads)
-    try:
+    with torch_threads(cfg.threads):
         backbone = create_backbone(dataclasses.replace(cfg.backbone, pretrained=False, weights_file=None))
         model = LPTModel(backbone, num_classes, cfg.prompt).to(device)
         pcfg = cfg.stage_config(stage)
@@ -85,8 +83,6 @@ def seconds_per_image(cfg: LPTConfig, stage: str, num_classes: int, batch: int |
         model.eval()
         with torch.no_grad():
             evaluate = timed(lambda: forward(images), repeats, device)
-    finally:
-        torch.set_num_threads(threads)
     return train / len(images), evaluate / len(images)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from typing import Iterator
 
 import torch
 
@@ -45,3 +46,18 @@ def seed_everything(seed: int, threads: int | None = None) -> None:
     torch.manual_seed(seed)
     if threads is not None:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` (None: left as they are) inside the block, restored after it: work
+    done in a process that goes on with other work (the sweep driver pretraining a demo backbone, a cost probe) on
+    the threads its config asks for. With torch's default (every core) beside other busy processes, the OpenMP
+    threads spin at each barrier and run many times slower than the one thread asked."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
