@@ -16,7 +16,7 @@ from experiments.compose import compose_config
 from orchestration.execute import tuning
 from orchestration.execute.driver import run_sweep
 
-from .conftest import mlflow_runs, stage_runs
+from .conftest import ONE_SLOT, mlflow_runs, stage_runs
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ class StopsRow40(ASHAScheduler):
 
 def test_trials_stopped_by_asha_complete_the_sweep(ray_session, sweep_overrides, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(tuning, "ASHAScheduler", StopsRow40)
-    overrides = sweep_overrides("ablation=group_size", "seeds=[0,1]", "scheduler=asha")
+    overrides = sweep_overrides("ablation=group_size", "seeds=[0,1]", "scheduler=asha", ONE_SLOT)
     assert run_sweep(compose_config(overrides)) == 0
     output = capsys.readouterr().out
     folder = tmp_path / "sweeps" / "group_size-demo"

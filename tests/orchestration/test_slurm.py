@@ -1,11 +1,12 @@
 """The SLURM launcher: the script it writes (run with stand-ins for srun, scontrol, ray and python, so the two-node
 branch runs on one host), its arguments, and sweeps run through it on a real single-node SLURM (Debian's
-slurm-wlm and munge, started as root in the test's own folder): one requeued by its own time-limit signal, one
-cancelled and submitted again, both finishing with no MLflow run or step twice."""
+slurm-wlm and munge, started as root in the test's own folder): one sweep cancelled and submitted again, then
+requeued by its own time-limit signal, finishing with no MLflow run or step twice."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -220,48 +221,47 @@ def _check_no_duplicates(tmp_path: Path, rows: list[str]) -> None:
 
 
 @pytest.mark.slow
-def test_job_requeued_by_its_time_limit_signal_finishes_the_sweep(slurm, sweep_overrides, tmp_path, monkeypatch):
+def test_cancelled_job_submitted_again_then_requeued_by_its_time_limit_signal_finishes_the_sweep(
+        slurm, sweep_overrides, tmp_path, monkeypatch):
+    """One sweep through both ways a job stops early: cancelled while a trial holds after its phase-2 epoch 0 and
+    submitted again (the same command), then, holding after epoch 1 in that second job, the time-limit signal that
+    makes the job requeue itself. One sweep for both saves a SLURM job and a sweep of the suite's time."""
     events, folder = tmp_path / "events", tmp_path / "sweeps" / SWEEP
     overrides = sweep_overrides("ablation=group_size", "ablation.values=[5,10]", "resources.gpu=0.5",
-                                f"debug.event_dir={events}", "debug.hold_at_epoch=1", "debug.fail_stage=phase2",
-                                "debug.fail_row=5")
-    job = _submit(slurm, monkeypatch, Launch(nodes=1, gpus_per_node=1, cpus_per_node=2, time="60",
-                                             ray_port=_free_port(), overrides=overrides))
-    _wait_for_event(slurm, job, events / "phase2.5.seed0.epoch1")  # m=5 holds after its phase-2 epoch 1
+                                f"debug.event_dir={events}", "debug.fail_stage=phase2", "debug.fail_row=5")
+
+    def launch(hold_at_epoch: int) -> Launch:  # debug.* is the test's instrument, free to change on a resume
+        return Launch(nodes=1, gpus_per_node=1, cpus_per_node=2, time="60", ray_port=_free_port(),
+                      overrides=[*overrides, f"debug.hold_at_epoch={hold_at_epoch}"])
+
+    first = _submit(slurm, monkeypatch, launch(hold_at_epoch=0))
+    _wait_for_event(slurm, first, events / "phase2.5.seed0.epoch0")  # m=5 holds after its phase-2 epoch 0
+    slurm.run("scancel", first)
+    slurm.wait_for_state(first, {"CANCELLED"}, timeout=300)
+
+    job = _submit(slurm, monkeypatch, launch(hold_at_epoch=1))  # submitted again; now m=5 holds after epoch 1
+    assert job != first
+    _wait_for_event(slurm, job, events / "phase2.5.seed0.epoch1")
+    assert "holds an unfinished sweep: resuming it" in _job_log(folder, job)
     # what SLURM sends --requeue-grace seconds before the time limit: the script requeues its own job
     slurm.run("scancel", "--batch", "--signal=USR1", job)
     requeued = slurm.wait_for(job, lambda info: info["Restarts"] == "1" and info["JobState"] == "PENDING",
                               "the job requeued")
-    (events / "release").write_text("")  # the first run's processes are gone; the second run must not hold
+    (events / "release").write_text("")  # the second job's processes are gone; its restart must not hold
     if requeued["Reason"] == "BeginTime":  # SLURM holds a requeued job back for a while; start it now
         slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     done = slurm.wait_for_state(job, {"COMPLETED"})
     assert done["Restarts"] == "1"
     log = _job_log(folder, job)
     assert f"USR1 (time limit or preemption notice): requeueing job {job}" in log
-    assert f"lpt-slurm: job {job} (restart 1)" in log and "holds an unfinished sweep: resuming it" in log
+    assert f"lpt-slurm: job {job} (restart 1)" in log and log.count("holds an unfinished sweep: resuming it") == 2
     assert "1 Ray node(s) up with 2 CPUs and 1 GPUs each: localhost" in log
     _check_no_duplicates(tmp_path, ["10", "5"])
-    assert _resumed_after_epoch(tmp_path, "5") == 1  # the held trial continued after its epoch 1
+    assert _resumed_after_epoch(tmp_path, "5") == 1
     client, runs = mlflow_runs(tmp_path / "sweeps", SWEEP)
     for run in stage_runs(runs, "phase2"):
         assert run.data.tags["lpt.device"] == "cpu (Ray assigned GPU 0; CUDA unavailable)"
-
-
-@pytest.mark.slow
-def test_cancelled_job_submitted_again_finishes_the_sweep(slurm, sweep_overrides, tmp_path, monkeypatch):
-    events, folder = tmp_path / "events", tmp_path / "sweeps" / SWEEP
-    overrides = sweep_overrides("ablation=group_size", "ablation.values=[5,10]", f"debug.event_dir={events}",
-                                "debug.hold_at_epoch=0", "debug.fail_stage=phase2", "debug.fail_row=5")
-    launch = Launch(nodes=1, cpus_per_node=2, time="60", ray_port=_free_port(), overrides=overrides)
-    first = _submit(slurm, monkeypatch, launch)
-    _wait_for_event(slurm, first, events / "phase2.5.seed0.epoch0")
-    slurm.run("scancel", first)
-    slurm.wait_for_state(first, {"CANCELLED"}, timeout=300)
-    (events / "release").write_text("")
-    second = _submit(slurm, monkeypatch, launch)  # the same command again
-    assert second != first
-    slurm.wait_for_state(second, {"COMPLETED"})
-    assert "holds an unfinished sweep: resuming it" in _job_log(folder, second)
-    _check_no_duplicates(tmp_path, ["10", "5"])
-    assert _resumed_after_epoch(tmp_path, "5") == 0  # the held trial continued after its epoch 0
+    # the held trial went on after its epoch 0 in the job submitted again, then after its epoch 1 once requeued
+    (held,) = [r for r in stage_runs(runs, "phase2") if r.data.tags["lpt.row"] == "5"]
+    key = re.escape(held.data.tags["lpt.stage_key"])
+    assert re.findall(rf"\[{key}\] resumed from \S+ after epoch (\d+)", log) == ["0", "1"]
