@@ -3,6 +3,7 @@ worker), and tests/conftest.py's demo_cache (demo data + pretrained micro ViTs, 
 backbone is pretrained once."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -102,6 +103,34 @@ def run_sweep_cli(overrides: list[str], timeout: float = 600, **kwargs) -> subpr
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, str(REPO / "orchestration" / "sweep.py"), *overrides], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+
+
+@pytest.fixture
+def sweep_command(ray_session, capsys, monkeypatch) -> Callable[[list[str]], subprocess.CompletedProcess]:
+    """The function `lpt-sweep` runs (orchestration.sweep.cli: the command-line check, Hydra, the driver) in this
+    process, its exit code and output as run_sweep_cli returns them: for command lines refused before training,
+    where a fresh interpreter would spend 7 s of CPU importing torch, timm, Ray and MLflow to print one line. A
+    driver that gets as far as Ray joins the session's (a second ray.init in this process would fail). Hydra's
+    logging set-up (a handler on the root logger) is undone afterwards."""
+    from orchestration.sweep import cli
+
+    def run(overrides: list[str]) -> subprocess.CompletedProcess:
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
+        monkeypatch.setattr(sys, "argv", [str(REPO / "orchestration" / "sweep.py"), *overrides])
+        capsys.readouterr()
+        try:
+            cli()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        finally:
+            root.handlers[:] = handlers
+            root.setLevel(level)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(sys.argv, code, out, err)
+
+    return run
 
 
 def mlflow_runs(sweep_root: Path, sweep: str):

@@ -42,13 +42,13 @@ def _unchanged(folder, files) -> bool:
     (["ablation=group_size", "search=optuna"], 2, "no continuous space"),
     (["ablation=group_size", "resources.cpu=0"], 2, "resources"),
 ])
-def test_bad_input_is_refused_before_anything_runs(sweep_overrides, tmp_path, extra, code, needle):
+def test_bad_input_is_refused_before_anything_runs(sweep_command, sweep_overrides, tmp_path, extra, code, needle):
     folder, files = _earlier_sweep(tmp_path)
     extra = [e.strip("'") for e in extra]
     tiny_demo = not any(e.startswith("experiment=") for e in extra)  # the demo's overrides fit only the demo
     overrides = sweep_overrides(*extra) if tiny_demo else [*extra, f"sweep.root={tmp_path / 'sweeps'}",
                                                               f"stages.root={tmp_path / 'stages'}"]
-    result = run_sweep_cli(overrides)
+    result = sweep_command(overrides)
     assert result.returncode == code, result.stdout[-2000:] + result.stderr[-2000:]
     assert needle in result.stderr + result.stdout
     assert _unchanged(folder, files)
@@ -103,18 +103,18 @@ def test_an_unknown_key_is_refused_before_the_heavy_imports(tmp_path, script):
     assert "imported: []" in result.stdout
 
 
-def test_a_sweep_with_another_configuration_under_the_same_name_is_refused(sweep_overrides, tmp_path):
+def test_a_sweep_with_another_configuration_under_the_same_name_is_refused(sweep_command, sweep_overrides, tmp_path):
     folder, files = _earlier_sweep(tmp_path)
-    result = run_sweep_cli(sweep_overrides("ablation=group_size", "resume=true"))
+    result = sweep_command(sweep_overrides("ablation=group_size", "resume=true"))
     assert result.returncode == 2 and "different configuration" in result.stderr
     assert _unchanged(folder, files)
 
 
-def test_a_damaged_plan_file_is_refused_and_left_alone(sweep_overrides, tmp_path):
+def test_a_damaged_plan_file_is_refused_and_left_alone(sweep_command, sweep_overrides, tmp_path):
     folder = tmp_path / "sweeps" / "group_size-demo"
     folder.mkdir(parents=True)
     (folder / "plan.json").write_text('{"fingerprint": "0123')
-    result = run_sweep_cli(sweep_overrides("ablation=group_size", "resume=true"))
+    result = sweep_command(sweep_overrides("ablation=group_size", "resume=true"))
     assert result.returncode == 2 and f"{folder / 'plan.json'}: unreadable" in result.stderr
     assert (folder / "plan.json").read_text() == '{"fingerprint": "0123'
 
@@ -129,9 +129,9 @@ def test_unreachable_cluster_fails_fast_and_writes_nothing(sweep_overrides, tmp_
     assert not (folder / "plan.json").exists() and not (folder / "state.json").exists()
 
 
-def test_unwritable_storage_is_refused(sweep_overrides, tmp_path):
+def test_unwritable_storage_is_refused(sweep_command, sweep_overrides, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    result = run_sweep_cli([*sweep_overrides("ablation=group_size"), f"sweep.root={blocker}/sweeps"])
+    result = sweep_command([*sweep_overrides("ablation=group_size"), f"sweep.root={blocker}/sweeps"])
     assert result.returncode == 2 and "cannot write the sweep folder" in result.stderr
     assert blocker.read_text() == "not a folder"

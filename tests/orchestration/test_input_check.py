@@ -12,7 +12,7 @@ from experiments.compose import compose_config
 from orchestration.cluster.input_check import distinct_inputs
 from orchestration.plan.sweep_plan import build_plan
 
-from .conftest import REPO, run_sweep_cli, tiny_sweep
+from .conftest import REPO, tiny_sweep
 
 
 def test_distinct_inputs_leave_out_the_weights_the_driver_pretrains(tmp_path, demo_cache):
@@ -26,9 +26,9 @@ def test_distinct_inputs_leave_out_the_weights_the_driver_pretrains(tmp_path, de
 
 
 @pytest.mark.slow
-def test_a_missing_data_root_is_refused_before_training(tmp_path):
+def test_a_missing_data_root_is_refused_before_training(sweep_command, tmp_path):
     """The command a new user types with no data: exit 2 naming data.root and the backbone's weights, no folder."""
-    done = run_sweep_cli(["ablation=group_size", "experiment=places_lt", "data.root=/nonexistent", "resources.gpu=0",
+    done = sweep_command(["ablation=group_size", "experiment=places_lt", "data.root=/nonexistent", "resources.gpu=0",
                           "resources.cpu=1", f"sweep.root={tmp_path / 'sweeps'}", f"stages.root={tmp_path / 'stages'}",
                           "cluster.num_cpus=2"])
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]

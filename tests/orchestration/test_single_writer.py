@@ -268,12 +268,11 @@ def test_a_three_node_sweep_writes_its_sqlite_store_through_one_server(sweep_ove
 
 
 @pytest.mark.slow
-def test_a_sweep_on_another_host_than_the_stores_writer_is_refused_and_writes_nothing(sweep_overrides, tmp_path):
-    from .conftest import run_sweep_cli
-
+def test_a_sweep_on_another_host_than_the_stores_writer_is_refused_and_writes_nothing(sweep_command, sweep_overrides,
+                                                                                  tmp_path):
     store = tmp_path / "sweeps" / "mlflow.db"
     lease = _lease_of(store, "gpu-node-7")  # a sweep on another node writes this store right now
-    done = run_sweep_cli(sweep_overrides("ablation=group_size", "ablation.values=[5]"))
+    done = sweep_command(sweep_overrides("ablation=group_size", "ablation.values=[5]"))
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     (error,) = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert error.startswith(f"error: the SQLite store sqlite:///{store} is being written from another node: host "
