@@ -106,19 +106,20 @@ def run_sweep_cli(overrides: list[str], timeout: float = 600, **kwargs) -> subpr
 
 
 @pytest.fixture
-def sweep_command(ray_session, capsys, monkeypatch) -> Callable[[list[str]], subprocess.CompletedProcess]:
+def sweep_command(ray_session, capfd, monkeypatch) -> Callable[[list[str]], subprocess.CompletedProcess]:
     """The function `lpt-sweep` runs (orchestration.sweep.cli: the command-line check, Hydra, the driver) in this
     process, its exit code and output as run_sweep_cli returns them: for command lines refused before training,
     where a fresh interpreter would spend 7 s of CPU importing torch, timm, Ray and MLflow to print one line. A
-    driver that gets as far as Ray joins the session's (a second ray.init in this process would fail). Hydra's
-    logging set-up (a handler on the root logger) is undone afterwards."""
+    driver that gets as far as Ray joins the session's (a second ray.init in this process would fail). What it
+    prints is read from the file descriptors, as from a process of its own: a logger that writes to the stream it
+    found at import is read too. Hydra's logging set-up (a handler on the root logger) is undone afterwards."""
     from orchestration.sweep import cli
 
     def run(overrides: list[str]) -> subprocess.CompletedProcess:
         root = logging.getLogger()
         handlers, level = root.handlers[:], root.level
         monkeypatch.setattr(sys, "argv", [str(REPO / "orchestration" / "sweep.py"), *overrides])
-        capsys.readouterr()
+        capfd.readouterr()
         try:
             cli()
             code = 0
@@ -127,7 +128,7 @@ def sweep_command(ray_session, capsys, monkeypatch) -> Callable[[list[str]], sub
         finally:
             root.handlers[:] = handlers
             root.setLevel(level)
-        out, err = capsys.readouterr()
+        out, err = capfd.readouterr()
         return subprocess.CompletedProcess(sys.argv, code, out, err)
 
     return run

@@ -271,11 +271,11 @@ def test_a_wrong_password_stops_the_sweep_before_anything_is_trained(ray_session
 
 
 @pytest.mark.slow
-def test_a_crash_of_the_driver_prints_no_password_of_the_command_line(sweep_overrides, tmp_path):
+def test_a_crash_of_the_driver_prints_no_password_of_the_command_line(sweep_command, sweep_overrides, tmp_path):
     """An error the driver does not expect (here: the tracking server is down when the sweep opens its runs) ends
     with its traceback, credentials redacted; Hydra would print the command line's overrides before it."""
     port = free_port()
-    done = run_sweep_cli(sweep_overrides("ablation=group_size", "ablation.values=[10]", "tracking.flush_timeout_s=1",
+    done = sweep_command(sweep_overrides("ablation=group_size", "ablation.values=[10]", "tracking.flush_timeout_s=1",
                                          f"tracking.uri=http://lpt:not-to-be-printed@127.0.0.1:{port}"))
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stderr.rstrip().splitlines()[-1].startswith("mlflow.exceptions.MlflowException: ")
