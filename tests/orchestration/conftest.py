@@ -124,7 +124,7 @@ def sweep_command(ray_session, capfd, monkeypatch) -> Callable[[list[str]], subp
             cli()
             code = 0
         except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else 1
+            code = 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1  # as Python exits
         finally:
             root.handlers[:] = handlers
             root.setLevel(level)
