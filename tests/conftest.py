@@ -13,8 +13,8 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # No idle worker processes prestarted by the Rays the tests start (the session's, a sweep's own, a simulated
 # cluster's, a SLURM job's: this process's environment reaches them all). Ray starts one per CPU for the first
 # driver, without the job's runtime environment, so a trial's actor never uses them: each costs a second of CPU to
-# start and polls at about 1 % of a core while its Ray lives (ray.init and shutdown: 4.7-5.6 s of CPU, 3.7 s without
-# them). A value set before the run wins.
+# start and polls at about 1 % of a core while its Ray lives (ray.init and shutdown, measured alternately: 5.0-7.1 s
+# of CPU with them, 3.9-4.8 s without). A value set before the run wins.
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
 # Roughly what each end-to-end test file takes (seconds, its slow tests alone, one after the other, on the two-core

@@ -29,11 +29,6 @@ TINY_DEMO = [
 ]
 
 
-# for the mlflow servers a test starts itself: MLflow's GenAI job execution (a runner and six huey consumers beside
-# each server) is never used by a sweep and costs seven interpreter start-ups (the sweep's own server turns it off
-# too: single_writer.server_environment)
-SERVER_ENV = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-
 # One trial slot (a trial asks for both of the test Ray's CPUs), for sweeps whose test is not about trials side by
 # side: a tiny trial trains in about a second, and a second slot only adds a trial process whose imports (torch,
 # timm, MLflow) take 7 s of CPU. test_all_ablations.py alone: 212 s of CPU with two slots, 139 s with one, the same

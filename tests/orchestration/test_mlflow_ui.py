@@ -25,8 +25,9 @@ import pytest
 
 from experiments.compose import compose_config
 from orchestration.execute.driver import run_sweep
+from orchestration.tracking.single_writer import server_environment
 
-from .conftest import ONE_SLOT, SERVER_ENV, mlflow_runs, stage_runs, tiny_sweep
+from .conftest import ONE_SLOT, mlflow_runs, stage_runs, tiny_sweep
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = [pytest.mark.slow,
@@ -83,7 +84,8 @@ def workbench(tmp_path_factory: pytest.TempPathFactory, demo_cache: Path, ray_se
     log = root / "mlflow-ui.log"
     with open(log, "w") as out:
         server = subprocess.Popen([sys.executable, "-m", "mlflow", *command[1:-1], str(port)], cwd=root,
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=SERVER_ENV)
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                  env=server_environment(command[command.index("--backend-store-uri") + 1]))
     try:
         base = f"http://127.0.0.1:{port}"
         _wait_until_served(base, server, log)

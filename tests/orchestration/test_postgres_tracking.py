@@ -21,9 +21,10 @@ from mlflow.tracking import MlflowClient
 from experiments.compose import compose_config
 from orchestration.execute.driver import run_sweep
 from orchestration.plan.record import PlanRecord
+from orchestration.tracking.single_writer import server_environment
 from orchestration.tracking.store_check import TrackingStoreError, check_store
 
-from .conftest import SERVER_ENV, run_sweep_cli, stage_runs, steps
+from .conftest import run_sweep_cli, stage_runs, steps
 from .postgres import Postgres, free_port, postgres_for_test
 
 SWEEP = "group_size-demo"
@@ -181,7 +182,7 @@ class MlflowOverPostgres:
                    "--workers", "1"]
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**SERVER_ENV, "PGPASSFILE": str(passfile)}, start_new_session=True)
+                                         env={**server_environment(postgres.uri()), "PGPASSFILE": str(passfile)}, start_new_session=True)
 
     def wait_ready(self, timeout_s: float = 180) -> None:
         deadline = time.monotonic() + timeout_s

@@ -14,8 +14,9 @@ import requests
 from experiments.compose import compose_config
 from orchestration.execute.driver import run_sweep
 from orchestration.tracking.registry import MetricSpool, RunRegistry, replay
+from orchestration.tracking.single_writer import server_environment
 
-from .conftest import SERVER_ENV, stage_runs, steps
+from .conftest import stage_runs, steps
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +37,8 @@ class MlflowServer:
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
                "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
                "--port", str(self.port), "--workers", "1"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=SERVER_ENV)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env=server_environment(store))
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
