@@ -3,7 +3,6 @@ backbone's weights. A sweep asks this on every node before it trains anything, s
 with its key and the place looked at, instead of surfacing as a hub error inside a trial hours later."""
 from __future__ import annotations
 
-from lpt_core.backbone import weights_problem
 from lpt_core.config import ConfigError, LPTConfig
 from lpt_core.data import build_dataset
 from lpt_core.data.manifest import DatasetError
@@ -18,6 +17,9 @@ def input_problems(cfg: LPTConfig, check_weights: bool = True) -> list[str]:
         build_dataset(cfg.data)
     except (ConfigError, DatasetError, OSError) as err:
         problems.append(str(err))
-    if check_weights and (problem := weights_problem(cfg.backbone)) is not None:
-        problems.append(problem)
+    if check_weights:
+        from lpt_core.backbone import weights_problem  # timm: only where weights are checked, not for the demo's
+
+        if (problem := weights_problem(cfg.backbone)) is not None:
+            problems.append(problem)
     return problems

@@ -4,6 +4,9 @@ backbone of the plan, on every alive node of the Ray cluster (on one node: in th
 A node that lacks data.root or a split list, or cannot get the backbone's weights (a missing weights_file, a hub
 tag neither cached nor downloadable), stops the sweep with exit 2 and one line per problem, naming the node, the
 key and where it looked, before the sweep writes its plan (lpt_core.inputs says what is missing).
+
+node_problems runs in a fresh Ray worker on every node, which imports this module: its imports stay as light as the
+check allows (the dataset code, not timm, MLflow, Tune or Hydra), so that asking a node costs seconds of CPU less.
 """
 from __future__ import annotations
 
@@ -12,12 +15,14 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from experiments.pretrain_demo import pretrained_here
 from lpt_core.config import ConfigError, LPTConfig, to_dict
 from lpt_core.inputs import input_problems
 from orchestration.cluster.storage_check import TEST_VIEW_ENV, collect_answers
-from orchestration.plan.sweep_plan import SweepPlan
+
+if TYPE_CHECKING:
+    from orchestration.plan.sweep_plan import SweepPlan
 
 
 class MissingInputError(ConfigError):
@@ -27,6 +32,8 @@ class MissingInputError(ConfigError):
 def distinct_inputs(plan: SweepPlan) -> list[tuple[LPTConfig, bool]]:
     """One config per distinct (data, backbone) of the plan's trials, and whether its weights are checked (not
     where the driver pretrains them: the demo's micro ViT)."""
+    from experiments.pretrain_demo import pretrained_here  # the driver's side only: timm and Hydra stay off the nodes
+
     found: dict[str, tuple[LPTConfig, bool]] = {}
     for trial in plan.trials.values():
         cfg = trial.config

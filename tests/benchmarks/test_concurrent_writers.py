@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_eight_writers_through_one_server_lose_and_repeat_nothing(tmp_path) -> None:
-    found = run_writers(writers=8, seconds=20, folder=tmp_path, interval_s=0.5)
+    found = run_writers(writers=8, seconds=8, folder=tmp_path, interval_s=0.5)
     assert found["errors"] == [] and found["locked_errors"] == 0
     assert found["lost_rows"] == 0 and found["duplicated_rows"] == 0
     assert found["metric_rows"] == found["expected_rows"] == found["steps_logged"] * (len(METRICS) + 1)

@@ -12,7 +12,7 @@ from experiments.compose import compose_config
 from orchestration.execute.driver import SweepError, _check_existing, run_sweep
 from orchestration.plan.sweep_plan import build_plan
 
-from .conftest import mlflow_runs, stage_runs, steps
+from .conftest import ONE_SLOT, mlflow_runs, stage_runs, steps
 
 
 def _started(sweep_overrides, *overrides: str) -> Path:
@@ -97,9 +97,10 @@ def _rerun_trials(folder: Path, name: str) -> list[dict]:
 @pytest.mark.slow
 def test_out_of_memory_trial_runs_again_on_resume_and_only_it(ray_session, sweep_overrides, tmp_path, capsys):
     """Row 5 runs out of memory (a real allocator failure) in its phase-2 epoch 1: it fails alone with the reason,
-    is not retried, and the sweep goes on with row 10; then resume=true runs that row again, and only it."""
-    overrides = sweep_overrides("ablation=group_size", "ablation.values=[5,10]")
-    assert run_sweep(compose_config([*overrides, "debug.oom_at_epoch=1", "debug.fail_row=5"])) == 1
+    is not retried, and the sweep goes on with row 10; then resume=true runs that row again, and only it. A trial
+    per row (fuse=off), one at a time on one slot: one trial process for both."""
+    overrides = sweep_overrides("ablation=group_size", "ablation.values=[5,10]", "fuse=off")
+    assert run_sweep(compose_config([*overrides, ONE_SLOT, "debug.oom_at_epoch=1", "debug.fail_row=5"])) == 1
     assert "resume=true: the failed trials (and only they) run again" in capsys.readouterr().out
     folder, stages = tmp_path / "sweeps" / "group_size-demo", tmp_path / "stages"
     assert json.loads((folder / "state.json").read_text()) == {"status": "incomplete", "failed": ["5/seed=0"],
@@ -116,7 +117,7 @@ def test_out_of_memory_trial_runs_again_on_resume_and_only_it(ray_session, sweep
     finished_done = (stages / finished_key / "DONE").stat().st_mtime_ns
 
     # the fault removed (debug.*), and what only places or paces the work changed: accepted, not refused
-    resumed = [*overrides, "resume=true", "resources.cpu=2", "max_concurrent_trials=1"]
+    resumed = [*overrides, "resume=true", "resources.cpu=1", "max_concurrent_trials=1"]
     assert run_sweep(compose_config(resumed)) == 0
 
     client, runs = mlflow_runs(tmp_path / "sweeps", "group_size-demo")
@@ -148,7 +149,7 @@ def test_out_of_memory_trial_runs_again_on_resume_and_only_it(ray_session, sweep
 
 @pytest.mark.slow
 def test_failed_phase1_runs_again_on_resume(ray_session, sweep_overrides, tmp_path):
-    overrides = sweep_overrides("ablation=group_size", "ablation.values=[5,10]")
+    overrides = sweep_overrides("ablation=group_size", "ablation.values=[5,10]", "fuse=off", ONE_SLOT)
     assert run_sweep(compose_config([*overrides, "debug.oom_at_epoch=0", "debug.fail_stage=phase1"])) == 1
     folder = tmp_path / "sweeps" / "group_size-demo"
     assert json.loads((folder / "state.json").read_text()) == {"status": "incomplete", "failed": ["5/seed=0"]}

@@ -238,7 +238,9 @@ def test_sweep_behind_an_mlflow_server_over_postgresql(ray_session, postgres, ml
 
 @pytest.mark.slow
 def test_a_wrong_password_stops_the_sweep_before_anything_is_trained(ray_session, postgres, sweep_overrides,
-                                                                    tmp_path):
+                                                                    sweep_command, tmp_path, monkeypatch):
+    """The refused sweeps run as `lpt-sweep` runs them (sweep_command), with the driver's connection to Ray made to
+    fail the test: stopped before Ray is what they must show."""
     good = postgres.uri(postgres.password)
     assert run_sweep(compose_config(sweep_overrides("ablation=group_size", "ablation.values=[10]",
                                                     f"tracking.uri={good}")), log=lambda line: None) == 0
@@ -251,9 +253,13 @@ def test_a_wrong_password_stops_the_sweep_before_anything_is_trained(ray_session
 
     # the same sweep, the wrong password in the URI; and a new sweep with no password at all (none in the URI,
     # PGPASSFILE empty)
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the refused sweep got as far as connecting to Ray")
+
+    monkeypatch.setattr("orchestration.execute.driver.connect", no_ray)
     for uri, sweep, reason in ((postgres.uri("wrong-password"), SWEEP, 'password authentication failed for user "lpt"'),
                                (postgres.uri(), "second", "fe_sendauth: no password supplied")):
-        done = run_sweep_cli(sweep_overrides("ablation=group_size", "ablation.values=[10]", f"tracking.uri={uri}",
+        done = sweep_command(sweep_overrides("ablation=group_size", "ablation.values=[10]", f"tracking.uri={uri}",
                                              f"sweep.name={sweep}"))
         assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
         error = done.stderr.strip().splitlines()[-1]

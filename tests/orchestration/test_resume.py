@@ -1,5 +1,6 @@
 """Fault injection at the process level: the driver SIGKILLed mid-sweep, then `resume=true`; a Ray worker node
-removed mid-trial. Each runs in its own processes so that its Ray is not the test session's."""
+removed mid-trial. Each runs in its own processes so that its Ray is not the test session's (the refusal of the
+unfinished sweep without resume=true, which stops before Ray, runs in this one)."""
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ def _fingerprint(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.suffix == ".json"}
 
 
-def test_driver_killed_mid_sweep_resumes_without_duplicates(sweep_overrides, tmp_path):
+def test_driver_killed_mid_sweep_resumes_without_duplicates(sweep_overrides, sweep_command, tmp_path):
     """One trial slot for two rows: m=5 and m=10 train fused in one trial, which the kill interrupts while m=5
     holds after its epoch 1 and m=10 has saved its epoch 0 (rows end their epochs in row order). The resume
     continues each row from its own newest checkpoint and logs no epoch twice."""
@@ -38,7 +39,7 @@ def test_driver_killed_mid_sweep_resumes_without_duplicates(sweep_overrides, tmp
     phase1_done = (phase1_dir / "DONE").stat().st_mtime_ns
     assert json.loads((folder / "state.json").read_text())["status"] == "running"
 
-    refused = run_sweep_cli(overrides)  # without resume=true an unfinished sweep is left alone
+    refused = sweep_command(overrides)  # without resume=true an unfinished sweep is left alone
     assert refused.returncode == 2 and "resume=true" in refused.stderr
     before = _fingerprint(folder)
 

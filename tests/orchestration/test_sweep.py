@@ -12,13 +12,14 @@ import pytest
 from experiments.compose import compose_config
 from orchestration.execute.driver import run_sweep
 
-from .conftest import REPO, mlflow_runs, stage_runs, steps
+from .conftest import ONE_SLOT, REPO, mlflow_runs, stage_runs, steps
 from .report_checks import check_ablation_report
 
 pytestmark = pytest.mark.slow
 
 
-def test_group_size_trains_phase1_once_and_one_phase2_per_m(ray_session, sweep_overrides, tmp_path, capsys):
+def test_group_size_trains_phase1_once_one_phase2_per_m_and_fused_rows_as_alone(ray_session, sweep_overrides,
+                                                                                tmp_path, capsys):
     overrides = sweep_overrides("ablation=group_size")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     assert run_sweep(compose_config(overrides)) == 0
@@ -87,6 +88,23 @@ def test_group_size_trains_phase1_once_and_one_phase2_per_m(ray_session, sweep_o
     assert (tmp_path / "stages" / phase1[0].data.tags["lpt.stage_key"] / "DONE").stat().st_mtime_ns == \
         done_times[phase1[0].data.tags["lpt.stage_key"]]
 
+    # Fusion is not part of what a sweep computes: m=10 and m=20, each fused with another row above, trained again in
+    # a fresh folder with fuse=off (a trial per row, one after the other on one slot): the same stage keys, the same
+    # metrics
+    fused = {r["row"]: r for r in records}
+    alone_root = tmp_path / "alone"
+    capsys.readouterr()
+    assert run_sweep(compose_config(sweep_overrides("ablation=group_size", "ablation.values=[10,20]", "fuse=off",
+                                                    ONE_SLOT, root=alone_root))) == 0
+    assert "fused:" not in capsys.readouterr().out
+    alone = {r["row"]: r for r in json.loads((alone_root / "sweeps" / "group_size-demo" / "trials.json").read_text())}
+    assert sorted(alone) == ["10", "20"]
+    for row in ("10", "20"):
+        assert alone[row]["stage_key"] == fused[row]["stage_key"]
+        assert alone[row]["metrics"].keys() == fused[row]["metrics"].keys()
+        for key, value in fused[row]["metrics"].items():
+            assert value == pytest.approx(alone[row]["metrics"][key], abs=1e-6, nan_ok=True), (row, key)
+
 
 def test_crashed_trial_is_retried_from_its_checkpoint_in_the_same_run(ray_session, sweep_overrides, tmp_path):
     overrides = sweep_overrides("ablation=group_size", "ablation.values=[10]", "debug.fail_at_epoch=1",
@@ -123,23 +141,3 @@ def test_more_gpus_than_the_cluster_has_is_refused(ray_session, sweep_overrides,
         run_sweep(compose_config(sweep_overrides("ablation=group_size", "resources.gpu=2")))
     assert not (tmp_path / "sweeps" / "group_size-demo" / "plan.json").exists()
 
-
-def test_same_sweep_twice_fused_or_not_gives_the_same_metrics(ray_session, sweep_overrides, tmp_path, capsys):
-    """The same sweep in two fresh folders: once on one trial slot (its two rows fused into one trial), once with
-    fuse=off (a trial per row). Fusion is not part of what a sweep computes: the same stage keys, the same
-    metrics."""
-    finals, keys = [], []
-    for attempt, placement in (("a", "max_concurrent_trials=1"), ("b", "fuse=off")):
-        root = tmp_path / attempt
-        assert run_sweep(compose_config(sweep_overrides("ablation=group_size", "ablation.values=[10,20]", placement,
-                                                        root=root))) == 0
-        records = json.loads((root / "sweeps" / "group_size-demo" / "trials.json").read_text())
-        finals.append({r["row"]: r["metrics"] for r in records})
-        keys.append({r["row"]: r["stage_key"] for r in records})
-        printed = capsys.readouterr().out
-        assert ("  fused: m = 10, 20 (seed 0)" in printed) == (attempt == "a"), printed[-3000:]
-    assert keys[0] == keys[1] and sorted(keys[0]) == ["10", "20"]
-    for row in ("10", "20"):
-        assert finals[0][row].keys() == finals[1][row].keys()
-        for key, value in finals[0][row].items():
-            assert value == pytest.approx(finals[1][row][key], abs=1e-6, nan_ok=True), (row, key)
