@@ -1,5 +1,5 @@
-"""Starting or joining Ray: in-process on this machine (cluster=local) or an existing cluster (cluster=ray); what a
-trial's device is, in the words of its `lpt.device` tag.
+"""Starting or joining Ray: in-process on this machine (cluster=local) or an existing cluster (cluster=ray), and what
+its live nodes hold. No torch here: the SLURM job's wait for its nodes and the node checks import this module.
 
 An unreachable address fails within the timeout with a message that names it, instead of ray.init's long retry.
 Everything started locally binds to 127.0.0.1 and the dashboard stays off unless asked for.
@@ -10,8 +10,6 @@ import math
 import os
 import socket
 from pathlib import Path
-
-import torch
 
 from experiments.schema import ClusterSettings
 from lpt_core.config import ConfigError
@@ -105,24 +103,3 @@ def trial_slots(cpu: float, gpu: float, max_concurrent_trials: int) -> int:
         slots += fits
     return max(1, min(slots, max_concurrent_trials) if max_concurrent_trials else slots)
 
-
-def device_tag(device: torch.device, requested: str, log=print) -> str:
-    """The trial's `lpt.device` tag. A trial that Ray gave a GPU but that trains on the CPU (no CUDA in this torch,
-    no driver, or device=cpu) says so in its log and in the tag, instead of passing for a GPU run."""
-    import ray
-
-    assigned = [str(gpu) for gpu in ray.get_gpu_ids()] if ray.is_initialized() else []
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    if not assigned:
-        return "cpu"
-    gpus = ", ".join(assigned)
-    if requested == "cpu":
-        log(f"WARNING: Ray reserved GPU {gpus} for this trial but device=cpu: it trains on the CPU and the GPU "
-            f"share stays idle (set resources.gpu=0 for CPU trials)")
-        return f"cpu (device=cpu; Ray assigned GPU {gpus}, unused)"
-    log(f"WARNING: Ray assigned GPU {gpus} to this trial but torch cannot use CUDA on {socket.gethostname()} "
-        f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}, torch.cuda.is_available() "
-        f"is False, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): it trains on the "
-        f"CPU. Check the node's NVIDIA driver and torch build, or set resources.gpu=0 for CPU trials")
-    return f"cpu (Ray assigned GPU {gpus}; CUDA unavailable)"

@@ -10,13 +10,16 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import re
+import socket
 import time
 import traceback
 from numbers import Number
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -25,7 +28,6 @@ from lpt_core.checkpoint import CheckpointError, read_meta, stage_of, verify_che
 from lpt_core.runtime import resolve_device
 from lpt_core.fused import FusedRow, run_fused_stage
 from lpt_core.train import NonFiniteLossError, StageHooks, StageOutOfMemoryError, run_stage
-from orchestration.cluster.ray_connection import device_tag
 from orchestration.tracking.run_names import mlflow_metrics, stage_params, stage_run_name, trained_params
 from orchestration.plan.trial_specs import BASE_ROW, SweepContext, TrialSpec, tune_values
 from lpt_core.stages import StageSpec
@@ -36,6 +38,26 @@ from orchestration.tracking.registry import MetricSpool, RunRegistry, is_outage,
 FUSED_ROWS = "fused_rows"  # the key of a fused trial's final result that holds each row's own (JSON)
 LPT_METRICS = "lpt_metrics"  # the key of a result that holds its numbers Tune does not read (JSON; tune_result)
 TUNE_COLUMNS = ("acc", "few", "epoch")  # the numbers of Tune's progress table
+
+
+def device_tag(device: torch.device, requested: str, log=print) -> str:
+    """The trial's `lpt.device` tag. A trial that Ray gave a GPU but that trains on the CPU (no CUDA in this torch,
+    no driver, or device=cpu) says so in its log and in the tag, instead of passing for a GPU run."""
+    assigned = [str(gpu) for gpu in ray.get_gpu_ids()] if ray.is_initialized() else []
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    if not assigned:
+        return "cpu"
+    gpus = ", ".join(assigned)
+    if requested == "cpu":
+        log(f"WARNING: Ray reserved GPU {gpus} for this trial but device=cpu: it trains on the CPU and the GPU "
+            f"share stays idle (set resources.gpu=0 for CPU trials)")
+        return f"cpu (device=cpu; Ray assigned GPU {gpus}, unused)"
+    log(f"WARNING: Ray assigned GPU {gpus} to this trial but torch cannot use CUDA on {socket.gethostname()} "
+        f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}, torch.cuda.is_available() "
+        f"is False, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): it trains on the "
+        f"CPU. Check the node's NVIDIA driver and torch build, or set resources.gpu=0 for CPU trials")
+    return f"cpu (Ray assigned GPU {gpus}; CUDA unavailable)"
 
 
 def tune_result(values: dict[str, Any], metric: str) -> dict[str, Any]:

@@ -104,11 +104,15 @@ def test_importing_the_registry_loads_no_heavy_library() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_what_every_node_imports_for_the_input_and_storage_checks_loads_no_training_stack() -> None:
-    """The checks run in a fresh Ray worker on every node of the cluster, which imports their modules: the dataset
-    code (torch) and no more. timm, MLflow, Tune, Hydra and Optuna would add about 2 s of CPU per node per sweep."""
-    code = ("import sys, orchestration.cluster.input_check, orchestration.cluster.storage_check; "
-            "print(sorted(m for m in ('timm', 'mlflow', 'ray.tune', 'hydra', 'omegaconf', 'optuna', 'pandas') "
-            "if m in sys.modules))")
+@pytest.mark.parametrize("modules, heavy", [
+    # the input and storage checks run in a fresh Ray worker on every node, which imports their modules: the
+    # dataset code (torch) and no more; timm, MLflow, Tune, Hydra and Optuna would add about 2 s of CPU per node
+    (["orchestration.cluster.input_check", "orchestration.cluster.storage_check"],
+     ["timm", "mlflow", "ray.tune", "hydra", "omegaconf", "optuna", "pandas"]),
+    # a SLURM job's launcher (submit, wait-for-nodes) and Ray's connection: no torch either
+    (["orchestration.cluster.slurm", "orchestration.cluster.ray_connection"], ["torch", "timm", "mlflow", "ray.tune"]),
+])
+def test_what_runs_on_every_node_or_in_every_job_loads_no_training_stack(modules: list[str], heavy: list[str]) -> None:
+    code = f"import sys, {', '.join(modules)}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
