@@ -2,8 +2,12 @@
 helpers."""
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -47,6 +51,29 @@ SLOW_FILE_SECONDS = {
     "tests/orchestration/test_early_stopping.py": 15,
 }
 SLOW_FILE_DEFAULT = 60
+
+
+def run_command(cli: Callable[[], None], argv: list[str], capfd: pytest.CaptureFixture,
+                monkeypatch: pytest.MonkeyPatch) -> subprocess.CompletedProcess:
+    """A command's entry point (the function its console script runs) in this process, sys.argv set to argv: its
+    exit code and output as subprocess.run returns them, for command lines whose test is not about the process (a
+    fresh interpreter spends 4-7 s of CPU importing torch, timm, Ray and MLflow first). What it prints is read from
+    the file descriptors, as from a process of its own: a logger that writes to the stream it found at import is
+    read too. Hydra's logging set-up (a handler on the root logger) is undone afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    monkeypatch.setattr(sys, "argv", argv)
+    capfd.readouterr()
+    try:
+        cli()
+        code = 0
+    except SystemExit as stop:
+        code = 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1  # as Python exits
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
 
 
 @pytest.fixture

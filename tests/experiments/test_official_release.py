@@ -10,10 +10,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import io
-import os
 import subprocess
-import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -27,6 +26,7 @@ from lpt_core.config import DataConfig
 from lpt_core.data import Normalization, build_dataset
 from lpt_core.official import AUTHORS_NORM_EPS, evaluate_official
 from lpt_core.stages import stage_key
+from tests.conftest import run_command
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER_EXPERIMENTS = ("places_lt", "imagenet_lt", "imagenet_sketch", "inat18", "cifar100_lt")
@@ -141,11 +141,17 @@ def tiny_overrides(root: Path, checkpoint: Path, cache: Path) -> list[str]:
             "device=cpu", "precision=fp32", "threads=1"]
 
 
-def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """`python experiments/single_run.py ...` as a user types it, in a scratch folder (nothing lands in the repo)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(REPO / "experiments" / "single_run.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300, env=env)
+@pytest.fixture
+def single_run_command(capfd, monkeypatch) -> Callable[[list[str], Path], subprocess.CompletedProcess]:
+    """`python experiments/single_run.py ...` as a user types it in a scratch folder (nothing lands in the repo):
+    the function its console script runs, in this process (tests/conftest.py's run_command)."""
+    from experiments.single_run import cli
+
+    def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(cwd)
+        return run_command(cli, [str(REPO / "experiments" / "single_run.py"), *args], capfd, monkeypatch)
+
+    return run
 
 
 def test_places_lt_expectation_separates_the_split_rules(places) -> None:
@@ -154,9 +160,9 @@ def test_places_lt_expectation_separates_the_split_rules(places) -> None:
     assert counts["medium"] != counts["medium_std"] and counts["few"] != counts["few_std"]
 
 
-def test_evaluate_command_prints_the_authors_numbers(places, tmp_path: Path) -> None:
+def test_evaluate_command_prints_the_authors_numbers(places, single_run_command, tmp_path: Path) -> None:
     root, checkpoint, counts = places
-    result = run_cli([*tiny_overrides(root, checkpoint, tmp_path / "cache"), f"workdir={tmp_path / 'out'}"],
+    result = single_run_command([*tiny_overrides(root, checkpoint, tmp_path / "cache"), f"workdir={tmp_path / 'out'}"],
                      tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     table = [line for line in result.stdout.splitlines() if line.startswith(("authors' rule", "standard rule"))]
@@ -179,10 +185,10 @@ def test_evaluate_sets_the_authors_eps_on_a_model_built_with_timm_default(places
     assert result.metrics["acc"] == 100 * counts["acc"][0] / 365
 
 
-def test_evaluate_a_missing_checkpoint_names_the_key_and_file(places, tmp_path: Path) -> None:
+def test_evaluate_a_missing_checkpoint_names_the_key_and_file(places, single_run_command, tmp_path: Path) -> None:
     root, _, _ = places
     missing = tmp_path / "no_such.pth"
-    result = run_cli(tiny_overrides(root, missing, tmp_path / "cache"), tmp_path)
+    result = single_run_command(tiny_overrides(root, missing, tmp_path / "cache"), tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: evaluate: {missing}: no such file"
 

@@ -3,7 +3,6 @@ worker), and tests/conftest.py's demo_cache (demo data + pretrained micro ViTs, 
 backbone is pretrained once."""
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import subprocess
@@ -12,6 +11,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+
+from tests.conftest import run_command
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -103,30 +104,12 @@ def run_sweep_cli(overrides: list[str], timeout: float = 600, **kwargs) -> subpr
 @pytest.fixture
 def sweep_command(ray_session, capfd, monkeypatch) -> Callable[[list[str]], subprocess.CompletedProcess]:
     """The function `lpt-sweep` runs (orchestration.sweep.cli: the command-line check, Hydra, the driver) in this
-    process, its exit code and output as run_sweep_cli returns them: for command lines refused before training,
-    where a fresh interpreter would spend 7 s of CPU importing torch, timm, Ray and MLflow to print one line. A
-    driver that gets as far as Ray joins the session's (a second ray.init in this process would fail). What it
-    prints is read from the file descriptors, as from a process of its own: a logger that writes to the stream it
-    found at import is read too. Hydra's logging set-up (a handler on the root logger) is undone afterwards."""
+    process (tests/conftest.py's run_command), for command lines refused before training. A driver that gets as far
+    as Ray joins the session's (a second ray.init in this process would fail)."""
     from orchestration.sweep import cli
 
-    def run(overrides: list[str]) -> subprocess.CompletedProcess:
-        root = logging.getLogger()
-        handlers, level = root.handlers[:], root.level
-        monkeypatch.setattr(sys, "argv", [str(REPO / "orchestration" / "sweep.py"), *overrides])
-        capfd.readouterr()
-        try:
-            cli()
-            code = 0
-        except SystemExit as stop:
-            code = 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1  # as Python exits
-        finally:
-            root.handlers[:] = handlers
-            root.setLevel(level)
-        out, err = capfd.readouterr()
-        return subprocess.CompletedProcess(sys.argv, code, out, err)
-
-    return run
+    return lambda overrides: run_command(cli, [str(REPO / "orchestration" / "sweep.py"), *overrides], capfd,
+                                         monkeypatch)
 
 
 def mlflow_runs(sweep_root: Path, sweep: str):

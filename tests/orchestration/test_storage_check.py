@@ -1,6 +1,7 @@
 """Shared storage on several nodes, checked before any training: a node with another view of the sweep's paths
-stops the sweep naming the node and the path; two sweeps on two nodes that need the same phase 1 at the same time
-train it once (the stage store's flock), after the check passed on every node.
+stops the sweep naming the node and the path (on the same cluster, the input check that asks every node for the
+data names it too: orchestration/cluster/input_check.py); two sweeps on two nodes that need the same phase 1 at
+the same time train it once (the stage store's flock), after the check passed on every node.
 
 The clusters are ray.cluster_utils.Cluster instances on this host, in subprocesses (each driver needs its own
 process); a node started with LPT_TEST_STORAGE_VIEW=<dir> sees every checked path under <dir> (test-only)."""
@@ -15,7 +16,7 @@ import pytest
 
 from orchestration.cluster.storage_check import PROBE_PREFIX, TEST_VIEW_ENV, read_probes
 
-from .conftest import REPO, mlflow_runs, stage_runs, steps
+from .conftest import REPO, mlflow_runs, stage_runs, steps, tiny_sweep
 
 
 def test_read_probes_reports_what_a_node_cannot_see(tmp_path, monkeypatch):
@@ -38,36 +39,68 @@ def test_read_probes_reports_what_a_node_cannot_see(tmp_path, monkeypatch):
 
 OTHER_VIEW_SCRIPT = r"""
 import json, sys
+import ray
 from ray.cluster_utils import Cluster
 from experiments.compose import compose_config
-from orchestration.execute.driver import run_sweep
+from orchestration.cluster.input_check import MissingInputError, check_inputs
 from orchestration.cluster.storage_check import TEST_VIEW_ENV, StorageError, check_shared_storage
+from orchestration.execute.driver import run_sweep
+from orchestration.plan.sweep_plan import build_plan
 
-overrides, other_view, roots = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+sweep, inputs, other_view = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+roots = json.loads(sys.argv[4])
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_name": "head"})
 cluster.add_node(num_cpus=1, node_name="good")
 elsewhere = cluster.add_node(num_cpus=1, node_name="elsewhere", env_vars={TEST_VIEW_ENV: other_view})
 cluster.wait_for_nodes()
 try:
-    run_sweep(compose_config(overrides + ["cluster=ray", f"cluster.address={cluster.address}"]))
-    print("NOT REFUSED", flush=True)
+    run_sweep(compose_config(sweep + ["cluster=ray", f"cluster.address={cluster.address}"]))
+    print("STORAGE NOT REFUSED", flush=True)
 except StorageError as err:
-    print("REFUSED:", err, flush=True)
+    print("STORAGE REFUSED:", err, flush=True)
+if not ray.is_initialized():
+    ray.init(address=cluster.address)
+plan = build_plan(compose_config(inputs))
+try:
+    check_inputs(plan, log=lambda line: None)
+    print("INPUTS NOT REFUSED", flush=True)
+except MissingInputError as err:
+    print("INPUTS REFUSED:", err, flush=True)
 cluster.remove_node(elsewhere)
-check_shared_storage(roots)  # the same check passes on the nodes that see the storage
+check_shared_storage(roots)  # the same checks pass on the nodes that see the storage
+lines = []
+check_inputs(plan, log=lines.append)
+print("INPUTS AFTER:", lines[0], flush=True)
 """
 
 
 @pytest.mark.slow
-def test_a_node_with_another_view_of_the_storage_stops_the_sweep_before_training(sweep_overrides, tmp_path):
+def test_a_node_with_another_view_is_named_by_the_storage_check_and_the_input_check(sweep_overrides, tmp_path,
+                                                                                     demo_cache):
+    """One 3-node simulated cluster where the node `elsewhere` sees another (empty) filesystem: the sweep stops
+    before training naming that node and the paths it cannot read; the input check asks every node, and its refusal
+    names that node and the missing split list; without that node, both checks pass on the 2 nodes left."""
     overrides = sweep_overrides("ablation=group_size", "ablation.values=[5]")
-    folder, stages = tmp_path / "sweeps" / "group_size-demo", tmp_path / "stages"
+    folder, stages, view = tmp_path / "sweeps" / "group_size-demo", tmp_path / "stages", tmp_path / "view"
     roots = {"sweep.root": str(folder), "stages.root": str(stages)}
-    proc = subprocess.run([sys.executable, "-c", OTHER_VIEW_SCRIPT, json.dumps(overrides), str(tmp_path / "other"),
-                           json.dumps(roots)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.txt").write_text("".join(f"img/{i}.png {i % 3}\n" for i in range(12)))
+    (data / "test.txt").write_text("".join(f"img/t{i}.png {i % 3}\n" for i in range(6)))
+    weights = tmp_path / "vit.safetensors"  # on the shared filesystem: every node finds it
+    weights.write_bytes(b"weights")
+    demo_options = [o for o in tiny_sweep(tmp_path, demo_cache) if not o.startswith("++data.options.")]
+    inputs = [*demo_options, "ablation=group_size", "data.name=lt_list", f"data.root={data}",
+              "++data.options.train_list=train.txt", "++data.options.test_list=test.txt",
+              "++data.options.check_files=false", f"backbone.weights_file={weights}"]
+    proc = subprocess.run([sys.executable, "-c", OTHER_VIEW_SCRIPT, json.dumps(overrides), json.dumps(inputs),
+                           str(view), json.dumps(roots)], cwd=REPO, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
-    (refusal,) = [line for line in proc.stdout.splitlines() if line.startswith("REFUSED")]
+    lines = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in proc.stdout.splitlines()
+             if line.startswith(("STORAGE", "INPUTS"))}
+
+    refusal = lines["STORAGE REFUSED"]
     assert "node elsewhere (" in refusal and "node good" not in refusal and "node head" not in refusal
     assert f"sweep.root: cannot read {folder}/{PROBE_PREFIX}" in refusal
     assert f"stages.root: cannot read {stages}/{PROBE_PREFIX}" in refusal
@@ -75,6 +108,11 @@ def test_a_node_with_another_view_of_the_storage_stops_the_sweep_before_training
     assert not (folder / "plan.json").exists()  # stopped before the plan, the demo backbone and any trial
     assert list(stages.iterdir()) == []  # no stage started, probes removed
     assert not list(folder.glob(f"{PROBE_PREFIX}*"))
+
+    missing = lines["INPUTS REFUSED"]
+    assert missing.count("node ") == 1 and "node elsewhere (" in missing
+    assert f"lt_list: data.options.train_list file not found: {view}{data / 'train.txt'}" in missing
+    assert lines["INPUTS AFTER"] == "inputs: 1 distinct dataset/backbone pair(s) found on all 2 nodes"
 
 
 TWO_SWEEPS_SCRIPT = r"""
