@@ -21,34 +21,34 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # of CPU with them, 3.9-4.8 s without). A value set before the run wins.
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
-# Roughly what each end-to-end test file takes (seconds, its slow tests alone, one after the other, on the two-core
-# development machine).
+# Roughly what each end-to-end test file takes (seconds of its slow tests in a `make test` from a fresh clone on the
+# two-core development machine, --durations).
 # Only their order matters: the test files are handed to the pytest-xdist workers slowest first (LPT scheduling), so
 # the many short files fill the gaps at the end instead of one worker running a long end-to-end file alone while
 # the other has nothing left. A file with a `slow` test that is not listed counts as SLOW_FILE_DEFAULT; the others
 # (the unit tier) come last, in their own order. A stale figure changes the order, never which tests run.
 SLOW_FILE_SECONDS = {
-    "tests/experiments/test_demo_domain.py": 290,  # the default demo pretraining, on one core
-    "tests/orchestration/test_all_ablations.py": 115,
-    "tests/orchestration/test_slurm.py": 110,
-    "tests/orchestration/test_gpu_scheduling.py": 105,
+    "tests/experiments/test_demo_domain.py": 295,  # the default demo pretraining, on one core
+    "tests/orchestration/test_gpu_scheduling.py": 115,
+    "tests/orchestration/test_all_ablations.py": 110,
     "tests/orchestration/test_storage_check.py": 105,
-    "tests/orchestration/test_postgres_tracking.py": 105,
-    "tests/orchestration/test_single_writer.py": 95,
+    "tests/orchestration/test_slurm.py": 100,
+    "tests/orchestration/test_resume.py": 85,
     "tests/orchestration/test_paper_suite.py": 85,
-    "tests/orchestration/test_resume.py": 80,
-    "tests/orchestration/test_sweep.py": 75,
-    "tests/orchestration/test_cli_errors.py": 65,
-    "tests/orchestration/test_tracking_outage.py": 60,
-    "tests/orchestration/test_load.py": 50,
-    "tests/orchestration/test_failed_trials.py": 40,
-    "tests/benchmarks/test_concurrent_writers.py": 40,
+    "tests/orchestration/test_sweep.py": 80,
+    "tests/orchestration/test_single_writer.py": 80,
+    "tests/orchestration/test_postgres_tracking.py": 75,
+    "tests/orchestration/test_tracking_outage.py": 55,
+    "tests/orchestration/test_load.py": 45,
+    "tests/orchestration/test_mlflow_ui.py": 45,
+    "tests/orchestration/test_failed_trials.py": 45,
     "tests/orchestration/test_optuna_restore.py": 40,
-    "tests/orchestration/test_input_check.py": 35,
-    "tests/orchestration/test_mlflow_ui.py": 35,
-    "tests/benchmarks/test_gpu_check.py": 30,
+    "tests/benchmarks/test_gpu_check.py": 35,
     "tests/orchestration/test_shared_phase1.py": 30,
-    "tests/orchestration/test_early_stopping.py": 15,
+    "tests/benchmarks/test_concurrent_writers.py": 20,
+    "tests/orchestration/test_early_stopping.py": 20,
+    "tests/orchestration/test_cli_errors.py": 15,
+    "tests/orchestration/test_input_check.py": 5,
 }
 SLOW_FILE_DEFAULT = 60
 

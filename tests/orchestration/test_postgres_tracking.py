@@ -24,7 +24,7 @@ from orchestration.plan.record import PlanRecord
 from orchestration.tracking.single_writer import server_environment
 from orchestration.tracking.store_check import TrackingStoreError, check_store
 
-from .conftest import run_sweep_cli, stage_runs, steps
+from .conftest import ONE_SLOT, run_sweep_cli, stage_runs, steps
 from .postgres import Postgres, free_port, postgres_for_test
 
 SWEEP = "group_size-demo"
@@ -124,7 +124,8 @@ def test_sweep_tracked_in_postgresql_with_the_password_from_the_environment(post
     ray_session) would leave them without it, so this sweep runs as a user types it, in a process of its own that
     starts its own Ray with the variable in its environment."""
     monkeypatch.setenv("PGPASSFILE", str(postgres.write_passfile(tmp_path / "pgpass")))
-    overrides = sweep_overrides("ablation=group_size", "ablation.values=[5,10]", f"tracking.uri={postgres.uri()}")
+    overrides = sweep_overrides("ablation=group_size", "ablation.values=[5,10]", f"tracking.uri={postgres.uri()}",
+                                "fuse=off", ONE_SLOT)  # a trial per row, one after the other in one trial process
     done = run_sweep_cli(overrides, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "ray: local" in done.stdout  # the sweep's own Ray, started by its driver
@@ -182,7 +183,8 @@ class MlflowOverPostgres:
                    "--workers", "1"]
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**server_environment(postgres.uri()), "PGPASSFILE": str(passfile)}, start_new_session=True)
+                                         env={**server_environment(postgres.uri()), "PGPASSFILE": str(passfile)},
+                                         start_new_session=True)
 
     def wait_ready(self, timeout_s: float = 180) -> None:
         deadline = time.monotonic() + timeout_s

@@ -227,7 +227,8 @@ def test_cancelled_job_submitted_again_then_requeued_by_its_time_limit_signal_fi
     submitted again (the same command), then, holding after epoch 1 in that second job, the time-limit signal that
     makes the job requeue itself. One sweep for both saves a SLURM job and a sweep of the suite's time."""
     events, folder = tmp_path / "events", tmp_path / "sweeps" / SWEEP
-    overrides = sweep_overrides("ablation=group_size", "ablation.values=[5,10]", "resources.gpu=0.5",
+    # a trial per row (fuse=off), one at a time on the job's GPU: one trial process per job
+    overrides = sweep_overrides("ablation=group_size", "ablation.values=[5,10]", "resources.gpu=1", "fuse=off",
                                 f"debug.event_dir={events}", "debug.fail_stage=phase2", "debug.fail_row=5")
 
     def launch(hold_at_epoch: int) -> Launch:  # debug.* is the test's instrument, free to change on a resume

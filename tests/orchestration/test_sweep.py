@@ -122,7 +122,8 @@ def test_crashed_trial_is_retried_from_its_checkpoint_in_the_same_run(ray_sessio
 
 
 def test_diverging_trials_fail_with_their_reason_and_are_not_retried(ray_session, sweep_overrides, tmp_path):
-    overrides = sweep_overrides("ablation=group_size", "ablation.values=[5,10]", "phase2.base_lr=1e30")
+    overrides = sweep_overrides("ablation=group_size", "ablation.values=[5,10]", "phase2.base_lr=1e30", "fuse=off",
+                                ONE_SLOT)  # a trial per row, one after the other in one trial process
     assert run_sweep(compose_config(overrides)) == 1
     client, runs = mlflow_runs(tmp_path / "sweeps", "group_size-demo")
     phase2 = stage_runs(runs, "phase2")
