@@ -53,13 +53,23 @@ class MlflowServer:
         self.proc.wait(30)
 
 
-@pytest.fixture
-def server(tmp_path):
-    srv = MlflowServer(tmp_path)
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory):
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
     srv.start()
     yield srv
     if srv.proc.poll() is None:
         srv.stop()
+
+
+@pytest.fixture
+def server(module_server):
+    """The file's one server, running: each start is a fresh MLflow CLI and its uvicorn worker (about 5 s of CPU),
+    and every test here stops it and starts it again itself; one that failed with it stopped leaves it to the next
+    test to start."""
+    if module_server.proc.poll() is not None:
+        module_server.start()
+    return module_server
 
 
 def test_outage_is_bridged_by_the_spool(server, tmp_path):
