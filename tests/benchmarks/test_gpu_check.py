@@ -55,15 +55,17 @@ def test_the_section_replaces_the_previous_one() -> None:
 
 @pytest.mark.slow
 def test_its_sweep_runs_on_the_cpu_with_a_declared_gpu(tmp_path, demo_cache) -> None:
+    """One row: its phase 1 trains at the head of its one trial, one trial process in all (packing trials on the
+    GPU is test_gpu_scheduling.py's)."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "RESULTS.md").write_text("# Benchmarks\n\nearlier results\n")
     tiny = [o for o in TINY_DEMO if not o.startswith("cluster.")]
     assert gpu_check.main(["--device", "cpu", "--sweep-only", "--out", str(out), "--work", str(tmp_path / "work"),
-                           "--rows", "5,10", "--cache-dir", str(demo_cache), *tiny]) == 0
+                           "--rows", "5", "--cache-dir", str(demo_cache), *tiny]) == 0
     check = json.loads((out / "gpu_check.json").read_text())
     sweep = check["sweep"]
-    assert sweep["status"] == "complete" and sorted(sweep["acc"]) == ["10", "5"]
+    assert sweep["status"] == "complete" and list(sweep["acc"]) == ["5"] and sweep["trials_at_once"] == 1
     assert sweep["devices"] == ["cpu (device=cpu; Ray assigned GPU 0, unused)"]
     assert check["measure"] is None and check["run"]["device_name"] == "the CPU (one GPU declared to Ray)"
     results = (out / "RESULTS.md").read_text()

@@ -124,8 +124,9 @@ def test_sweep_tracked_in_postgresql_with_the_password_from_the_environment(post
     ray_session) would leave them without it, so this sweep runs as a user types it, in a process of its own that
     starts its own Ray with the variable in its environment."""
     monkeypatch.setenv("PGPASSFILE", str(postgres.write_passfile(tmp_path / "pgpass")))
+    # one trial slot: the two rows fused into one trial, its phase 1 trained at its head (one trial process)
     overrides = sweep_overrides("ablation=group_size", "ablation.values=[5,10]", f"tracking.uri={postgres.uri()}",
-                                "fuse=off", ONE_SLOT)  # a trial per row, one after the other in one trial process
+                                ONE_SLOT)
     done = run_sweep_cli(overrides, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "ray: local" in done.stdout  # the sweep's own Ray, started by its driver
