@@ -1,5 +1,7 @@
 """Load: 100 tiny Optuna trials on one machine. Every trial lands in MLflow exactly once, the report has 100 rows,
-and the driver's memory stays flat (its RSS is sampled while the sweep runs)."""
+and the driver's memory stays flat (its RSS is sampled while the sweep runs). The same sweep is the loss ablation's
+Optuna search end to end: its report lists the best trials first with the importances of the sweep's own study,
+each sampled trial is a phase-2 run of its own with distinct values inside the search space."""
 from __future__ import annotations
 
 import csv
@@ -12,9 +14,13 @@ import time
 import pytest
 
 from benchmarks.machine import rss_mb
+from experiments.ablations import get_ablation
 from orchestration.reporting.build import MAX_OPTUNA_ROWS
+from orchestration.reporting.optuna_study import importances as importance_scores
+from orchestration.tracking.study import load_sweep_study
 
 from .conftest import REPO, mlflow_runs, stage_runs
+from .report_checks import check_numbers_and_intervals, read_report
 
 pytestmark = pytest.mark.slow
 TRIALS = 100
@@ -56,3 +62,30 @@ def test_hundred_trials_each_tracked_once_with_flat_driver_memory(sweep_override
     print(f"driver RSS: {min(early):.0f}-{max(early):.0f} MB after 10-30 trials, {max(late):.0f} MB at the end, "
           f"peak {peak:.0f} MB")
     assert max(late) < 1.25 * max(early) + 50  # flat: no per-trial growth worth the name
+
+    # the loss ablation's search end to end: the report, best first, with the study's importances
+    folder = tmp_path / "sweeps" / "loss-demo"
+    markdown, rows = read_report(folder)
+    trials = [r for r in rows if r["role"] == "row"]
+    assert len(trials) == TRIALS and [r["role"] for r in rows].count("upstream") == 1
+    accs = [float(r["acc"]) for r in trials]
+    assert accs == sorted(accs, reverse=True)  # best first
+    check_numbers_and_intervals(folder, rows)
+    importances = markdown.split("### parameter importances")[1]
+    space = get_ablation("loss").space
+    for key in space:
+        assert f"| {key} |" in importances
+    assert "Optuna trials have no reference row" in markdown
+    assert (folder / "report" / "optuna.png").exists()
+    # the importances are those of the sweep's own study, which optuna.load_study opens from the sweep folder
+    study = load_sweep_study(folder, "loss-demo")
+    assert f"on the sweep's study (optuna.journal in its folder, {TRIALS} complete trials)" in importances
+    for key, value in importance_scores(study).items():
+        assert f"| {key} | {value:.3f} |" in importances
+    # each sampled trial is its own phase-2 run on the one phase 1, with distinct values inside the space
+    sampled = {tuple(float(r.data.params[key]) for key in sorted(space)) for r in phase2}
+    assert len(sampled) == TRIALS
+    for values in sampled:
+        for key, value in zip(sorted(space), values):
+            assert space[key].low <= value <= space[key].high, (key, value)
+    assert all(set(r["config"]) == set(space) for r in records)
