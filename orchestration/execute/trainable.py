@@ -19,6 +19,7 @@ from numbers import Number
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray
 import torch
 from ray import tune
@@ -153,6 +154,15 @@ def _faults_for(debug: DebugSettings, row: str) -> DebugSettings:
     return dataclasses.replace(debug, fail_at_epoch=None, oom_at_epoch=None, hold_at_epoch=None)
 
 
+def restored_checkpoint(checkpoint: tune.Checkpoint, work_dir: Path) -> Path:
+    """Where the checkpoint Tune restored a trial with can be read: in place when Tune's storage is a filesystem of
+    this node (the sweep folder, local or shared), else copied into the stage's work folder, one copy per stage.
+    Not `to_directory()`'s default: a new folder under the node's /tmp per restore that nothing removes."""
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return Path(checkpoint.path)
+    return Path(checkpoint.to_directory(str(work_dir / "tune_restored")))
+
+
 def _resume_point(store: StageStore, spec: StageSpec, log) -> Path | None:
     """Newest valid checkpoint among the stage store's and the one Tune restored (if it is of this stage)."""
     candidates = []
@@ -161,7 +171,7 @@ def _resume_point(store: StageStore, spec: StageSpec, log) -> Path | None:
         candidates.append((read_meta(local)["epoch"], local))
     tune_checkpoint = tune.get_checkpoint()
     if tune_checkpoint is not None:
-        restored = Path(tune_checkpoint.to_directory())
+        restored = restored_checkpoint(tune_checkpoint, store.work_dir(spec.key))
         try:
             meta = verify_checkpoint(restored)
             if stage_of(meta) == spec.stage and restored.exists():
